@@ -1,0 +1,81 @@
+"""Tiny random models and a byte-level tokenizer, built in-process so that tests never touch a model hub.
+
+Norms and biases are drawn at random (not left at ones and zeros): an upcycling bug that only shows with
+non-trivial norms or biases must not hide behind the default initialisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(
+    vocab_size=260,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+)
+
+# What a tiny parent of each family needs beyond TINY to exercise its peculiarities.
+FAMILY_EXTRAS: dict[str, dict] = {
+    "llama": dict(head_dim=16),
+    "mistral": dict(head_dim=16, sliding_window=None),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=16),
+    "phi3": dict(),
+    "olmo2": dict(),
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
+}
+
+
+def byte_tokenizer():
+    """A 260-token byte-level BPE tokenizer with no merges: 256 bytes plus bos/eos/pad/unk specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for tok in ("<s>", "</s>", "<pad>", "<unk>"):
+        vocab[tok] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "norm" in name or "layernorm" in name:
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+
+
+def make_dense_parent(out: Path | str, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a tiny random dense parent of `family` (with tokenizer) as a safetensors folder; return its path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out)
+    kwargs = {**TINY, **FAMILY_EXTRAS[family], **overrides}
+    config = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_(model, seed)
+    model.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    GenerationConfig(bos_token_id=256, eos_token_id=257, pad_token_id=258).save_pretrained(out)
+    return out

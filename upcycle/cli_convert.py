@@ -1,0 +1,59 @@
+"""`upcycle convert`: options only; the work is done by upcycle.convert.convert()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+FORMATS = "auto|mixtral|qwen2_moe|qwen3_moe|glm4_moe|dots1|granitemoe|granitemoeshared|flex_olmo"
+
+
+def convert_command(
+    parent: str = typer.Argument(..., help="Dense parent: a Hugging Face folder, a .gguf file, or a hub id (online only)."),
+    out: Path = typer.Argument(..., help="Output folder for the MoE checkpoint (must not exist or be empty, unless --overwrite)."),
+    experts: int = typer.Option(8, "--experts", "-e", help="Routed experts per MoE layer."),
+    top_k: int = typer.Option(2, "--top-k", "-k", help="Routed experts chosen per token."),
+    granularity: int = typer.Option(1, "--granularity", "-g", help="Each expert is 1/G of the dense MLP (fine-grained experts)."),
+    shared_experts: int = typer.Option(0, "--shared-experts", help="Always-on shared experts, each 1/G of the dense MLP."),
+    format: str = typer.Option("auto", "--format", "-f", help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly."),
+    moe_layers: str = typer.Option("all", "--moe-layers", help="Layers that become MoE: all, every:N, or a list like 0,2,4-7 (others stay dense where the format allows)."),
+    router_init: str = typer.Option("random", "--router-init", help="random (fp32, small std, virtual groups tied) or kmeans:TEXT_FILE (centroids of the parent's hidden states)."),
+    router_std: float = typer.Option(0.02, "--router-std", help="Standard deviation of the random router weights."),
+    expert_init: str = typer.Option("copy", "--expert-init", help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise)."),
+    slice_order: str = typer.Option("contiguous", "--slice-order", help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random choice; the same command writes the same bytes."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the parent's), float32, bfloat16 or float16."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layout, sizes, parameters) and write nothing."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Load parent and result, compare logits and greedy decoding; fail if an exact recipe is not exact."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a parent stored as PyTorch pickle (.bin); only for files you trust."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a hub parent's custom code for reading its config (never needed for supported families)."),
+) -> None:
+    """Convert a dense checkpoint into a Mixture-of-Experts checkpoint that computes what the parent computed."""
+    from upcycle.convert import convert
+
+    convert(
+        parent,
+        out,
+        experts=experts,
+        top_k=top_k,
+        granularity=granularity,
+        shared_experts=shared_experts,
+        format=format,
+        moe_layers=moe_layers,
+        router_init=router_init,
+        router_std=router_std,
+        expert_init=expert_init,
+        slice_order=slice_order,
+        seed=seed,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        verify=verify,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
