@@ -1,0 +1,165 @@
+"""The machine-readable recipe (upcycle.json) and the model card (README.md) of a converted folder.
+
+upcycle.json holds everything needed to reproduce the bytes (tool version, every option, the seed) and to
+trace each expert back to the parent: which intermediate neurons it was cut from, the factor on its down_proj,
+and which of its neurons Drop-Upcycling re-drew. `upcycle eval` reads it to measure how far experts moved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from upcycle import __version__
+from upcycle.tensors import NAME_OF, human_bytes, human_count
+
+MANIFEST = "upcycle.json"
+
+
+def _neurons(a: np.ndarray) -> dict | list:
+    """A contiguous range as {start, stop}; anything else as the explicit list."""
+    a = np.asarray(a)
+    if a.size and np.array_equal(a, np.arange(a[0], a[0] + a.size)):
+        return {"start": int(a[0]), "stop": int(a[0] + a.size)}
+    return a.astype(int).tolist()
+
+
+def _expand(n: dict | list) -> list[int]:
+    if isinstance(n, dict):
+        return list(range(n["start"], n["stop"]))
+    return list(n)
+
+
+def manifest_dict(plan, parent_label: str, command: list[str] | None, verification: dict | None) -> dict:
+    r = plan.recipe
+    layers = []
+    for lay in plan.layouts:
+        entry: dict = {"index": lay.index, "moe": lay.moe}
+        if lay.moe:
+            entry["experts"] = [
+                {"neurons": _neurons(o.neurons), "down_scale": o.down_scale,
+                 **({"reinit": o.reinit.astype(int).tolist()} if o.reinit is not None else {})}
+                for o in lay.experts
+            ]
+            if lay.shared is not None:
+                entry["shared"] = {"neurons": _neurons(lay.shared.neurons), "down_scale": lay.shared.down_scale,
+                                   "copies": lay.shared.copies}
+        layers.append(entry)
+    return {
+        "tool": "upcycle",
+        "version": __version__,
+        "command": command,
+        "parent": {"source": parent_label, "model_type": plan.parent.model_type,
+                   "intermediate_size": plan.parent.intermediate_size, "num_layers": plan.parent.num_layers},
+        "recipe": asdict(r),
+        "format": plan.fmt.model_type,
+        "dtype": NAME_OF[plan.out_dtype],
+        "moe_layers": plan.moe_layers,
+        "virtual_group_size": r.group_size,
+        "exact_by_construction": r.exact,
+        "parameters": {"total": plan.total_params, "active_per_token": plan.active_params, "parent": plan.parent_params},
+        "verification": verification,
+        "layers": layers,
+    }
+
+
+def write_manifest(folder: Path, data: dict) -> None:
+    # Long neuron lists on one line each keep the file readable without bloating it.
+    (folder / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
+
+
+@dataclass
+class Manifest:
+    data: dict
+
+    @property
+    def parent(self) -> str:
+        return self.data["parent"]["source"]
+
+    @property
+    def recipe(self) -> dict:
+        return self.data["recipe"]
+
+    def _layer(self, layer: int) -> dict:
+        for entry in self.data["layers"]:
+            if entry["index"] == layer:
+                return entry
+        raise KeyError(f"layer {layer} is not in the manifest")
+
+    def is_moe(self, layer: int) -> bool:
+        return bool(self._layer(layer)["moe"])
+
+    def expert_neurons(self, layer: int, expert: int) -> list[int]:
+        return _expand(self._layer(layer)["experts"][expert]["neurons"])
+
+    def expert_down_scale(self, layer: int, expert: int) -> float:
+        return float(self._layer(layer)["experts"][expert]["down_scale"])
+
+    def expert_reinit(self, layer: int, expert: int) -> list[int]:
+        return list(self._layer(layer)["experts"][expert].get("reinit", []))
+
+    def shared_neurons(self, layer: int) -> list[int] | None:
+        s = self._layer(layer).get("shared")
+        return None if s is None else _expand(s["neurons"]) * int(s.get("copies", 1))
+
+
+def read_manifest(folder: str | Path) -> Manifest | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return Manifest(data) if data.get("tool") == "upcycle" else None
+
+
+def model_card(plan, parent_label: str, command: list[str] | None, verification: dict | None) -> str:
+    r, p, fmt = plan.recipe, plan.parent, plan.fmt
+    dense = [i for i in range(p.num_layers) if i not in set(plan.moe_layers)]
+    mode, value = r.expert_init_mode
+    init = {"copy": "exact copies of the parent MLP",
+            "drop": f"Drop-Upcycling: {value:g} of each expert's neurons re-drawn from the parent matrix statistics",
+            "noise": f"copies plus Gaussian noise of std {value:g}"}[mode]
+    if verification is None:
+        check = "not verified (`--no-verify`)"
+    else:
+        check = (f"max |logits - parent logits| = {verification['max_abs_diff']:.3g} on {verification['tokens']} tokens; "
+                 f"greedy decoding agrees on {verification['greedy_agree']}/{verification['greedy_total']} tokens")
+    cmd = " ".join(command) if command else f"upcycle convert {parent_label} OUT"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moe, mixture-of-experts, upcycling, upcycle]",
+        "---",
+        "",
+        f"# {fmt.model_type} MoE upcycled from `{parent_label}`",
+        "",
+        f"Made by [upcycle](https://pypi.org/project/upcycle/) {__version__} from a dense {p.model_type} parent. "
+        "It loads with `AutoModelForCausalLM.from_pretrained` (no remote code) and, until trained, computes "
+        f"{'what the parent computes' if r.exact else 'close to what the parent computes (the recipe perturbs the experts on purpose)'}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| MoE type | `{fmt.model_type}` ({fmt.architecture}) |",
+        f"| routed experts | {r.experts}, top-{r.top_k}, each 1/{r.granularity} of the parent MLP ({p.intermediate_size // r.granularity} wide) |",
+        f"| shared experts | {r.shared_experts} |",
+        f"| MoE layers | {len(plan.moe_layers)} of {p.num_layers}" + (f" (dense: {dense})" if dense else "") + " |",
+        f"| expert init | {init} |",
+        f"| router init | {r.router_init} (virtual groups of {r.group_size} tied) |",
+        f"| parameters | {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token (parent: {human_count(plan.parent_params)}) |",
+        f"| dtype, size | {NAME_OF[plan.out_dtype]}, {human_bytes(plan.output_bytes)} |",
+        f"| check against the parent | {check} |",
+        "",
+        "Reproduce (same bytes):",
+        "",
+        f"```\n{cmd}\n```",
+        "",
+        "The full recipe, with the parent neurons behind every expert, is in `upcycle.json`.",
+    ]
+    if fmt.notes:
+        lines += ["", "Notes: " + "; ".join(fmt.notes) + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,192 @@
+"""Plan, then execute: every output tensor's name, shape, type and producer, decided before a byte is written.
+
+Knowing all shapes up front is what lets the writer stream: each shard's safetensors header is written
+first, then tensors are produced and written one by one. The plan also gives --dry-run its numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from upcycle.archs import ParentSpec
+from upcycle.configs import build_config
+from upcycle.formats import MoEFormat
+from upcycle.recipe import Recipe
+from upcycle.tensors import nbytes
+from upcycle.weights import LayerLayout, ParentReader, WeightFactory, layer_layout
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterator[np.ndarray]]  # chunks whose bytes, in order, are the tensor
+    kind: str = "other"  # embed | attention | norm | router | expert | shared | dense_mlp | buffer
+    layer: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclass
+class Plan:
+    parent: ParentSpec
+    recipe: Recipe
+    fmt: MoEFormat
+    moe_layers: list[int]
+    out_dtype: str  # safetensors code
+    config: dict
+    layouts: list[LayerLayout]
+    tensors: list[OutTensor] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors if t.kind != "buffer")
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token touches: all but the routed experts it does not pick (embedding rows counted whole)."""
+        per_expert = 3 * self.parent.hidden_size * (self.parent.intermediate_size // self.recipe.granularity)
+        idle = (self.recipe.experts - self.recipe.top_k) * per_expert * len(self.moe_layers)
+        return self.total_params - idle
+
+    @property
+    def parent_params(self) -> int:
+        p = self.parent
+        attn = p.hidden_size * p.head_dim * (2 * p.num_heads + 2 * p.num_kv_heads)
+        attn += (p.num_heads + 2 * p.num_kv_heads) * p.head_dim * p.qkv_bias + p.hidden_size * p.o_bias
+        qk = {None: 0, "head": 2 * p.head_dim, "full": (p.num_heads + p.num_kv_heads) * p.head_dim}[p.qk_norm]
+        layer = attn + qk + 3 * p.hidden_size * p.intermediate_size + 2 * p.hidden_size
+        emb = p.vocab_size * p.hidden_size * (1 if p.tie_word_embeddings else 2)
+        return p.num_layers * layer + emb + p.hidden_size
+
+
+def _one(f: Callable[[], np.ndarray]) -> Callable[[], Iterator[np.ndarray]]:
+    return lambda: iter((f(),))
+
+
+def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoEFormat, moe_layers: list[int],
+              out_dtype: str, router_bases: dict | None = None) -> Plan:
+    p = parent
+    from upcycle.tensors import NAME_OF
+
+    config = build_config(fmt, p, recipe, moe_layers, NAME_OF[out_dtype])
+    moe = set(moe_layers)
+    # qwen2_moe scales its shared expert by sigmoid(gate); a zero gate gives 0.5, undone on down_proj.
+    gate_factor = 2.0 if fmt.shared == "gated" else 1.0
+    layouts = [layer_layout(p, recipe, i, i in moe, gate_factor) for i in range(p.num_layers)]
+    plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts)
+    wf = WeightFactory(reader, recipe, out_dtype, router_bases)
+    T = plan.tensors
+    H = p.hidden_size
+
+    def copy(name: str, kind: str, layer: int | None = None, src: str | None = None) -> None:
+        src = src or name
+        T.append(OutTensor(name, out_dtype, reader.shape(src), _one(lambda: wf.passthrough(src)), kind, layer))
+
+    def zeros(name: str, shape: tuple, kind: str, layer: int | None, code: str | None = None) -> None:
+        T.append(OutTensor(name, code or out_dtype, shape, _one(lambda: wf.zeros(shape, code)), kind, layer))
+
+    copy("model.embed_tokens.weight", "embed")
+    for i in range(p.num_layers):
+        pre = f"model.layers.{i}."
+        for proj in ("q", "k", "v"):
+            copy(f"{pre}self_attn.{proj}_proj.weight", "attention", i)
+        for proj in ("q", "k", "v"):
+            name = f"{pre}self_attn.{proj}_proj.bias"
+            if p.qkv_bias:
+                copy(name, "attention", i)
+            elif fmt.qkv_bias == "always":
+                rows = (p.num_heads if proj == "q" else p.num_kv_heads) * p.head_dim
+                zeros(name, (rows,), "attention", i)
+        copy(f"{pre}self_attn.o_proj.weight", "attention", i)
+        if p.o_bias:
+            copy(f"{pre}self_attn.o_proj.bias", "attention", i)
+        if p.qk_norm:
+            copy(f"{pre}self_attn.q_norm.weight", "norm", i)
+            copy(f"{pre}self_attn.k_norm.weight", "norm", i)
+        if p.norm_style == "pre":
+            copy(f"{pre}input_layernorm.weight", "norm", i)
+            copy(f"{pre}post_attention_layernorm.weight", "norm", i)
+        else:
+            copy(f"{pre}post_attention_layernorm.weight", "norm", i)
+            copy(f"{pre}post_feedforward_layernorm.weight", "norm", i)
+        lay = layouts[i]
+        if not lay.moe:
+            for w in ("gate", "up", "down"):
+                copy(f"{pre}mlp.{w}_proj.weight", "dense_mlp", i)
+            continue
+        _moe_tensors(T, plan, wf, lay, pre, out_dtype, H)
+    copy("model.norm.weight", "norm")
+    if not p.tie_word_embeddings:
+        copy("lm_head.weight", "embed")
+    return plan
+
+
+def _moe_tensors(T: list, plan: Plan, wf: WeightFactory, lay: LayerLayout, pre: str, out: str, H: int) -> None:
+    fmt, r, i = plan.fmt, plan.recipe, lay.index
+    width = plan.parent.intermediate_size // r.granularity
+    moe = f"{pre}{fmt.moe_prefix}."
+    T.append(OutTensor(moe + fmt.router_key, out, (r.experts, H), _one(lambda: wf.router(i, H)), "router", i))
+    if fmt.selection_bias:
+        # transformers keeps this buffer in fp32 whatever the model dtype (_keep_in_fp32_modules_strict)
+        T.append(OutTensor(moe + "gate.e_score_correction_bias", "F32", (r.experts,),
+                           _one(lambda: wf.zeros((r.experts,), "F32")), "buffer", i))
+    shapes = {"gate": (width, H), "up": (width, H), "down": (H, width)}
+    if fmt.expert_names is None:
+        # granitemoe stores experts fused: input_linear (E, 2I, H) = [gate; up] per expert, output_linear (E, H, I).
+        def gate_up():
+            for e, o in enumerate(lay.experts):
+                yield wf.expert(i, o, "gate", e)
+                yield wf.expert(i, o, "up", e)
+
+        def down():
+            for e, o in enumerate(lay.experts):
+                yield wf.expert(i, o, "down", e)
+
+        T.append(OutTensor(moe + "input_linear.weight", out, (r.experts, 2 * width, H), gate_up, "expert", i))
+        T.append(OutTensor(moe + "output_linear.weight", out, (r.experts, H, width), down, "expert", i))
+    else:
+        for e, o in enumerate(lay.experts):
+            for which, disk in zip(("gate", "up", "down"), fmt.expert_names):
+                T.append(OutTensor(f"{moe}experts.{e}.{disk}.weight", out, shapes[which],
+                                   _one(lambda o=o, which=which, e=e: wf.expert(i, o, which, e)), "expert", i))
+    if fmt.shared is None:
+        return
+    s = lay.shared
+    sw = r.shared_experts * width
+    sp = f"{pre}{fmt.shared_prefix}."
+    empty_origin = s is None
+    if fmt.model_type == "granitemoeshared":
+        def shared_in():
+            if not empty_origin:
+                yield wf.expert(i, s, "gate", -1)
+                yield wf.expert(i, s, "up", -1)
+
+        T.append(OutTensor(sp + "input_linear.weight", out, (2 * sw, H), shared_in, "shared", i))
+        T.append(OutTensor(sp + "output_linear.weight", out, (H, sw),
+                           lambda: iter(() if empty_origin else (wf.expert(i, s, "down", -1),)), "shared", i))
+    else:
+        for which in ("gate", "up", "down"):
+            shape = (H, sw) if which == "down" else (sw, H)
+            if empty_origin:
+                # a type that always builds a shared expert gets a zero-width one when none is asked for
+                T.append(OutTensor(f"{sp}{which}_proj.weight", out, shape, lambda: iter(()), "shared", i))
+            else:
+                T.append(OutTensor(f"{sp}{which}_proj.weight", out, shape,
+                                   _one(lambda which=which: wf.expert(i, s, which, -1)), "shared", i))
+    if fmt.shared == "gated":
+        T.append(OutTensor(f"{pre}mlp.shared_expert_gate.weight", out, (1, H), _one(lambda: wf.zeros((1, H))), "shared", i))

@@ -1,0 +1,163 @@
+"""The upcycling recipe: what the user asked for, validated, and the expert layout that follows from it.
+
+Notation (as in ../shared/UPCYCLING.md): dense intermediate size I, granularity G (each expert is I/G wide),
+S shared experts, E routed experts, top-k K. The MLP's neurons are cut into G slices. Routed experts come in
+"virtual groups" of v slices that together rebuild the part of the MLP the shared experts do not hold; the
+router rows of a group are tied, so a token always picks whole groups and the sum of what it picks is exactly
+the parent's MLP (times the group's scale, undone on down_proj).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle.errors import UsageError
+
+FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "granitemoe", "granitemoeshared", "flex_olmo")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    experts: int = 8
+    top_k: int = 2
+    granularity: int = 1
+    shared_experts: int = 0
+    format: str = "auto"
+    moe_layers: str = "all"
+    router_init: str = "random"
+    router_std: float = 0.02
+    expert_init: str = "copy"
+    slice_order: str = "contiguous"
+    seed: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("experts", "top_k", "granularity"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.shared_experts < 0:
+            raise UsageError("--shared-experts must be 0 or more")
+        if self.top_k > self.experts:
+            raise UsageError(f"--top-k {self.top_k} is larger than --experts {self.experts}")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.slice_order not in ("contiguous", "random"):
+            raise UsageError(f"unknown --slice-order {self.slice_order!r}; choose contiguous or random")
+        if self.router_std <= 0:
+            raise UsageError("--router-std must be positive")
+        self.expert_init_mode  # noqa: B018 - parse now so errors come before any work
+        self.router_init_mode  # noqa: B018
+        v = self.group_size
+        if self.shared_experts >= self.granularity and self.shared_experts % self.granularity:
+            raise UsageError(
+                f"--shared-experts {self.shared_experts} with --granularity {self.granularity}: shared experts must be "
+                f"fewer than G (they take whole slices) or a multiple of G (they take whole copies) for an exact init"
+            )
+        if self.experts % v or self.top_k % v:
+            raise UsageError(
+                f"--experts {self.experts} and --top-k {self.top_k} must be multiples of the virtual-group size {v} "
+                f"(= granularity {self.granularity}{' - shared ' + str(self.shared_experts) if self.shared_experts and self.shared_experts < self.granularity else ''}): "
+                f"each token must pick whole groups of slices for the copy to stay exact; e.g. --experts {self.experts // v * v or v} --top-k {max(v, self.top_k // v * v)}"
+            )
+
+    # ------------------------------------------------------------------ parsed options
+
+    @property
+    def expert_init_mode(self) -> tuple[str, float]:
+        s = self.expert_init.strip()
+        if s == "copy":
+            return "copy", 0.0
+        m = re.fullmatch(r"(drop|noise):([0-9.eE+-]+)", s)
+        if not m:
+            raise UsageError(f"--expert-init {s!r}: use copy, drop:R (0 < R <= 1) or noise:STD (STD > 0)")
+        kind, value = m.group(1), float(m.group(2))
+        if kind == "drop" and not 0 < value <= 1:
+            raise UsageError(f"--expert-init drop:R needs 0 < R <= 1, got {value}")
+        if kind == "noise" and value <= 0:
+            raise UsageError(f"--expert-init noise:STD needs STD > 0, got {value}")
+        return kind, value
+
+    @property
+    def router_init_mode(self) -> tuple[str, Path | None]:
+        s = self.router_init.strip()
+        if s == "random":
+            return "random", None
+        if s.startswith("kmeans:"):
+            path = Path(s[len("kmeans:"):]).expanduser()
+            return "kmeans", path
+        raise UsageError(f"--router-init {s!r}: use random or kmeans:TEXT_FILE")
+
+    @property
+    def exact(self) -> bool:
+        """Whether this recipe is function-preserving by construction (before dtype rounding)."""
+        return self.expert_init_mode[0] == "copy"
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def group_size(self) -> int:
+        """v: routed slices that together rebuild the routed share of one MLP copy."""
+        g, s = self.granularity, self.shared_experts
+        return g - s if 0 < s < g else g
+
+    @property
+    def copies(self) -> int:
+        return self.experts // self.group_size
+
+    @property
+    def groups_per_token(self) -> int:
+        return self.top_k // self.group_size
+
+    @property
+    def shared_full_copies(self) -> int:
+        """c: whole MLP copies held by the shared experts when S is a multiple of G (0 otherwise)."""
+        g, s = self.granularity, self.shared_experts
+        return s // g if s >= g else 0
+
+    @property
+    def routed_down_scale(self) -> float:
+        """Factor on routed down_proj: the selected weights sum to 1 over v slices of each picked group."""
+        c = self.shared_full_copies
+        return self.group_size / (c + 1) if c else float(self.group_size)
+
+    @property
+    def shared_down_scale(self) -> float:
+        c = self.shared_full_copies
+        return 1.0 / (c + 1) if c else 1.0
+
+    def parse_moe_layers(self, num_layers: int) -> list[int]:
+        return parse_layers(self.moe_layers, num_layers)
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'all', 'every:N' (layers N-1, 2N-1, ... like decoder_sparse_step), or '0,2,4-7'."""
+    s = spec.strip().lower()
+    if s == "all":
+        return list(range(num_layers))
+    m = re.fullmatch(r"every:(\d+)", s)
+    if m:
+        n = int(m.group(1))
+        if n < 1:
+            raise UsageError("--moe-layers every:N needs N >= 1")
+        return [i for i in range(num_layers) if (i + 1) % n == 0]
+    layers: set[int] = set()
+    for part in s.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UsageError(f"--moe-layers {spec!r}: use all, every:N, or a list like 0,2,4-7")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if a < 0:
+            a = b = num_layers + a
+        if not (0 <= a <= b < num_layers):
+            raise UsageError(f"--moe-layers {spec!r}: layer {part} is outside 0..{num_layers - 1}")
+        layers.update(range(a, b + 1))
+    if not layers:
+        raise UsageError(f"--moe-layers {spec!r} selects no layer")
+    return sorted(layers)

@@ -1,0 +1,222 @@
+"""Producing the MoE's weights from the parent's, one tensor at a time (numpy, no torch).
+
+`ParentReader` gives the parent's tensors under canonical Llama-style names, splitting phi3's fused
+projections, and keeps only the current layer's MLP in memory. `WeightFactory` turns them into expert,
+shared-expert and router weights following the recipe:
+
+* experts are neuron slices of the MLP (rows of gate/up, columns of down); down_proj carries the group scale
+  so that the renormalised routing weights of a picked group add back up to exactly one MLP;
+* Drop-Upcycling re-draws a ratio R of each expert's neurons from a normal with the mean and std of the
+  parent matrix it replaces (Nakamura et al. 2025); noise adds N(0, STD) to every expert weight;
+* every random draw comes from its own generator seeded by (seed, layer, expert, purpose), so the bytes
+  written do not depend on the order in which tensors are produced.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from upcycle.archs import ParentSpec
+from upcycle.recipe import Recipe
+from upcycle.sources import TensorSource
+from upcycle.tensors import convert, from_f32, to_f32
+
+# purposes, for seeding
+_PERM, _ROUTER, _DROP, _NOISE = 1, 2, 3, 4
+
+
+def rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *keys])))
+
+
+class ParentReader:
+    """The parent's tensors by canonical name, with phi3's fused projections split on the fly."""
+
+    def __init__(self, source: TensorSource, spec: ParentSpec, cache_size: int = 4):
+        self.source, self.spec = source, spec
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _read(self, name: str) -> np.ndarray:
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        a = self.source.read(name)
+        self._cache[name] = a
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return a
+
+    def code(self, name: str) -> str:
+        return self.source.meta(self._fused(name)[0] if self._fused(name) else name).dtype
+
+    def _fused(self, name: str):
+        """(fused source name, row range) for a canonical name living inside a fused tensor, else None."""
+        a = self.spec.arch
+        if a.fused_qkv and ".self_attn." in name and name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj"):
+            prefix, proj, kind = name.rsplit(".", 2)
+            hd, q, kv = self.spec.head_dim, self.spec.num_heads, self.spec.num_kv_heads
+            bounds = {"q_proj": (0, q * hd), "k_proj": (q * hd, (q + kv) * hd), "v_proj": ((q + kv) * hd, (q + 2 * kv) * hd)}
+            return f"{prefix}.qkv_proj.{kind}", bounds[proj]
+        if a.fused_gate_up and name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            inter = self.spec.intermediate_size
+            prefix = name.rsplit(".", 2)[0]
+            return f"{prefix}.gate_up_proj.weight", (0, inter) if "gate_proj" in name else (inter, 2 * inter)
+        return None
+
+    def has(self, name: str) -> bool:
+        f = self._fused(name)
+        return (f[0] if f else name) in self.source
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f = self._fused(name)
+        if f:
+            full = self.source.meta(f[0]).shape
+            return (f[1][1] - f[1][0], *full[1:])
+        return self.source.meta(name).shape
+
+    def raw(self, name: str) -> np.ndarray:
+        f = self._fused(name)
+        if f:
+            lo, hi = f[1]
+            return self._read(f[0])[lo:hi]
+        return self._read(name)
+
+    def f32(self, name: str) -> np.ndarray:
+        return to_f32(self.raw(name), self.code(name))
+
+
+@dataclass
+class ExpertOrigin:
+    """Where one expert's weights come from: parent neurons, the down_proj factor, and re-drawn neurons."""
+
+    neurons: np.ndarray  # indices into the parent's intermediate dimension
+    down_scale: float
+    reinit: np.ndarray | None = None  # positions (within the expert) re-drawn by Drop-Upcycling
+    copies: int = 1  # shared experts holding whole MLP copies repeat the neurons this many times
+    slice_key: object = None  # experts with equal slice_key (and no re-drawn neurons) have equal weights
+
+
+@dataclass
+class LayerLayout:
+    index: int
+    moe: bool
+    experts: list[ExpertOrigin] = field(default_factory=list)
+    shared: ExpertOrigin | None = None
+
+
+def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared_gate_factor: float) -> LayerLayout:
+    """Which neurons and scale each expert of `layer` gets (no weights touched)."""
+    if not moe:
+        return LayerLayout(layer, False)
+    inter, g, s = spec.intermediate_size, recipe.granularity, recipe.shared_experts
+    width = inter // g
+    perm = np.arange(inter) if recipe.slice_order == "contiguous" else rng(recipe.seed, layer, _PERM).permutation(inter)
+    slices = perm.reshape(g, width)
+    v = recipe.group_size
+    first_routed = s if 0 < s < g else 0
+    mode, ratio = recipe.expert_init_mode
+    experts = []
+    for e in range(recipe.experts):
+        neurons = slices[first_routed + e % v]
+        reinit = None
+        if mode == "drop":
+            k = int(round(ratio * width))
+            reinit = np.sort(rng(recipe.seed, layer, e, _DROP).choice(width, size=k, replace=False))
+        experts.append(ExpertOrigin(neurons, recipe.routed_down_scale, reinit, slice_key=first_routed + e % v))
+    shared = None
+    if s:
+        c = recipe.shared_full_copies
+        neurons = perm if c else slices[:s].reshape(-1)
+        shared = ExpertOrigin(neurons, recipe.shared_down_scale * shared_gate_factor, copies=max(c, 1), slice_key="shared")
+    return LayerLayout(layer, True, experts, shared)
+
+
+def _layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+class WeightFactory:
+    """Makes output tensors (in the output storage type) from the parent, caching within one layer."""
+
+    def __init__(self, reader: ParentReader, recipe: Recipe, out_code: str, router_bases: dict[int, np.ndarray] | None = None):
+        self.reader, self.recipe, self.out = reader, recipe, out_code
+        self.router_bases = router_bases or {}
+        self._layer: int | None = None
+        self._mlp: dict[str, np.ndarray] = {}
+        self._stats: dict[str, tuple[float, float]] = {}
+        self._copies: dict[tuple, np.ndarray] = {}
+
+    # -------------------------------------------------------------------------------------------- plain tensors
+
+    def passthrough(self, name: str) -> np.ndarray:
+        return convert(self.reader.raw(name), self.reader.code(name), self.out)
+
+    def zeros(self, shape: tuple[int, ...], code: str | None = None) -> np.ndarray:
+        return from_f32(np.zeros(shape, np.float32), code or self.out)
+
+    # -------------------------------------------------------------------------------------------- MLP pieces
+
+    def _load_layer(self, layer: int) -> None:
+        if self._layer == layer:
+            return
+        self._layer, self._copies, self._stats = layer, {}, {}
+        p = _layer_prefix(layer) + "mlp."
+        self._mlp = {w: self.reader.f32(f"{p}{w}_proj.weight") for w in ("gate", "up", "down")}
+
+    def _stat(self, which: str, scale: float) -> tuple[float, float]:
+        key = f"{which}:{scale}"
+        if key not in self._stats:
+            w = self._mlp[which]
+            self._stats[key] = (float(w.mean()) * (scale if which == "down" else 1.0), float(w.std()) * (scale if which == "down" else 1.0))
+        return self._stats[key]
+
+    def expert(self, layer: int, origin: ExpertOrigin, which: str, expert: int) -> np.ndarray:
+        """gate (I_e, H), up (I_e, H) or down (H, I_e) of one routed or shared expert, in the output type."""
+        mode, value = self.recipe.expert_init_mode
+        # Only routed experts are perturbed: breaking the symmetry between copies is the point, and the
+        # always-on shared expert has no copy to differ from (expert < 0 marks it).
+        randomised = expert >= 0 and ((mode == "drop" and origin.reinit is not None and len(origin.reinit)) or mode == "noise")
+        key = (layer, which, origin.slice_key, origin.down_scale, origin.copies)
+        if not randomised and key in self._copies:
+            return self._copies[key]
+        self._load_layer(layer)
+        w = self._mlp[which]
+        full = origin.neurons.size == w.shape[0 if which != "down" else 1] and np.array_equal(origin.neurons, np.arange(origin.neurons.size))
+        if which == "down":
+            part = w if full else w[:, origin.neurons]
+            if origin.down_scale != 1.0:
+                part = part * np.float32(origin.down_scale)
+        else:
+            part = w if full else w[origin.neurons]
+        if origin.copies > 1:
+            part = np.concatenate([part] * origin.copies, axis=1 if which == "down" else 0)
+        if randomised:
+            part = np.array(part, dtype=np.float32, copy=True)
+            if mode == "drop":
+                mean, std = self._stat(which, origin.down_scale)
+                g = rng(self.recipe.seed, layer, expert, _DROP, ("gate", "up", "down").index(which) + 1)
+                pos = origin.reinit
+                if which == "down":
+                    part[:, pos] = g.normal(mean, std, size=(part.shape[0], pos.size)).astype(np.float32)
+                else:
+                    part[pos] = g.normal(mean, std, size=(pos.size, part.shape[1])).astype(np.float32)
+            else:
+                g = rng(self.recipe.seed, layer, expert, _NOISE, ("gate", "up", "down").index(which) + 1)
+                part += g.normal(0.0, value, size=part.shape).astype(np.float32)
+        out = from_f32(part, self.out)
+        if not randomised:
+            self._copies[key] = out
+        return out
+
+    def router(self, layer: int, hidden: int) -> np.ndarray:
+        """(E, H): one base row per copy, repeated over its virtual group so that groups are picked whole."""
+        r = self.recipe
+        base = self.router_bases.get(layer)
+        if base is None:
+            base = rng(r.seed, layer, _ROUTER).normal(0.0, r.router_std, size=(r.copies, hidden)).astype(np.float32)
+        rows = np.repeat(base, r.group_size, axis=0)
+        return from_f32(rows, self.out)

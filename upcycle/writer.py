@@ -1,0 +1,135 @@
+"""Streaming safetensors writer and the atomic output folder.
+
+A safetensors file is an 8-byte header length, a JSON header with every tensor's offsets, then the bytes.
+Since the plan knows every shape in advance, the header of a shard is written first and the tensors follow
+as they are produced: nothing larger than one tensor chunk is ever held, whatever the shard size.
+
+The output is built in a hidden sibling folder and renamed onto OUT only when complete, so a crash, a kill or
+a full disk never leaves an OUT that looks finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from upcycle.errors import OutputError
+from upcycle.plan import OutTensor
+from upcycle.tensors import human_bytes
+
+
+def assign_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header(tensors: list[OutTensor]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as the reference writer does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def write_shards(folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
+                 on_tensor: Callable[[OutTensor], None] | None = None) -> list[str]:
+    """Write all tensors into safetensors shards under `folder` (plus the index when sharded)."""
+    shards = assign_shards(tensors, max_shard_bytes)
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    for fname, shard in zip(names, shards):
+        fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, memoryview(_header(shard)))
+            for t in shard:
+                written = 0
+                for chunk in t.produce():
+                    chunk = np.ascontiguousarray(chunk)
+                    if chunk.size:
+                        _write_all(fd, memoryview(chunk).cast("B"))
+                    written += chunk.nbytes
+                if written != t.nbytes:  # a planner/producer mismatch is a bug, never a user error
+                    raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
+                weight_map[t.name] = fname
+                if on_tensor:
+                    on_tensor(t)
+        finally:
+            os.close(fd)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} is not empty; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {out}: {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot create {out}: {parent} is not writable")
+
+
+def check_space(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out.resolve().parent).free
+    if free < need:
+        raise OutputError(f"not enough disk space for {out}: need {human_bytes(need)}, {human_bytes(free)} free")
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out`, on any failure it is removed."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.upcycle-partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=False)
+    try:
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OutputError(f"the disk filled up while writing {out}; nothing was left behind") from None
+        raise
+    old = None
+    if out.exists():
+        if any(out.iterdir()) and not overwrite:  # appeared while we worked
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputError(f"{out} is not empty; pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.upcycle-old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
