@@ -80,7 +80,10 @@ def load_causal_lm(
 ):
     """Load a causal LM from a folder, a .gguf file or a hub id. Returns the model in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # transformers' per-tensor "Loading weights" bars drown our own progress display
+    hf_logging.disable_progress_bar()
     folder, gguf = split_gguf(spec)
     if not gguf and not is_hub_id(spec):
         check_local_model_dir(Path(folder), allow_pickle=allow_pickle)

@@ -1,0 +1,168 @@
+"""Exactness: every combination the converter accepts as exact reproduces the parent's logits.
+
+The expected support matrix is written out here (from ../shared/UPCYCLING.md section 1) rather than read
+from upcycle.formats, so that a wrong entry in the format table fails in one direction or the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from upcycle.convert import convert
+from upcycle.errors import UnsupportedError
+
+SUPPORT = {
+    "llama": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
+    "mistral": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
+    "qwen2": {"qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
+    "qwen3": {"qwen3_moe", "dots1", "glm4_moe"},
+    "phi3": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
+    "olmo2": {"flex_olmo"},
+    "granite": {"granitemoe", "granitemoeshared"},
+}
+ALL_FORMATS = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "dots1", "glm4_moe", "flex_olmo"]
+SHARED = {"qwen2_moe", "granitemoeshared", "glm4_moe", "dots1"}
+DENSE_ANY = {"qwen2_moe", "qwen3_moe"}
+DENSE_PREFIX = {"glm4_moe", "dots1"}
+
+# (name, options, which formats can take it)
+RECIPES = [
+    ("coarse-8x2", dict(experts=8, top_k=2), None),
+    ("fine-G2-8x4", dict(experts=8, top_k=4, granularity=2), None),
+    ("fine-G4-shared1", dict(experts=6, top_k=3, granularity=4, shared_experts=1), SHARED),
+    ("shared-whole-copy", dict(experts=4, top_k=2, granularity=2, shared_experts=2), SHARED),
+    ("dense-first-layer", dict(moe_layers="1"), DENSE_ANY | DENSE_PREFIX),
+    ("dense-last-layer", dict(moe_layers="0"), DENSE_ANY),
+    ("fine-G4-random-slices", dict(experts=6, top_k=3, granularity=4, shared_experts=1, slice_order="random", seed=3), SHARED),
+]
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def logits(folder, ids=IDS, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def max_diff(parent, moe, **kwargs) -> float:
+    return float((logits(parent) - logits(moe, **kwargs)).abs().max())
+
+
+CASES = [(fam, fmt) for fam in SUPPORT for fmt in ALL_FORMATS]
+
+
+@pytest.mark.parametrize("family,fmt", CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_matrix(tiny_parent, tmp_path, family, fmt):
+    parent = tiny_parent(family)
+    if fmt not in SUPPORT[family]:
+        with pytest.raises(UnsupportedError, match=f"--format {fmt} cannot hold this {family} parent exactly"):
+            convert(parent, tmp_path / "out", format=fmt, verify=False, quiet=True)
+        assert not (tmp_path / "out").exists()
+        return
+    ref = logits(parent)
+    for name, options, formats in RECIPES:
+        out = tmp_path / name
+        if formats is not None and fmt not in formats:
+            with pytest.raises(UnsupportedError):
+                convert(parent, out, format=fmt, verify=False, quiet=True, **options)
+            continue
+        convert(parent, out, format=fmt, verify=False, quiet=True, **options)
+        diff = float((logits(out) - ref).abs().max())
+        assert diff < 1e-4, f"{family} -> {fmt} {name}: max |diff| {diff}"
+
+
+VARIANTS = [
+    ("mistral", dict(sliding_window=5)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+    ("llama", dict(tie_word_embeddings=True)),
+    ("llama", dict(attention_bias=True)),
+    ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
+    ("qwen2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 8})),
+    ("llama", dict(num_key_value_heads=1, head_dim=32)),
+    ("phi3", dict(partial_rotary_factor=0.5)),
+    ("qwen3", dict(attention_bias=True)),
+    ("olmo2", dict(attention_bias=True)),
+    ("granite", dict(tie_word_embeddings=True)),
+]
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS, ids=[f"{f}-{'-'.join(o)}" for f, o in VARIANTS])
+def test_parent_features_carry_over(tiny_parent, tmp_path, family, overrides):
+    """Sliding windows, tied embeddings, rope scaling, biases, GQA/head_dim, partial rotary stay exact."""
+    parent = tiny_parent(family, **overrides)
+    for options in (dict(), dict(experts=8, top_k=4, granularity=2)):
+        out = tmp_path / str(len(options))
+        convert(parent, out, verify=False, quiet=True, **options)
+        assert max_diff(parent, out) < 1e-4
+
+
+def test_sliding_window_matters(tiny_parent, tmp_path):
+    """Guard for the test above: with a window shorter than the input, dropping it would change the logits."""
+    import json
+
+    parent = tiny_parent("mistral", sliding_window=5)
+    out = tmp_path / "moe"
+    convert(parent, out, verify=False, quiet=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["sliding_window"] == 5
+    cfg["sliding_window"] = None
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert max_diff(parent, out) > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("fmt", ["qwen2_moe", "glm4_moe", "granitemoeshared"])
+def test_exact_under_every_experts_implementation(tiny_parent, tmp_path, fmt, impl):
+    parent = tiny_parent("llama")
+    out = tmp_path / "moe"
+    convert(parent, out, format=fmt, experts=6, top_k=3, granularity=4, shared_experts=1, verify=False, quiet=True)
+    assert max_diff(parent, out, experts_implementation=impl) < 1e-4
+
+
+def test_bfloat16_output_is_exact_up_to_storage(tiny_parent, tmp_path):
+    """In bf16 the only difference is the rounding of the parent's weights (scales are powers of two)."""
+    from transformers import AutoModelForCausalLM
+
+    parent = tiny_parent("qwen2")
+    out = tmp_path / "moe"
+    res = convert(parent, out, dtype="bfloat16", experts=8, top_k=4, granularity=2, verify=True, quiet=True)
+    assert res.verification["exact_expected"] and res.verification["max_abs_diff"] < 1e-4
+    ref = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16().float())
+        rounded = ref(IDS).logits
+    assert float((rounded - logits(out)).abs().max()) < 1e-4
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.experts.0.gate_proj.weight").dtype == torch.bfloat16
+
+
+def test_non_power_of_two_scale_in_bf16_is_not_claimed_exact(tiny_parent, tmp_path):
+    parent = tiny_parent("llama", intermediate_size=96)
+    res = convert(parent, tmp_path / "bf16", dtype="bfloat16", format="qwen2_moe", experts=6, top_k=3, granularity=3,
+                  verify=True, quiet=True)
+    assert res.verification["exact_expected"] is False
+    # the same recipe in float32 is exact (scale 3 on down_proj, no rounding)
+    res = convert(parent, tmp_path / "fp32", format="qwen2_moe", experts=6, top_k=3, granularity=3, verify=True, quiet=True)
+    assert res.verification["exact_expected"] and res.verification["max_abs_diff"] < 1e-4
+
+
+def test_bf16_rounding_matches_torch():
+    from upcycle.tensors import from_f32, to_f32
+
+    x = torch.randn(10000) * 10 ** torch.randint(-30, 30, (10000,)).float()
+    x[:4] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])
+    ours = from_f32(x.numpy(), "BF16")
+    theirs = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(to_f32(ours, "BF16"), x.bfloat16().float().numpy())
