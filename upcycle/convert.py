@@ -144,7 +144,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
         if mode == "kmeans":
             from upcycle.router_init import kmeans_router_bases
 
-            bases = kmeans_router_bases(ckpt.load_spec, kmeans_file, plan, quiet=quiet)
+            bases = kmeans_router_bases(ckpt.load_spec, kmeans_file, plan, quiet=quiet, allow_pickle=allow_pickle)
             plan, _ = build_plan(ckpt, recipe, bases)
         if command is None:
             command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
@@ -164,7 +164,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
                 if not quiet:
                     ui.info("verifying against the parent (logits and greedy decoding)")
                 verification = verify_conversion(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype],
-                                                 exact=exact_claim(plan))
+                                                 exact=exact_claim(plan), allow_pickle=allow_pickle)
             write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification))
             (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification))
     finally:

