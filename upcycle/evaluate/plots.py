@@ -86,6 +86,8 @@ def routing_overview(layers: list[int], cv: list[float], entropy_norm: list[floa
                      drop1: list[float], drop125: list[float], drift_mean: list[float | None],
                      drift_min: list[float | None], drift_reference: str | None, path: Path) -> Path:
     """Per layer: load imbalance, router entropy, capacity drops and expert drift."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(10, 6)
     (a, b), (c, d) = fig.subplots(2, 2)
     a.plot(layers, cv, marker="o")
@@ -103,8 +105,13 @@ def routing_overview(layers: list[int], cv: list[float], entropy_norm: list[floa
         d.plot(layers, [x if x is not None else float("nan") for x in drift_min], marker="o", label="min")
         d.legend()
     d.set_title(f"expert cosine to {'parent MLP' if drift_reference == 'parent' else 'mean expert'}")
+    a.set_ylim(bottom=0)
+    c.set_ylim(bottom=0)
+    d.set_ylim(top=1.01)
+    d.ticklabel_format(axis="y", useOffset=False)
     for ax in (a, b, c, d):
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.savefig(path)
     return path
 

@@ -123,10 +123,6 @@ def _clean(x):
 # ---------------------------------------------------------------------------------------------- wording
 
 
-def _ci(lo, hi, fmt="{:.4f}") -> str:
-    return "" if lo is None else f" [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
 def verdict_sentence(r: Report) -> str:
     c = r.comparison
     if c is None:
@@ -147,45 +143,51 @@ def verdict_sentence(r: Report) -> str:
             "more held-out blocks (--max-blocks) would narrow the interval.")
 
 
-def side_rows(r: Report) -> list[tuple[str, str, str, str]]:
+def _pm(est, fmt: str, compact: bool) -> str:
+    """mean with its interval: [low, high] in files, +- half-width in the terminal (narrow columns)."""
+    if est.low is None:
+        return fmt.format(est.mean)
+    if compact:
+        return f"{fmt.format(est.mean)} ± {fmt.format(est.half_width).lstrip('+')}"
+    return f"{fmt.format(est.mean)} [{fmt.format(est.low)}, {fmt.format(est.high)}]"
+
+
+def side_rows(r: Report, compact: bool = False) -> list[tuple[str, str, str, str]]:
     """(metric, model, parent, model vs parent) rows shared by the terminal table and summary.md."""
     m, p = r.model, r.parent
+    c = r.comparison
     rows = []
 
     def add(name, fm, fp, delta=""):
         rows.append((name, fm, fp if p is not None else "", delta if p is not None else ""))
 
-    ml, mp_ = m.scores.loss, m.scores.perplexity
-    pl = p.scores.loss if p else None
-    c = r.comparison
-    add("loss (nats/token)", f"{ml.mean:.4f}{_ci(ml.low, ml.high)}",
-        f"{pl.mean:.4f}{_ci(pl.low, pl.high)}" if p else "",
-        f"{c.diff.mean:+.4g}{_ci(c.diff.low, c.diff.high, '{:+.4g}')}" if c else "")
-    pp = p.scores.perplexity if p else None
-    add("perplexity", f"{mp_.mean:.3f}{_ci(mp_.low, mp_.high, '{:.3f}')}",
-        f"{pp.mean:.3f}{_ci(pp.low, pp.high, '{:.3f}')}" if p else "",
-        f"x{c.perplexity_ratio:.4f}" if c else "")
+    add("loss (nats/token)", _pm(m.scores.loss, "{:.4f}", compact), _pm(p.scores.loss, "{:.4f}", compact) if p else "",
+        _pm(c.diff, "{:+.3g}", compact) if c else "")
+    if compact:  # the perplexity interval is not symmetric: only in the files
+        add("perplexity", f"{m.scores.perplexity.mean:.3f}", f"{p.scores.perplexity.mean:.3f}" if p else "",
+            f"x{c.perplexity_ratio:.4f}" if c else "")
+    else:
+        add("perplexity", _pm(m.scores.perplexity, "{:.3f}", False),
+            _pm(p.scores.perplexity, "{:.3f}", False) if p else "", f"x{c.perplexity_ratio:.4f}" if c else "")
     add("next-token accuracy", f"{m.scores.accuracy:.2%}", f"{p.scores.accuracy:.2%}" if p else "",
         f"{(m.scores.accuracy - p.scores.accuracy) * 100:+.2f} pt" if p else "")
     add("tokens/s", f"{m.scores.tokens_per_second:,.0f}", f"{p.scores.tokens_per_second:,.0f}" if p else "",
         f"x{m.scores.tokens_per_second / p.scores.tokens_per_second:.2f}" if p else "")
     add("parameters", human_count(m.cost.total_params), human_count(p.cost.total_params) if p else "",
         f"x{m.cost.total_params / p.cost.total_params:.2f}" if p else "")
-    add("active parameters/token", human_count(m.cost.active_params), human_count(p.cost.active_params) if p else "",
+    add("active params/token", human_count(m.cost.active_params), human_count(p.cost.active_params) if p else "",
         f"x{m.cost.active_params / p.cost.active_params:.2f}" if p else "")
-    add("forward GFLOPs/token", f"{m.cost.flops_per_token / 1e9:.4g}",
-        f"{p.cost.flops_per_token / 1e9:.4g}" if p else "",
+    add("GFLOPs/token", f"{m.cost.flops_per_token / 1e9:.4g}", f"{p.cost.flops_per_token / 1e9:.4g}" if p else "",
         f"x{m.cost.flops_per_token / p.cost.flops_per_token:.2f}" if p else "")
     mem_m = m.scores.peak_bytes
     mem_p = p.scores.peak_bytes if p else None
     add("peak memory", human_bytes(mem_m) if mem_m else "n/a", human_bytes(mem_p) if mem_p else "n/a",
         f"x{mem_m / mem_p:.2f}" if mem_m and mem_p else "")
     if m.domain_scores is not None:
-        dm = m.domain_scores.loss
-        dp = p.domain_scores.loss if p and p.domain_scores else None
+        pd = p.domain_scores if p else None
         dc = r.domain_comparison
-        add("domain loss", f"{dm.mean:.4f}{_ci(dm.low, dm.high)}", f"{dp.mean:.4f}{_ci(dp.low, dp.high)}" if dp else "",
-            f"{dc.diff.mean:+.4g}{_ci(dc.diff.low, dc.diff.high, '{:+.4g}')}" if dc else "")
+        add("domain loss", _pm(m.domain_scores.loss, "{:.4f}", compact),
+            _pm(pd.loss, "{:.4f}", compact) if pd else "", _pm(dc.diff, "{:+.3g}", compact) if dc else "")
     return rows
 
 
@@ -202,12 +204,15 @@ def routing_rows(r: Report) -> list[tuple[str, ...]]:
             "" if lr.entropy_norm is None else f"{lr.entropy_norm:.3f}",
             f"{lr.drop_at['1']:.1%}",
             f"{lr.drop_at['1.25']:.1%}",
-            "" if d is None else f"{d.mean:.4f} / {d.min:.4f}",
+            "" if d is None else f"{d.mean:.4f}",
+            "" if d is None else f"{d.min:.4f}",
         ))
     return rows
 
 
-ROUTING_HEADER = ("layer", "load CV", "max/min", "dead", "entropy/logE", "drop@1.0", "drop@1.25", "cos mean/min")
+# entropy: router entropy / log E; drop: share of assignments over capacity at factor 1.0 / 1.25; cos: expert weights'
+# cosine similarity to their reference (parent MLP neurons, or the mean expert)
+ROUTING_HEADER = ("layer", "load CV", "max/min", "dead", "entropy", "drop@1.0", "drop@1.25", "cos mean", "cos min")
 
 
 def summary_markdown(r: Report) -> str:
@@ -228,12 +233,16 @@ def summary_markdown(r: Report) -> str:
         if r.drift_note:
             lines += ["", f"Expert cosine similarity is measured against the mean expert: {r.drift_note}."]
     if r.specialisation:
-        lines += ["", "## What experts receive", ""]
+        lines += ["", "## What experts receive", "",
+                  "Tokens most often sent to each expert (share of their occurrences, among tokens seen at least "
+                  "3 times) and the context where the router was most sure; `[[ ]]` marks the routed token.", ""]
         for s in r.specialisation:
             lines += [f"Layer {s.layer}:", ""]
             for e in s.experts:
-                toks = ", ".join(f"`{t['token']}`" for t in e.top_tokens[:6]) or "(none)"
-                lines.append(f"- expert {e.expert} (load {e.load:.1%}): {toks}")
+                toks = ", ".join(f"{_md_code(t['token'])} {t['share']:.0%}" for t in e.top_tokens[:6])
+                lines.append(f"- expert {e.expert} (load {e.load:.1%}): {toks or '(no token seen often enough)'}")
+                if e.contexts:
+                    lines.append(f"  - most sure: {_md_code(e.contexts[0]['text'])}")
             lines.append("")
     if r.domain is not None:
         lines += ["## Domain", ""]
@@ -264,6 +273,12 @@ def summary_markdown(r: Report) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _md_code(text: str) -> str:
+    """Inline code that survives backticks and edge spaces in the text (CommonMark rules)."""
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if "`" in text or text.startswith(" ") or text.endswith(" ") else f"`{text}`"
+
+
 def _routing_findings(r: Report) -> list[str]:
     out = []
     dead = {lr.layer: lr.dead_experts for lr in r.routing if lr.dead_experts}
@@ -289,37 +304,45 @@ def _routing_findings(r: Report) -> list[str]:
     return out
 
 
+def _quote(token: str) -> str:
+    from rich.markup import escape
+
+    return escape(f"'{token}'")
+
+
 def print_report(r: Report, console) -> None:
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=f"upcycle eval: {r.model.path}", title_justify="left")
+    t = Table(title=f"upcycle eval: {r.model.path}", title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("metric")
     t.add_column("model", justify="right")
     if r.parent is not None:
         t.add_column("parent", justify="right")
         t.add_column("model vs parent", justify="right")
-    for a, b, c, e in side_rows(r):
+    for a, b, c, e in side_rows(r, compact=True):
         t.add_row(a, b, c, e) if r.parent is not None else t.add_row(a, b)
     console.print(t)
     console.print(verdict_sentence(r))
     if r.routing:
-        rt = Table(title="routing per MoE layer" + (f" (cosine to {r.drift_reference.replace('_', ' ')})"
+        rt = Table(box=box.SIMPLE_HEAD, title="routing per MoE layer" + (f" (cosine to {r.drift_reference.replace('_', ' ')})"
                                                     if r.drift else ""), title_justify="left")
         for h in ROUTING_HEADER:
-            rt.add_column(h, justify="right")
+            # two-line headers keep nine columns inside 80 terminal columns
+            rt.add_column(h.replace(" ", "\n").replace("@", "\n@").replace("max/min", "max/\nmin"), justify="right")
         for row in routing_rows(r):
             rt.add_row(*row)
         console.print(rt)
         if r.drift_note:
             console.print(f"cosine against the mean expert: {r.drift_note}")
     for s in r.specialisation:
-        st = Table(title=f"layer {s.layer}: tokens most routed to each expert", title_justify="left")
+        st = Table(box=box.SIMPLE_HEAD, title=f"layer {s.layer}: tokens most routed to each expert", title_justify="left")
         st.add_column("expert", justify="right")
         st.add_column("load", justify="right")
         st.add_column("top tokens (share of their occurrences)")
         for e in s.experts:
             st.add_row(str(e.expert), f"{e.load:.1%}",
-                       "  ".join(f"{t['token']!r} {t['share']:.0%}" for t in e.top_tokens[:6]))
+                       "  ".join(f"{_quote(t['token'])} {t['share']:.0%}" for t in e.top_tokens[:6]))
         console.print(st)
     if r.domain is not None:
         if r.experts_file:
