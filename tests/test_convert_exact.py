@@ -157,6 +157,17 @@ def test_non_power_of_two_scale_in_bf16_is_not_claimed_exact(tiny_parent, tmp_pa
     assert res.verification["exact_expected"] and res.verification["max_abs_diff"] < 1e-4
 
 
+def test_glm4_carries_non_power_of_two_scale_in_config(tiny_parent, tmp_path):
+    """glm4_moe/dots1 put the group scale in routed_scaling_factor, so bf16 stays exact with groups of 3."""
+    import json
+
+    parent = tiny_parent("llama", intermediate_size=96)
+    res = convert(parent, tmp_path / "g", dtype="bfloat16", format="glm4_moe", experts=6, top_k=3, granularity=4,
+                  shared_experts=1, verify=True, quiet=True)
+    assert res.verification["exact_expected"] and res.verification["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["routed_scaling_factor"] == 3.0
+
+
 def test_bf16_rounding_matches_torch():
     from upcycle.tensors import from_f32, to_f32
 

@@ -104,7 +104,7 @@ def build_config(fmt: MoEFormat, parent: ParentSpec, recipe: Recipe, moe_layers:
         cfg.update(n_routed_experts=recipe.experts, num_local_experts=recipe.experts, moe_intermediate_size=expert_inter,
                    intermediate_size=inter, n_shared_experts=recipe.shared_experts,
                    first_k_dense_replace=len(dense), n_group=n_group, topk_group=topk_group, norm_topk_prob=True,
-                   routed_scaling_factor=1.0, attention_bias=p.qkv_bias, scoring_func="sigmoid", topk_method="noaux_tc")
+                   routed_scaling_factor=recipe.routed_down_scale, attention_bias=p.qkv_bias, scoring_func="sigmoid", topk_method="noaux_tc")
         if t == "glm4_moe":
             cfg.update(use_qk_norm=p.qk_norm == "head", num_nextn_predict_layers=0)
         else:

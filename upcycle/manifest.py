@@ -59,6 +59,8 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
         "dtype": NAME_OF[plan.out_dtype],
         "moe_layers": plan.moe_layers,
         "virtual_group_size": r.group_size,
+        # glm4_moe / dots1 apply the group scale through routed_scaling_factor instead of down_proj
+        "routed_scaling_factor": plan.config.get("routed_scaling_factor", 1.0),
         "exact_by_construction": r.exact,
         "parameters": {"total": plan.total_params, "active_per_token": plan.active_params, "parent": plan.parent_params},
         "verification": verification,

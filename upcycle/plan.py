@@ -87,7 +87,8 @@ def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoE
     moe = set(moe_layers)
     # qwen2_moe scales its shared expert by sigmoid(gate); a zero gate gives 0.5, undone on down_proj.
     gate_factor = 2.0 if fmt.shared == "gated" else 1.0
-    layouts = [layer_layout(p, recipe, i, i in moe, gate_factor) for i in range(p.num_layers)]
+    in_config = fmt.scoring == "sigmoid"  # glm4_moe / dots1 have routed_scaling_factor
+    layouts = [layer_layout(p, recipe, i, i in moe, gate_factor, in_config) for i in range(p.num_layers)]
     plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts)
     wf = WeightFactory(reader, recipe, out_dtype, router_bases)
     T = plan.tensors

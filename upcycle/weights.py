@@ -108,8 +108,13 @@ class LayerLayout:
     shared: ExpertOrigin | None = None
 
 
-def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared_gate_factor: float) -> LayerLayout:
-    """Which neurons and scale each expert of `layer` gets (no weights touched)."""
+def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared_gate_factor: float,
+                 routed_scale_in_config: bool = False) -> LayerLayout:
+    """Which neurons and scale each expert of `layer` gets (no weights touched).
+
+    With routed_scale_in_config the format multiplies routed outputs itself (routed_scaling_factor), so the
+    experts keep the parent's weights unscaled: exact in bf16 even when the group scale is not a power of two.
+    """
     if not moe:
         return LayerLayout(layer, False)
     inter, g, s = spec.intermediate_size, recipe.granularity, recipe.shared_experts
@@ -126,7 +131,8 @@ def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared
         if mode == "drop":
             k = int(round(ratio * width))
             reinit = np.sort(rng(recipe.seed, layer, e, _DROP).choice(width, size=k, replace=False))
-        experts.append(ExpertOrigin(neurons, recipe.routed_down_scale, reinit, slice_key=first_routed + e % v))
+        scale = 1.0 if routed_scale_in_config else recipe.routed_down_scale
+        experts.append(ExpertOrigin(neurons, scale, reinit, slice_key=first_routed + e % v))
     shared = None
     if s:
         c = recipe.shared_full_copies
