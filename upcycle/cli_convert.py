@@ -30,9 +30,19 @@ def convert_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layout, sizes, parameters) and write nothing."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Load parent and result, compare logits and greedy decoding; fail if an exact recipe is not exact."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a parent stored as PyTorch pickle (.bin); only for files you trust."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a hub parent's custom code for reading its config (never needed for supported families)."),
 ) -> None:
-    """Convert a dense checkpoint into a Mixture-of-Experts checkpoint that computes what the parent computed."""
+    """Convert a dense checkpoint into a Mixture-of-Experts checkpoint that computes what the parent computed.
+
+    Examples:
+
+      upcycle convert ./SmolLM2-135M ./smol-moe                     # 8 experts top-2, type chosen for you
+
+      upcycle convert model.gguf out -e 32 -k 4 -g 4 --shared-experts 2   # fine-grained + shared (DeepSeekMoE style)
+
+      upcycle convert ./parent out --expert-init drop:0.5           # Drop-Upcycling (not exact, on purpose)
+
+      upcycle convert ./parent out --moe-layers every:2 --dry-run   # see the plan first
+    """
     from upcycle.convert import convert
 
     convert(
@@ -55,5 +65,4 @@ def convert_command(
         dry_run=dry_run,
         verify=verify,
         allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
     )

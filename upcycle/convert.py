@@ -118,8 +118,8 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
             shared_experts: int = 0, format: str = "auto", moe_layers: str = "all", router_init: str = "random",
             router_std: float = 0.02, expert_init: str = "copy", slice_order: str = "contiguous", seed: int = 0,
             dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False, dry_run: bool = False,
-            verify: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
-            command: list[str] | None = None, quiet: bool = False) -> ConvertResult:
+            verify: bool = True, allow_pickle: bool = False, command: list[str] | None = None,
+            quiet: bool = False) -> ConvertResult:
     start = time.perf_counter()
     recipe = Recipe(experts=experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts, format=format,
                     moe_layers=moe_layers, router_init=router_init, router_std=router_std, expert_init=expert_init,
@@ -134,7 +134,11 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
     mode, kmeans_file = recipe.router_init_mode
     if mode == "kmeans" and not kmeans_file.exists():
         raise InputError(f"--router-init kmeans: no such file or folder {kmeans_file}")
-    ckpt = open_parent(parent, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if quiet:
+        ckpt = open_parent(parent, allow_pickle=allow_pickle)
+    else:
+        with ui.console.status(f"reading {parent}" + (" (GGUF metadata is slow to parse)" if str(parent).endswith(".gguf") else "")):
+            ckpt = open_parent(parent, allow_pickle=allow_pickle)
     try:
         plan, _ = build_plan(ckpt, recipe)
         if dry_run:

@@ -79,15 +79,14 @@ def _gguf_config(path: Path) -> dict:
     return AutoConfig.for_model(model_type, **cfg).to_dict()
 
 
-def _hub_snapshot(repo: str, trust_remote_code: bool) -> Path:
+def _hub_snapshot(repo: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - a transformers dependency
         raise InputError(f"{repo} is not a local path, and huggingface_hub is not installed") from None
+    # weights as safetensors only, and never code: supported families need none
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    if trust_remote_code:
-        patterns.append("*.py")
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
@@ -96,7 +95,7 @@ def _hub_snapshot(repo: str, trust_remote_code: bool) -> Path:
         raise InputError(f"{repo} is not a local path and could not be fetched from the hub: {why}") from None
 
 
-def open_parent(spec: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ParentCheckpoint:
+def open_parent(spec: str | Path, *, allow_pickle: bool = False) -> ParentCheckpoint:
     label = str(spec)
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -109,7 +108,7 @@ def open_parent(spec: str | Path, *, allow_pickle: bool = False, trust_remote_co
         return ParentCheckpoint(parent, source, label, path.parent, gguf=path)
     if not path.exists():
         if is_hub_id(label):
-            path = _hub_snapshot(label, trust_remote_code)
+            path = _hub_snapshot(label)
         else:
             raise InputError(f"no such file or folder: {path}")
     if not path.is_dir():
