@@ -16,7 +16,7 @@ from pathlib import Path
 
 from upcycle import ui
 from upcycle.errors import InputError, UsageError
-from upcycle.formats import choose_format
+from upcycle.formats import choose_format, portability_notes
 from upcycle.manifest import manifest_dict, model_card, write_manifest
 from upcycle.parent import ParentCheckpoint, open_parent
 from upcycle.plan import Plan, make_plan
@@ -109,7 +109,7 @@ def describe(plan: Plan, out: Path | None, max_shard_bytes: int) -> None:
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
         f"exact         {'yes' if exact_claim(plan) else 'no: ' + ('expert init ' + r.expert_init + ' perturbs experts on purpose' if mode != 'copy' else 'a non-power-of-two scale is rounded in ' + NAME_OF[plan.out_dtype])}",
     ]
-    for note in plan.fmt.notes:
+    for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
         lines.append(f"note          {note}")
     ui.out.print("\n".join(lines))
 

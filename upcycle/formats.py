@@ -35,8 +35,6 @@ class MoEFormat:
     expert_names: tuple | None = ("gate_proj", "up_proj", "down_proj")  # None: fused 3-D tensors (granitemoe)
     shared_prefix: str | None = None  # relative to the decoder layer
     selection_bias: bool = False
-    # portability notes shown in --dry-run and the model card
-    notes: tuple = ()
 
 
 FORMATS: dict[str, MoEFormat] = {
@@ -45,8 +43,7 @@ FORMATS: dict[str, MoEFormat] = {
         MoEFormat("mixtral", "MixtralForCausalLM", "softmax", None, None, "never", False, (None,), sliding="uniform",
                   moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
         MoEFormat("qwen2_moe", "Qwen2MoeForCausalLM", "softmax", "gated", "any", "always", False, (None,),
-                  sliding="layer_types", shared_prefix="mlp.shared_expert",
-                  notes=("vLLM's qwen2_moe ignores head_dim",)),
+                  sliding="layer_types", shared_prefix="mlp.shared_expert"),
         MoEFormat("qwen3_moe", "Qwen3MoeForCausalLM", "softmax", None, "any", "config", True, ("head",), sliding="uniform"),
         MoEFormat("granitemoe", "GraniteMoeForCausalLM", "topk_softmax", None, None, "config", True, (None,),
                   multipliers=True, custom_head_dim=False, moe_prefix="block_sparse_moe", router_key="router.layer.weight",
@@ -57,8 +54,7 @@ FORMATS: dict[str, MoEFormat] = {
         MoEFormat("dots1", "Dots1ForCausalLM", "sigmoid", "plain", "prefix", "config", True, ("head",),
                   sliding="layer_types", shared_prefix="mlp.shared_experts", selection_bias=True),
         MoEFormat("glm4_moe", "Glm4MoeForCausalLM", "sigmoid", "plain", "prefix", "config", False, (None, "head"),
-                  partial_rotary=True, shared_prefix="mlp.shared_experts", selection_bias=True,
-                  notes=("vLLM's glm4_moe needs partial_rotary_factor, which is written explicitly",)),
+                  partial_rotary=True, shared_prefix="mlp.shared_experts", selection_bias=True),
         MoEFormat("flex_olmo", "FlexOlmoForCausalLM", "softmax", None, None, "config", True, ("full",), norm_style="post"),
     ]
 }
@@ -74,6 +70,20 @@ def _default_multipliers(p: ParentSpec) -> bool:
         m["embedding_multiplier"] == 1.0 and m["residual_multiplier"] == 1.0 and m["logits_scaling"] == 1.0
         and abs(m["attention_multiplier"] - p.head_dim**-0.5) < 1e-12
     )
+
+
+def portability_notes(fmt: MoEFormat, parent: ParentSpec, recipe: Recipe) -> list[str]:
+    """Runtimes other than transformers that may read this folder differently (shown in --dry-run and the card)."""
+    notes = []
+    if fmt.model_type in ("qwen2_moe", "granitemoe", "granitemoeshared") and not parent.has_default_head_dim:
+        notes.append(f"vLLM's {fmt.model_type} ignores head_dim ({parent.head_dim} here)")
+    if fmt.shared and not recipe.shared_experts:
+        notes.append(f"{fmt.model_type} always has a shared expert; it is written zero-width, which other runtimes may reject")
+    if fmt.model_type == "qwen2_moe" and parent.sliding_windows:
+        notes.append("vLLM's qwen2_moe applies no sliding window")
+    if fmt.model_type in ("mixtral", "qwen3_moe") and parent.sliding_windows:
+        notes.append(f"vLLM's {fmt.model_type} applies no sliding window")
+    return notes
 
 
 def supports(fmt: MoEFormat, parent: ParentSpec, recipe: Recipe, moe_layers: list[int], explain: bool = False):

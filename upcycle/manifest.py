@@ -162,6 +162,9 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         "",
         "The full recipe, with the parent neurons behind every expert, is in `upcycle.json`.",
     ]
-    if fmt.notes:
-        lines += ["", "Notes: " + "; ".join(fmt.notes) + "."]
+    from upcycle.formats import portability_notes
+
+    notes = portability_notes(fmt, p, r)
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
