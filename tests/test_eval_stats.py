@@ -74,7 +74,11 @@ def test_routing_statistics_golden():
     pairs = torch.tensor(r.pairs)
     assert pairs[0, 1] == 0.5 and pairs[1, 0] == 0.5 and pairs[0, 2] == 0.25 and pairs[2, 3] == 0
     assert torch.diagonal(pairs).tolist() == [1.0, 0.5, 0.25, 0.25]
-    assert r.top_pairs[0] == {"experts": [0, 1], "share": 0.5, "lift": 1.0}
+    assert r.top_pairs[0] == {"experts": [0, 1], "share": 0.5, "lift": 1.0, "jaccard": 0.5}
+    assert r.always_together == []
+    acc = RoutingAccumulator(0, num_experts=4, top_k=2)
+    acc.update(torch.tensor([[0, 1], [1, 0], [2, 3], [0, 1]]))  # 0 and 1 always together, 2 and 3 too
+    assert acc.result().always_together == [[0, 1], [2, 3]]
 
 
 def test_routing_capacity_over_all_tokens_and_dead_expert():

@@ -292,10 +292,17 @@ def _routing_findings(r: Report) -> list[str]:
     drop = max(r.routing, key=lambda lr: lr.drop_at["1"])
     out.append(f"- A capacity factor of 1.0 would drop up to {drop.drop_at['1']:.1%} of assignments (layer "
                f"{drop.layer}); 1.25 up to {max(lr.drop_at['1.25'] for lr in r.routing):.1%}.")
+    together = {lr.layer: lr.always_together for lr in r.routing if lr.always_together}
+    if together:
+        n = sum(len(v) for v in together.values())
+        first = next(iter(together.items()))
+        out.append(f"- {n} expert pairs in {len(together)} layers are always chosen together (e.g. layer {first[0]}: "
+                   f"{first[1][:4]}): fine-grained virtual groups that training has not pulled apart.")
     ents = [lr.entropy_norm for lr in r.routing if lr.entropy_norm is not None]
     if ents:
-        out.append(f"- Router entropy / log E: {min(ents):.3f} to {max(ents):.3f} "
-                   "(near 1: the router barely prefers any expert, as with a fresh random router).")
+        hint = ("near 1: the router barely prefers any expert, as a fresh random router does" if min(ents) > 0.95
+                else "1 would mean no preference; lower values: the router has become decisive")
+        out.append(f"- Router entropy / log E: {min(ents):.3f} to {max(ents):.3f} ({hint}).")
     if r.drift:
         ref = "the parent MLP they were copied from" if r.drift_reference == "parent" else "the mean expert"
         lo = min(d.min for d in r.drift)

@@ -12,7 +12,9 @@ Definitions (all over the held-out tokens; an "assignment" is one (token, chosen
 - drop_at[cf]: share of assignments a token-dropping implementation with capacity factor cf would drop, with
   capacity = ceil(cf * tokens_in_sequence * k / E) per expert and each sequence (block) routed on its own.
 - pairs[i][j]: share of tokens that chose both i and j (the diagonal: share of tokens that chose i);
-  lift = pairs[i][j] / (pairs[i][i] * pairs[j][j]) compares that with independent choices.
+  lift = pairs[i][j] / (pairs[i][i] * pairs[j][j]) compares that with independent choices; jaccard =
+  pairs[i][j] / (pairs[i][i] + pairs[j][j] - pairs[i][j]) is 1.0 for experts that are always chosen together
+  (the virtual groups of a fine-grained conversion, until training pulls them apart).
 
 The router's distribution depends on the model type's scoring: softmax (mixtral, qwen2_moe, top-k-then-softmax
 granitemoe: softmax over all experts) or sigmoid (glm4_moe, dots1: sigmoid scores normalised to sum 1).
@@ -57,6 +59,7 @@ class LayerRouting:
     drop_at: dict[str, float]
     pairs: list[list[float]]
     top_pairs: list[dict] = field(default_factory=list)
+    always_together: list[list[int]] = field(default_factory=list)  # pairs with jaccard >= 0.99
 
     def to_json(self) -> dict:
         from dataclasses import asdict
@@ -127,18 +130,21 @@ class RoutingAccumulator:
             balance = float(E * (load * mp).sum())
         pairs = (self.pair_counts / T)
         diag = torch.diagonal(pairs)
-        top = []
+        top, together = [], []
         for i in range(E):
             for j in range(i + 1, E):
                 f = float(pairs[i, j])
                 if f > 0:
                     lift = f / float(diag[i] * diag[j])
-                    top.append({"experts": [i, j], "share": f, "lift": lift})
+                    jaccard = f / float(diag[i] + diag[j] - f)
+                    top.append({"experts": [i, j], "share": f, "lift": lift, "jaccard": jaccard})
+                    if jaccard >= 0.99:
+                        together.append([i, j])
         top.sort(key=lambda d: (-d["share"], d["experts"]))
         return LayerRouting(
             layer=self.layer, num_experts=E, top_k=k, tokens=T, load=load.tolist(), cv=cv, max_load=mx, min_load=mn,
             max_over_min=(mx / mn) if mn > 0 else None, dead_experts=dead, entropy=entropy, entropy_norm=entropy_norm,
             load_entropy_norm=load_entropy / logE, mean_prob=mean_prob, balance_loss=balance,
             drop_at={f"{cf:g}": self.dropped[cf] / assignments for cf in CAPACITY_FACTORS},
-            pairs=pairs.tolist(), top_pairs=top[:5],
+            pairs=pairs.tolist(), top_pairs=top[:5], always_together=together,
         )
