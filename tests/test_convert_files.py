@@ -162,23 +162,37 @@ def test_dry_run_writes_nothing(tiny_parent, tmp_path, capsys):
 
 
 def test_failure_leaves_nothing_behind(tiny_parent, tmp_path, monkeypatch):
+    """The disk fills up half-way: no OUT, no partial folder, one clear error."""
     import upcycle.writer as writer
 
     calls = {"n": 0}
-    real = writer._write_all
 
-    def flaky(fd, data):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise OSError(28, "No space left on device")
-        return real(fd, data)
+    def failing(real):
+        def wrapped(*args):
+            calls["n"] += 1
+            if calls["n"] == 20:
+                raise OSError(28, "No space left on device")
+            return real(*args)
 
-    monkeypatch.setattr(writer, "_write_all", flaky)
+        return wrapped
+
+    monkeypatch.setattr(writer, "_write_all", failing(writer._write_all))
+    monkeypatch.setattr(writer, "_copy_range", failing(writer._copy_range))
     from upcycle.errors import OutputError
 
     with pytest.raises(OutputError, match="disk filled up"):
         convert(tiny_parent("llama"), tmp_path / "m", verify=False, quiet=True)
+    assert calls["n"] == 20
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_copy_and_numpy_paths_write_the_same_bytes(tiny_parent, tmp_path, monkeypatch):
+    import upcycle.writer as writer
+
+    convert(tiny_parent("qwen2"), tmp_path / "a", experts=8, top_k=4, granularity=2, verify=False, quiet=True)
+    monkeypatch.setattr(writer, "_copy_range", lambda *a: False)
+    convert(tiny_parent("qwen2"), tmp_path / "b", experts=8, top_k=4, granularity=2, verify=False, quiet=True)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_streaming_memory_is_bounded_by_tensors_not_model(tiny_parent, tmp_path):

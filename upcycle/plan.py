@@ -27,6 +27,8 @@ class OutTensor:
     produce: Callable[[], Iterator[np.ndarray]]  # chunks whose bytes, in order, are the tensor
     kind: str = "other"  # embed | attention | norm | router | expert | shared | dense_mlp | buffer
     layer: int | None = None
+    # (file, offset, length) when the output bytes are a verbatim run of a parent file: copied in the kernel
+    copy_from: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +98,8 @@ def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoE
 
     def copy(name: str, kind: str, layer: int | None = None, src: str | None = None) -> None:
         src = src or name
-        T.append(OutTensor(name, out_dtype, reader.shape(src), _one(lambda: wf.passthrough(src)), kind, layer))
+        T.append(OutTensor(name, out_dtype, reader.shape(src), _one(lambda: wf.passthrough(src)), kind, layer,
+                           wf.passthrough_range(src)))
 
     def zeros(name: str, shape: tuple, kind: str, layer: int | None, code: str | None = None) -> None:
         T.append(OutTensor(name, code or out_dtype, shape, _one(lambda: wf.zeros(shape, code)), kind, layer))
@@ -164,7 +167,8 @@ def _moe_tensors(T: list, plan: Plan, wf: WeightFactory, lay: LayerLayout, pre: 
         for e, o in enumerate(lay.experts):
             for which, disk in zip(("gate", "up", "down"), fmt.expert_names):
                 T.append(OutTensor(f"{moe}experts.{e}.{disk}.weight", out, shapes[which],
-                                   _one(lambda o=o, which=which, e=e: wf.expert(i, o, which, e)), "expert", i))
+                                   _one(lambda o=o, which=which, e=e: wf.expert(i, o, which, e)), "expert", i,
+                                   None if o.reinit is not None else wf.expert_range(i, o, which)))
     if fmt.shared is None:
         return
     s = lay.shared

@@ -48,6 +48,10 @@ class TensorSource:
     def close(self) -> None:
         pass
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) when the tensor's stored bytes sit verbatim in a file, else None."""
+        return None
+
     def float_dtype(self) -> str:
         """The storage type of the checkpoint's floating weights (the most common one by bytes)."""
         weight: dict[str, int] = {}
@@ -153,6 +157,10 @@ class SafetensorsSource(TensorSource):
     def meta(self, name):
         e = self._entries[name]
         return TensorMeta(e.dtype, e.shape)
+
+    def byte_range(self, name):
+        e = self._entries[name]
+        return e.file, e.start, e.length
 
     def read(self, name):
         e = self._entries[name]

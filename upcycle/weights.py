@@ -88,6 +88,23 @@ class ParentReader:
     def f32(self, name: str) -> np.ndarray:
         return to_f32(self.raw(name), self.code(name))
 
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None):
+        """Where the bytes of `name` (or of its rows lo:hi) lie verbatim in a parent file, if they do."""
+        f = self._fused(name)
+        src = f[0] if f else name
+        where = self.source.byte_range(src)
+        if where is None:
+            return None
+        path, offset, length = where
+        shape = self.source.meta(src).shape
+        row_bytes = length // shape[0] if shape and shape[0] else length
+        lo, hi = (0, shape[0]) if shape else (0, 1)
+        if f:
+            lo, hi = f[1]
+        if rows is not None:
+            lo, hi = lo + rows[0], lo + rows[1]
+        return path, offset + lo * row_bytes, (hi - lo) * row_bytes
+
 
 @dataclass
 class ExpertOrigin:
@@ -157,6 +174,27 @@ class WeightFactory:
         self._copies: dict[tuple, np.ndarray] = {}
 
     # -------------------------------------------------------------------------------------------- plain tensors
+
+    def passthrough_range(self, name: str):
+        """Byte range to copy verbatim for a pass-through tensor, when no conversion is needed."""
+        return self.reader.byte_range(name) if self.reader.code(name) == self.out else None
+
+    def expert_range(self, layer: int, origin: ExpertOrigin, which: str):
+        """Byte range for an expert tensor that is an unscaled, unperturbed run of whole parent rows."""
+        mode, _ = self.recipe.expert_init_mode
+        if mode != "copy" or origin.copies != 1 or which == "down" and origin.down_scale != 1.0:
+            return None
+        name = f"model.layers.{layer}.mlp.{which}_proj.weight"
+        if self.reader.code(name) != self.out:
+            return None
+        n = origin.neurons
+        inter = self.reader.spec.intermediate_size
+        if which == "down":
+            # down_proj is (H, I): only the whole matrix is contiguous
+            return self.reader.byte_range(name) if n.size == inter and np.array_equal(n, np.arange(inter)) else None
+        if n.size and np.array_equal(n, np.arange(n[0], n[0] + n.size)):
+            return self.reader.byte_range(name, rows=(int(n[0]), int(n[0]) + n.size))
+        return None
 
     def passthrough(self, name: str) -> np.ndarray:
         return convert(self.reader.raw(name), self.reader.code(name), self.out)

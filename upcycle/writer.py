@@ -60,17 +60,48 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
+def _copy_range(src_fds: dict, fd: int, where: tuple) -> bool:
+    """Copy a verbatim byte range from a parent file inside the kernel; False if the system cannot."""
+    path, offset, length = where
+    if not hasattr(os, "copy_file_range"):
+        return False
+    src = src_fds.get(path)
+    if src is None:
+        src = src_fds[path] = os.open(path, os.O_RDONLY)
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, fd, length - done, offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF) and done == 0:
+            return False
+        raise
+    if done != length:  # nothing partial may stay: rewind to where the tensor began
+        os.lseek(fd, -done, os.SEEK_CUR)
+        return False
+    return True
+
+
 def write_shards(folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
                  on_tensor: Callable[[OutTensor], None] | None = None) -> list[str]:
     """Write all tensors into safetensors shards under `folder` (plus the index when sharded)."""
     shards = assign_shards(tensors, max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
+    src_fds: dict = {}
     for fname, shard in zip(names, shards):
         fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, memoryview(_header(shard)))
             for t in shard:
+                if t.copy_from is not None and _copy_range(src_fds, fd, t.copy_from):
+                    weight_map[t.name] = fname
+                    if on_tensor:
+                        on_tensor(t)
+                    continue
                 written = 0
                 for chunk in t.produce():
                     chunk = np.ascontiguousarray(chunk)
@@ -84,6 +115,8 @@ def write_shards(folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
                     on_tensor(t)
         finally:
             os.close(fd)
+    for src in src_fds.values():
+        os.close(src)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
