@@ -210,3 +210,35 @@ def test_streaming_memory_is_bounded_by_tensors_not_model(tiny_parent, tmp_path)
     assert out_bytes > 100 * largest
     for shard, peak in peaks.items():
         assert peak < 8 * largest, f"{shard}: peak {peak / 2**20:.1f} MiB for {out_bytes / 2**20:.0f} MiB written"
+
+
+def test_sigkill_mid_write_leaves_no_finished_looking_out(tiny_parent, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m"
+    code = f"""
+import time, upcycle.writer as w
+real = w._write_all
+def slow(fd, data):
+    real(fd, data)
+    open({str(tmp_path / 'started')!r}, 'w').close()
+    time.sleep(60)
+w._write_all = slow
+w._copy_range = lambda *a: False
+from upcycle.convert import convert
+convert({str(tiny_parent('llama'))!r}, {str(out)!r}, verify=False, quiet=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (tmp_path / "started").exists()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "started"]
+    assert leftovers and all(name.startswith(".m.upcycle-partial-") for name in leftovers)
