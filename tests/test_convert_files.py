@@ -242,3 +242,5 @@ convert({str(tiny_parent('llama'))!r}, {str(out)!r}, verify=False, quiet=True)
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "started"]
     assert leftovers and all(name.startswith(".m.upcycle-partial-") for name in leftovers)
+    convert(tiny_parent("llama"), out, verify=False, quiet=True)  # the next run clears the dead run's leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "started"]

@@ -141,10 +141,23 @@ def check_space(out: Path, need: int) -> None:
         raise OutputError(f"not enough disk space for {out}: need {human_bytes(need)}, {human_bytes(free)} free")
 
 
+def _remove_stale_partials(out: Path) -> None:
+    """Partial folders left by killed runs (their process is gone) are removed before a new attempt."""
+    for p in out.parent.glob(f".{out.name}.upcycle-partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out`, on any failure it is removed."""
     out = Path(out)
+    _remove_stale_partials(out)
     tmp = out.with_name(f".{out.name}.upcycle-partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
