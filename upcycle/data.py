@@ -48,6 +48,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SUFFIXES = TEXT_SUFFIXES + tuple(TABLE_SUFFIXES)
 SPLITS = ("all", "train", "heldout")
+_SPLIT_NAMES = {"all": "whole data", "train": "training split", "heldout": "held-out split"}
 STATE_FORMAT = "upcycle.data/1"
 TOKENIZE_BATCH = 64  # documents per tokenizer call: amortises the call, bounds the memory of one batch
 
@@ -74,12 +75,12 @@ def _usable(path: Path) -> bool:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Usable files under `folder`, recursively, sorted; hidden files and folders (.git, ...) are skipped."""
+    """Usable files under `folder`, recursively, sorted by path; hidden files and folders (.git, ...) skipped."""
     found = []
     for root, dirs, files in os.walk(folder):  # does not follow symlinked folders: no cycles
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / f for f in sorted(files) if _usable(Path(f)))
-    return found
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(root) / f for f in files if _usable(Path(f)))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
 def resolve_data_files(paths: Sequence[str | Path]) -> list[str]:
@@ -291,7 +292,7 @@ class _Corpus:
         where = _describe(self.sources)
         if self.nonempty == 0:
             return f"no text in {where}: every document is empty"
-        return (f"the {self.split} split of {where} is empty ({self.nonempty} documents, held-out fraction "
+        return (f"the {_SPLIT_NAMES[self.split]} of {where} is empty ({self.nonempty} documents, held-out fraction "
                 f"{self.fraction:g}); use split 'all', another held-out fraction or more documents")
 
 
@@ -347,6 +348,9 @@ class PackedBlocks:
     epochs, forever when `epochs` is None; each epoch reshuffles. `state_dict()` is the position after the last
     block yielded, so a run restarted with `load_state_dict(state)` yields exactly the blocks that would have come
     next. Every rank yields the same number of blocks; see the module docstring for how.
+
+    Iterate in the training process itself (no DataLoader worker processes): the state describes what this
+    object has yielded, and a worker's copy would run ahead of what the training loop has consumed.
     """
 
     def __init__(self, tokenizer, paths, *, seq_len: int, split: str = "all", heldout_fraction: float = 0.01,
@@ -385,6 +389,11 @@ class PackedBlocks:
                 "heldout_fraction": self.corpus.fraction, "seed": self.seed, "text_field": self.corpus.text_field,
                 "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
                 "tokenizer": [len(tokenizer), tokenizer.eos_token_id, self.encode.prefix]}
+
+    @property
+    def files(self) -> list[str]:
+        """The data files (and hub dataset names) read, in their resolved order."""
+        return [s.spec for s in self.corpus.sources]
 
     @property
     def epoch(self) -> int:
@@ -474,8 +483,11 @@ class PackedBlocks:
             return self.corpus.nothing_message()
         need = self.seq_len * self.world_size
         ranks = f" ({self.world_size} ranks need {need})" if self.world_size > 1 else ""
-        return (f"data too small for one block of {self.seq_len} tokens{ranks}: the {self.corpus.split} split of "
-                f"{_describe(self.corpus.sources)} has {self.corpus.kept} documents of {self._tokens} tokens in all; "
+        where = _describe(self.corpus.sources)
+        scope = where if self.corpus.split == "all" else f"the {_SPLIT_NAMES[self.corpus.split]} of {where}"
+        n = self.corpus.kept
+        return (f"data too small for one block of {self.seq_len} tokens{ranks}: {scope} has {n} "
+                f"document{'s' if n != 1 else ''} of {self._tokens} tokens in all; "
                 "give more text or a smaller sequence length")
 
     def iter_batches(self, batch_size: int) -> Iterator["torch.LongTensor"]:
