@@ -136,6 +136,12 @@ def test_documents_files_whole_rows_one_each_empty_skipped(corpus):
     assert got == list(iter_texts(resolve_data_files([root])))  # folders and their expansion read the same
 
 
+def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+    for name, text in (("a[1].txt", "one"), ("b*c.txt", "two"), ("bxc.txt", "three"), ("r?.jsonl", '{"text": "four"}')):
+        (tmp_path / name).write_text(text)
+    assert list(iter_texts([tmp_path])) == ["one", "two", "three", "four"]
+
+
 def test_split_partitions_documents_by_hash_independent_of_file_order(corpus):
     root, docs = corpus
     files = resolve_data_files([root])
@@ -176,6 +182,43 @@ def test_text_field_selection_and_errors(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not a parquet file at all")
     with pytest.raises(InputError, match="cannot read .*bad.parquet"):
         list(iter_texts([tmp_path / "bad.parquet"]))
+
+
+def test_corrupt_jsonl_is_one_line_naming_the_file(tmp_path, capfd):
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
+    with pytest.raises(InputError, match=r"^cannot read .*broken.jsonl: ArrowInvalid: JSON parse error") as err:
+        list(iter_texts([tmp_path / "broken.jsonl"]))
+    assert "\n" not in str(err.value)
+    assert "Failed to load JSON" not in capfd.readouterr().err  # no second, multi-line report from datasets
+
+
+def test_hub_dataset_name_when_online(tmp_path, tok, monkeypatch):
+    """A hub name is read with load_dataset(name, split="train", streaming=True); here it is served locally."""
+    import datasets
+
+    rows = [{"text": f"hub row {i} " + "x" * (i % 7), "lang": "en"} for i in range(30)]
+    (tmp_path / "hub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = datasets.load_dataset
+    calls = []
+
+    def fake(name, *args, **kwargs):
+        if name == "someone/corpus":
+            calls.append(kwargs)
+            return real("json", data_files=[str(tmp_path / "hub.jsonl")], split="train", streaming=True)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert list(iter_texts(["someone/corpus"])) == [r["text"] for r in rows]
+    assert calls[0] == {"split": "train", "streaming": True}
+    kw = dict(seq_len=8, seed=2, shuffle_buffer=4, epochs=1)
+    full = list(PackedBlocks(tok, ["someone/corpus"], **kw))
+    first = PackedBlocks(tok, ["someone/corpus"], **kw)
+    head = list(islice(iter(first), 11))
+    again = PackedBlocks(tok, ["someone/corpus"], **kw)
+    again.load_state_dict(first.state_dict())
+    assert _stream(head + list(again)) == _stream(full)  # resume skips rows of the stream exactly
 
 
 # ------------------------------------------------------------------------------------------------------- packing

@@ -164,13 +164,20 @@ def _one_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------------- documents
 
+def _literal(path: str) -> str:
+    """`datasets` reads data_files as glob patterns: escape a file name that holds [ ] * or ?."""
+    import glob
+
+    return glob.escape(path)
+
+
 def _stream_texts(sources: list[_Source]) -> Iterator[str]:
     """The contents of plain-text files, one document per file, in order, through one `datasets` stream."""
     from datasets import load_dataset
 
     # One stream for a whole run of text files: a load_dataset call costs ~10 ms, a run of 2,000 .py files ~1 s.
     # "utf-8-sig" drops a byte-order mark; undecodable bytes (some stdlib test files) become U+FFFD, not a crash.
-    ds = load_dataset("text", data_files=[s.spec for s in sources], split="train", streaming=True,
+    ds = load_dataset("text", data_files=[_literal(s.spec) for s in sources], split="train", streaming=True,
                       sample_by="document", encoding="utf-8-sig", encoding_errors="replace")
     n = 0
     for n, row in enumerate(ds, start=1):
@@ -187,12 +194,17 @@ def _string_fields(features: Any, row: dict | None) -> list[str]:
 
 def _stream_table(source: _Source, skip: int, text_field: str | None) -> Iterator[str | None]:
     """The text field of each row of a structured file or hub dataset, from row `skip` on."""
+    import logging
+
     from datasets import load_dataset
+
+    # The JSON builder logs a multi-line error before raising; our own one-line InputError names the file instead.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
 
     if source.kind == "hub":
         ds = load_dataset(source.spec, split="train", streaming=True)
     else:
-        ds = load_dataset(source.kind, data_files=[source.spec], split="train", streaming=True)
+        ds = load_dataset(source.kind, data_files=[_literal(source.spec)], split="train", streaming=True)
     features = ds.features
     first = None if features is not None else next(iter(ds), None)
     if features is None and first is None:
