@@ -136,9 +136,10 @@ def test_documents_files_whole_rows_one_each_empty_skipped(corpus):
     assert got == list(iter_texts(resolve_data_files([root])))  # folders and their expansion read the same
 
 
-def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+def test_file_names_with_glob_characters_are_read_literally_dangling_links_skipped(tmp_path):
     for name, text in (("a[1].txt", "one"), ("b*c.txt", "two"), ("bxc.txt", "three"), ("r?.jsonl", '{"text": "four"}')):
         (tmp_path / name).write_text(text)
+    (tmp_path / "dead.txt").symlink_to(tmp_path / "nowhere.txt")  # a dangling link is not a file: skipped
     assert list(iter_texts([tmp_path])) == ["one", "two", "three", "four"]
 
 

@@ -79,7 +79,7 @@ def _walk(folder: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(folder):  # does not follow symlinked folders: no cycles
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(root) / f for f in files if _usable(Path(f)))
+        found.extend(Path(root) / f for f in files if _usable(Path(f)) and (Path(root) / f).is_file())
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
@@ -89,20 +89,35 @@ def resolve_data_files(paths: Sequence[str | Path]) -> list[str]:
     A string that is not a local path but looks like "owner/name" is a hub dataset name, returned as is when the
     hub is reachable. Duplicates are kept once. Raises InputError for anything that cannot be used.
     """
+    return [s.spec for s in _resolve(paths)]
+
+
+@dataclass(frozen=True)
+class _Source:
+    spec: str  # a local path or a hub dataset name
+    kind: str  # "text", "json", "parquet", "csv" or "hub"
+
+
+def _file_source(path: Path) -> _Source:
+    suffix = path.suffix.lower()
+    return _Source(str(path), "text" if suffix in TEXT_SUFFIXES else TABLE_SUFFIXES[suffix])
+
+
+def _resolve(paths: Sequence[str | Path] | str | Path) -> list[_Source]:
     import glob
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise InputError("no data given")
-    out: list[str] = []
+    out: list[_Source] = []
     seen: set[str] = set()
 
-    def add(p: Path | str) -> None:
-        key = str(Path(p).resolve()) if isinstance(p, Path) else p
+    def add(source: _Source) -> None:
+        key = source.spec if source.kind == "hub" else str(Path(source.spec).resolve())
         if key not in seen:
             seen.add(key)
-            out.append(str(p))
+            out.append(source)
 
     for spec in paths:
         text = str(spec)
@@ -112,43 +127,26 @@ def resolve_data_files(paths: Sequence[str | Path]) -> list[str]:
             if not files:
                 raise InputError(f"{text}: folder holds no usable data files ({', '.join(SUFFIXES)})")
             for f in files:
-                add(f)
+                add(_file_source(f))
         elif p.is_file():
             if p.suffix.lower() not in SUFFIXES:
                 raise InputError(f"{text}: unsupported file type '{p.suffix or '(none)'}'; "
                                  f"use {', '.join(SUFFIXES)}")
-            add(p)
+            add(_file_source(p))
         elif _GLOB_CHARS & set(text):
             matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
             files = [m for m in matches if m.is_file() and _usable(m)]
             if not files:
                 raise InputError(f"{text}: pattern matches no usable data files ({', '.join(SUFFIXES)})")
             for f in files:
-                add(f)
+                add(_file_source(f))
         elif _looks_like_hub_name(text):
             if _offline():
                 raise InputError(f"{text}: no such file or folder, and it cannot be a hub dataset while "
                                  "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
-            add(text)
+            add(_Source(text, "hub"))
         else:
             raise InputError(f"{text}: no such file or folder")
-    return out
-
-
-@dataclass(frozen=True)
-class _Source:
-    spec: str  # a local path or a hub dataset name
-    kind: str  # "text", "json", "parquet", "csv" or "hub"
-
-
-def _sources(paths: Sequence[str | Path] | str | Path) -> list[_Source]:
-    out = []
-    for spec in resolve_data_files(paths):
-        suffix = Path(spec).suffix.lower()
-        if Path(spec).is_file():
-            out.append(_Source(spec, "text" if suffix in TEXT_SUFFIXES else TABLE_SUFFIXES[suffix]))
-        else:
-            out.append(_Source(spec, "hub"))
     return out
 
 
@@ -226,27 +224,31 @@ def _stream_table(source: _Source, skip: int, text_field: str | None) -> Iterato
         yield value
 
 
-def _rows(sources: list[_Source], start: tuple[int, int], text_field: str | None) -> Iterator[tuple[tuple[int, int], str | None]]:
+Position = tuple[int, int]  # (index of a source in the epoch's order, row within it)
+
+
+def _rows(sources: list[_Source], start: Position, text_field: str | None) -> Iterator[tuple[Position, str | None]]:
     """(position after this row, text) for every row from `start` = (source index, row) on, across sources."""
     i, skip = start
     while i < len(sources):
-        src = sources[i]
+        reading = i  # the source being read, for the error message
         try:
-            if src.kind == "text":
+            if sources[i].kind == "text":
                 j = i
                 while j < len(sources) and sources[j].kind == "text":
                     j += 1
                 for n, text in enumerate(_stream_texts(sources[i:j])):
+                    reading = min(i + n + 1, j - 1)
                     yield (i + n + 1, 0), text  # a text file is one row: "after it" is the next file
                 i = j
             else:
-                for row, text in enumerate(_stream_table(src, skip, text_field), start=skip):
+                for row, text in enumerate(_stream_table(sources[i], skip, text_field), start=skip):
                     yield (i, row + 1), text
                 i += 1
         except UpcycleError:
             raise
         except Exception as exc:  # a corrupt or unreadable file: one line naming it
-            raise InputError(f"cannot read {src.spec}: {_one_line(exc)}") from exc
+            raise InputError(f"cannot read {sources[reading].spec}: {_one_line(exc)}") from exc
         skip = 0
 
 
@@ -277,7 +279,7 @@ class _Corpus:
 
     def __init__(self, paths, split: str, heldout_fraction: float, seed: int, text_field: str | None):
         _check_split(split, heldout_fraction)
-        self.sources = _sources(paths)
+        self.sources = _resolve(paths)
         self.split, self.fraction, self.seed, self.text_field = split, heldout_fraction, seed, text_field
         self.nonempty = 0
         self.kept = 0
@@ -289,7 +291,7 @@ class _Corpus:
         _rng(self.seed, "files", epoch).shuffle(order)
         return order
 
-    def docs(self, order: list[_Source], start: tuple[int, int] = (0, 0)) -> Iterator[tuple[tuple[int, int], str]]:
+    def docs(self, order: list[_Source], start: Position = (0, 0)) -> Iterator[tuple[Position, str]]:
         """(position after, text) of the non-empty documents of the split, from `start` on."""
         for pos, text in _rows(order, start, self.text_field):
             if not text or not text.strip():
