@@ -1,7 +1,8 @@
 """The text-data layer shared by training, evaluation and data-driven router initialisation.
 
-Documents come from local files or folders (plain text, JSON lines / JSON, Parquet, CSV) or, when online, a hub
-dataset, all read through `datasets` in streaming mode so that data larger than memory streams. A plain-text file
+Documents come from local files, folders or glob patterns (plain text, JSON lines / JSON, Parquet, CSV) or, when
+online, the "train" split of a hub dataset, all read through `datasets` in streaming mode so that data larger than
+memory streams. A plain-text file
 (.txt, .md, .rst, .py) is ONE document: source code must not be cut at line boundaries, and the held-out split must
 keep whole files apart. A row of a structured file is one document (its `text_field`).
 
