@@ -1,0 +1,153 @@
+"""What trains: parameter groups by role, experts by index, and the optimizer's parameter groups.
+
+Whole groups are frozen with requires_grad=False, which every accelerate mode handles (FSDP1 needs
+use_orig_params, see examples/accelerate/fsdp.yaml). Experts are stored fused per layer (one (E, 2I, H) tensor),
+so freezing some experts of a layer cannot use requires_grad: the experts module instead computes with
+where(trainable, W, W.detach()), which has the same values and a zero gradient for the frozen experts. That
+happens inside the forward, so it is the same under DDP and FSDP. AdamW with a zero gradient from the start
+moves nothing, and such tensors get no weight decay, so frozen experts stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from upcycle.errors import UsageError
+from upcycle.routing import MoELayer
+from upcycle.train.config import TrainSelection
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+_SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+def parameter_role(name: str, routers: set[str], experts: set[str]) -> str:
+    """The --train group a parameter belongs to, from its name (unwrapped model names)."""
+    if name in routers:
+        return "router"
+    if name in experts:
+        return "experts"
+    if any(s in name for s in _SHARED):
+        return "shared"
+    if "embed_tokens" in name or name.startswith("lm_head") or ".lm_head" in name:
+        return "embeddings"
+    parts = name.split(".")
+    if "norm" in (parts[-2] if len(parts) > 1 else name):  # input_layernorm, q_norm, model.norm, ...
+        return "norms"
+    if "self_attn" in name or ".attention." in name:
+        return "attention"
+    if ".mlp." in name or "block_sparse_moe" in name:
+        return "dense_mlp"
+    return "other"
+
+
+@dataclass
+class Plan:
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    masked: dict[int, list[int]] = field(default_factory=dict)  # layer -> trained expert indices (partial)
+    counts: dict[str, int] = field(default_factory=dict)  # trainable parameters per role
+
+
+def _module_param_names(model, layers: list[MoELayer]) -> tuple[set[str], set[str], dict[str, int]]:
+    ids_router = {id(m.router.weight): m.index for m in layers}
+    ids_experts = {}
+    for m in layers:
+        for p in m.experts.parameters(recurse=False):
+            ids_experts[id(p)] = m.index
+    routers, experts, layer_of = set(), set(), {}
+    for name, p in model.named_parameters():
+        if id(p) in ids_router:
+            routers.add(name)
+        elif id(p) in ids_experts:
+            experts.add(name)
+            layer_of[name] = ids_experts[id(p)]
+    return routers, experts, layer_of
+
+
+def apply_selection(model, layers: list[MoELayer], sel: TrainSelection) -> Plan:
+    """Set requires_grad per parameter and install expert masks; raise UsageError for impossible choices."""
+    import torch
+
+    by_index = {m.index: m for m in layers}
+    for lay, es in sel.experts_by_layer:
+        if lay not in by_index:
+            moe = ", ".join(str(i) for i in by_index) or "none"
+            raise UsageError(f"--train: layer {lay} is not an MoE layer (MoE layers: {moe})")
+        bad = [e for e in es if e >= by_index[lay].num_experts]
+        if bad:
+            raise UsageError(f"--train: layer {lay} has {by_index[lay].num_experts} experts; no expert {bad[0]}")
+    for e in sel.experts_all_layers:
+        if layers and e >= min(m.num_experts for m in layers):
+            raise UsageError(f"--train experts:{e}: the model has {min(m.num_experts for m in layers)} experts per layer")
+
+    routers, experts, layer_of = _module_param_names(model, layers)
+    plan = Plan()
+    for name, p in model.named_parameters():
+        role = parameter_role(name, routers, experts)
+        on = sel.everything or role in sel.groups
+        if role == "experts" and not on and sel.experts_for(layer_of[name]) is not None:
+            on = True  # partly trained: masked below
+        p.requires_grad_(on)
+        (plan.trainable if on else plan.frozen).append(name)
+        if on:
+            plan.counts[role] = plan.counts.get(role, 0) + p.numel()
+    if sel.some_experts and not (sel.everything or "experts" in sel.groups):
+        for m in layers:
+            chosen = sel.experts_for(m.index)
+            if chosen is None:
+                continue
+            plan.masked[m.index] = list(chosen)
+            mask = torch.zeros(m.num_experts, dtype=torch.bool)
+            mask[list(chosen)] = True
+            mask_experts(m.experts, mask)
+    if not plan.trainable:
+        raise UsageError(f"--train {', '.join(sorted(sel.groups))}: selects no parameter of this model")
+    return plan
+
+
+def mask_experts(experts: "nn.Module", mask: "torch.Tensor") -> None:
+    """Make the experts module compute with zero gradient for the experts where mask is False.
+
+    torch.func.functional_call swaps in where(mask, W, W.detach()) for the duration of the call and runs the
+    class forward (whatever experts kernel it dispatches to); the flag stops the swapped call from recursing.
+    """
+    import torch
+
+    cls_forward = type(experts).forward
+    state = {"inside": False}
+
+    def forward(*args, **kwargs):
+        if state["inside"]:
+            return cls_forward(experts, *args, **kwargs)
+        params = {}
+        for name, p in experts.named_parameters(recurse=False):
+            m = mask.to(p.device).view(-1, *([1] * (p.dim() - 1)))
+            params[name] = torch.where(m, p, p.detach())
+        state["inside"] = True
+        try:
+            return torch.func.functional_call(experts, params, args, kwargs)
+        finally:
+            state["inside"] = False
+
+    experts.forward = forward
+    experts._upcycle_expert_mask = mask
+
+
+def param_groups(model, layers: list[MoELayer], *, lr: float, weight_decay: float, router_lr_mult: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on vectors (norms, biases, selection bias is a buffer anyway) and
+    none on partly frozen expert tensors; the router at lr * router_lr_mult."""
+    router_ids = {id(m.router.weight) for m in layers}
+    masked_ids = {id(p) for m in layers if hasattr(m.experts, "_upcycle_expert_mask")
+                  for p in m.experts.parameters(recurse=False)}
+    groups: dict[tuple[float, float], list] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        g_lr = lr * router_lr_mult if id(p) in router_ids else lr
+        wd = weight_decay if p.dim() >= 2 and id(p) not in masked_ids else 0.0
+        groups.setdefault((g_lr, wd), []).append(p)
+    return [{"params": ps, "lr": k[0], "weight_decay": k[1]} for k, ps in groups.items()]

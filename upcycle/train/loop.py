@@ -1,0 +1,281 @@
+"""`train(config)`: continued pretraining of an upcycled MoE (or of its dense parent, as the baseline).
+
+Order of work: every check that can fail on the options, the run folder, the data or the model type runs
+before the weights are loaded; then one accelerate setup that is the same for one process and for
+`accelerate launch` (DDP, FSDP); then the loop. Distribution is accelerate's: this module only asks it for the
+rank, the no_sync context, reductions, gradient clipping, state dicts and checkpoint state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle import ui
+from upcycle.errors import TrainingError
+from upcycle.train import checkpoint as ck
+from upcycle.train.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    tokens: int
+    final_loss: float | None
+    final: Path | None
+
+
+def lr_lambda(total: int, warmup: int, min_ratio: float):
+    """Linear warmup to 1, then cosine from 1 down to min_ratio at the last step."""
+
+    def f(step: int) -> float:  # step = optimizer steps already taken
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup - 1)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None if cfg.report_to == "none" else [cfg.report_to]
+    return Accelerator(
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "logs")),
+    )
+
+
+def _progress_columns():
+    from rich.progress import TextColumn
+
+    return (TextColumn("{task.fields[stats]}"),)
+
+
+def _fmt_stats(row: dict) -> str:
+    parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
+    if "load_cv" in row:
+        parts += [f"aux {row['aux_loss']:.3f}", f"z {row['z_loss']:.3f}", f"imb {row['load_imbalance']:.2f}"]
+    if "val_loss" in row:
+        parts.append(f"val {row['val_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    import torch
+
+    from upcycle.data import PackedBlocks, heldout_blocks, resolve_data_files
+    from upcycle.loading import load_tokenizer
+    from upcycle.routing import RoutingRecorder, moe_layers
+    from upcycle.train.freeze import apply_selection, param_groups
+    from upcycle.train.losses import RoutingStats, router_losses
+    from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
+    from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
+
+    # ---- checks that need no weights
+    cfg.validate()
+    out = cfg.out
+    resume_dir = ck.check_run_dir(out, cfg.resume)
+    if resume_dir is not None:
+        ck.check_same_model(out, cfg.model)
+    state = ck.read_state(resume_dir) if resume_dir is not None else None
+    files = resolve_data_files(cfg.data)
+    info = inspect_model(cfg.model)
+    if info is not None:
+        cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias)
+    experts_impl = resolve_experts_impl(cfg.experts_impl, info.is_moe if info else False)
+
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    total = cfg.total_steps(world)
+    start = int(state["step"]) if state else 0
+    if state and start >= total and (out / ck.FINAL).is_dir():
+        raise TrainingError(f"nothing to resume: {out} already finished at step {start} of {total}; "
+                            "give a larger --steps/--tokens to train further")
+
+    tokenizer = load_tokenizer(resume_dir or cfg.model)
+    blocks = PackedBlocks(tokenizer, files, seq_len=cfg.seq_len, split="train", heldout_fraction=cfg.heldout_fraction,
+                          seed=cfg.seed, text_field=cfg.text_field, shuffle=True, rank=rank, world_size=world)
+    if state:
+        blocks.load_state_dict(state["data"])
+    batches = blocks.iter_batches(cfg.batch_size)
+    # Pull the first batch now: empty or too-small data fails here, before the model is loaded.
+    pending = next(batches) if start < total else None
+    val = None
+    if cfg.eval_every != 0 and cfg.heldout_fraction > 0:
+        from upcycle.errors import InputError
+
+        try:
+            val = heldout_blocks(tokenizer, files, seq_len=cfg.seq_len, max_blocks=cfg.eval_blocks,
+                                 heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, text_field=cfg.text_field)
+        except InputError as exc:
+            if cfg.eval_every:  # asked for explicitly: an error; by default: say so and go on
+                raise InputError(f"--eval-every: {exc}") from None
+            if main:
+                ui.warn(f"no validation loss: {exc}")
+    eval_every = cfg.eval_every if cfg.eval_every is not None else (cfg.save_every or total)
+
+    # ---- model
+    model = load_for_training(str(resume_dir or cfg.model), experts_impl=experts_impl, allow_pickle=cfg.allow_pickle)
+    if info is None:  # a GGUF parent: its type is known only now
+        info = classify(model.config.to_dict(), cfg.model, None)
+        cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias)
+    layers = moe_layers(model)
+    if info.is_moe and not layers:
+        from upcycle.errors import UnsupportedError
+
+        raise UnsupportedError(f"{cfg.model}: found no MoE block in this {info.model_type} model")
+    RouterPatch(layers, RouterControls(jitter=cfg.router_jitter, capacity_factor=cfg.capacity_factor))
+    plan = apply_selection(model, layers, cfg.selection)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: the recorded router logits keep their graph, so the aux and z losses still backpropagate
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - transformers before the rename
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups = param_groups(model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    warmup = cfg.warmup(total)
+    schedule = lr_lambda(total, warmup, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once per
+    # process); it is registered only so that save_state/load_state carry it.
+    accelerator.register_for_checkpointing(scheduler)
+    # Model weights live in the checkpoint's Hugging Face files; keep accelerate from writing a second copy.
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir / ck.TRAINER_DIR))
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    src = info.folder
+    final_dtype = cfg.save_dtype if cfg.save_dtype != "auto" else ck.source_dtype(info.config)
+    tokens_per_step = cfg.tokens_per_step(world)
+    tokens = int(state["tokens"]) if state else 0
+
+    if main:
+        ck.remove_partials(out)
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"config": cfg.to_json(), "world_size": world, "model_type": info.model_type,
+               "moe_layers": [m.index for m in layers], "experts_impl": experts_impl,
+               "trainable": {k: int(v) for k, v in plan.counts.items()}, "total_steps": total,
+               "warmup_steps": warmup, "tokens_per_step": tokens_per_step}
+        if resume_dir is not None and (out / ck.RUN_FILE).is_file():
+            import json
+
+            prev = json.loads((out / ck.RUN_FILE).read_text())
+            run = {**prev, "resumes": prev.get("resumes", []) + [{"step": start, **run}]}
+        ck.write_json(out / ck.RUN_FILE, run)
+    metrics = ck.MetricsLog(out / ck.METRICS, start if state else None, enabled=main)
+    if main and cfg.report_to != "none":
+        accelerator.init_trackers("upcycle", config={k: v for k, v in cfg.to_json().items()
+                                                    if isinstance(v, (int, float, str, bool))})
+
+    def data_state() -> dict:
+        return {"step": step, "tokens": tokens, "data": blocks.state_dict(), "world_size": world,
+                "model_type": info.model_type}
+
+    def evaluate() -> float:
+        model.eval()
+        total_loss, n = 0.0, 0
+        with torch.no_grad(), recorder.pause():
+            for chunk in val.split(cfg.batch_size):
+                chunk = chunk.to(accelerator.device)
+                total_loss += float(model(input_ids=chunk, labels=chunk, use_cache=False).loss) * len(chunk)
+                n += len(chunk)
+        model.train()
+        return total_loss / n
+
+    last_good = resume_dir
+    last_loss = None
+    step = start
+    recorder = RoutingRecorder(unwrapped, detach=False, layers=layers)
+    progress = ui.progress(*_progress_columns()) if main else contextlib.nullcontext()
+    try:
+        with recorder, progress:
+            task = progress.add_task("training", total=total, completed=start, stats="") if main else None
+            model.train()
+            for step in range(start + 1, total + 1):
+                t0 = time.perf_counter()
+                stats = RoutingStats(layers)
+                sums = torch.zeros(3, dtype=torch.float64)
+                for micro in range(cfg.grad_accum):
+                    batch = pending if pending is not None else next(batches)
+                    pending = None
+                    batch = batch.to(accelerator.device)
+                    sync = micro == cfg.grad_accum - 1
+                    with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
+                        out_ = model(input_ids=batch, labels=batch, use_cache=False)
+                        records = recorder.drain()
+                        aux, z = router_losses(layers, records)
+                        aux, z = aux.to(out_.loss.device), z.to(out_.loss.device)
+                        loss = out_.loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+                        with recorder.pause():  # activation checkpointing re-runs forwards in backward
+                            accelerator.backward(loss / cfg.grad_accum)
+                    stats.update(records)
+                    sums += torch.tensor([float(out_.loss.detach()), float(aux.detach()), float(z.detach())],
+                                         dtype=torch.float64)
+                    del out_, loss, records
+                packed = accelerator.reduce(torch.cat([sums, stats.tensor()]).to(accelerator.device), reduction="sum")
+                packed = packed.double().cpu()
+                n = cfg.grad_accum * world
+                lm, aux_v, z_v = (float(x) / n for x in packed[:3])
+                stats.load_tensor(packed[3:])
+                if not all(math.isfinite(v) for v in (lm, aux_v, z_v)):
+                    _stop(f"the loss is {lm if not math.isfinite(lm) else (aux_v if not math.isfinite(aux_v) else z_v)} "
+                          f"at step {step}", last_good)
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                if not math.isfinite(grad_norm):
+                    _stop(f"the gradient norm is {grad_norm} at step {step}", last_good)
+                lr_now = cfg.lr * schedule(step - 1)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.aux_free_bias:
+                    update_selection_bias(layers, stats.counts, cfg.bias_update_rate)
+                dt = time.perf_counter() - t0
+                tokens += tokens_per_step
+                row = {"step": step, "loss": lm, "lr": lr_now, "tokens": tokens, "aux_loss": aux_v, "z_loss": z_v,
+                       "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_time": dt}
+                if cfg.router_lr_mult != 1.0:
+                    row["router_lr"] = lr_now * cfg.router_lr_mult
+                row.update(stats.summary())
+                last_loss = lm
+                if val is not None and eval_every and (step % eval_every == 0 or step == total):
+                    row["val_loss"] = evaluate()
+                metrics.write(row)
+                if main:
+                    if cfg.report_to != "none":
+                        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+                    progress.update(task, completed=step, stats=_fmt_stats(row))
+                if cfg.save_every and step % cfg.save_every == 0:
+                    last_good = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src)
+                    if main:
+                        ck.prune(out, cfg.keep_checkpoints)
+        final = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src, final=True,
+                                   dtype=final_dtype)
+    finally:
+        metrics.close()
+        if cfg.report_to != "none":
+            accelerator.end_training()
+    if main:
+        ui.info(f"trained {step - start} steps ({tokens:,} tokens in all); model in {final}")
+    return TrainResult(out, step, tokens, last_loss, final)
+
+
+def _stop(what: str, last_good: Path | None) -> None:
+    keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    raise TrainingError(f"{what}; training stopped, {keep} (try a lower --lr, or --resume after fixing the cause)")

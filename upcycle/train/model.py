@@ -1,0 +1,103 @@
+"""What MODEL is (before loading any weight), which experts kernel to use, and loading it for training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle.errors import InputError, UnsupportedError, UsageError
+from upcycle.routing import SUPPORTED_MOE
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_type: str
+    is_moe: bool
+    has_selection_bias: bool
+    folder: Path | None  # the local model folder (config.json, tokenizer, upcycle.json), None for GGUF / hub
+    config: dict
+
+
+def _dense_types() -> tuple[str, ...]:
+    from upcycle.archs import ARCHS
+
+    return tuple(ARCHS)
+
+
+def inspect_model(spec: str) -> ModelInfo | None:
+    """Model type and kind from config.json alone; None when that needs loading (a .gguf file).
+
+    Raises UnsupportedError for a model that is neither a supported MoE nor a supported dense parent, and
+    InputError for a path that is not a model.
+    """
+    from upcycle.loading import check_local_model_dir, is_hub_id
+
+    p = Path(spec)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise InputError(f"GGUF file not found: {p}")
+        return None
+    if p.exists() or not is_hub_id(spec):
+        check_local_model_dir(p, allow_pickle=True)  # pickle is refused, if at all, when loading
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except ValueError as exc:
+            raise InputError(f"{p / 'config.json'} is not valid JSON: {exc}") from None
+        folder = p
+    else:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(spec).to_dict()
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read a model config for {spec}: {str(exc).splitlines()[0]}") from None
+        folder = None
+    return classify(cfg, spec, folder)
+
+
+def classify(cfg: dict, spec: str, folder: Path | None) -> ModelInfo:
+    model_type = cfg.get("model_type") or "(no model_type)"
+    if model_type in SUPPORTED_MOE:
+        return ModelInfo(model_type, True, model_type in ("glm4_moe", "dots1"), folder, cfg)
+    if model_type in _dense_types():
+        return ModelInfo(model_type, False, False, folder, cfg)
+    raise UnsupportedError(
+        f"{spec} is a {model_type} model: upcycle train takes an MoE model of type {', '.join(SUPPORTED_MOE)} "
+        f"(what upcycle convert writes) or a dense parent of type {', '.join(_dense_types())}"
+    )
+
+
+def resolve_experts_impl(name: str, is_moe: bool) -> str | None:
+    """The experts implementation name to load the model with; None for a dense model."""
+    if not is_moe:
+        return None
+    if name in ("auto", "upcycle"):
+        try:
+            from upcycle.kernels import register_experts_kernel
+        except ImportError:
+            if name == "upcycle":
+                raise UsageError("--experts-impl upcycle: upcycle.kernels is not available in this install") from None
+            return "grouped_mm"
+        registered = register_experts_kernel()
+        if isinstance(registered, str) and registered:
+            return registered
+        if registered is False:  # the kernel declined (e.g. unsupported device)
+            if name == "upcycle":
+                raise UsageError("--experts-impl upcycle: the kernel is not available on this machine")
+            return "grouped_mm"
+        return "upcycle"
+    return name
+
+
+def load_for_training(spec: str, *, experts_impl: str | None, allow_pickle: bool):
+    """The model in fp32 (the optimizer's master weights; bf16 comes from autocast), ready to train."""
+    from upcycle.loading import load_causal_lm
+
+    model = load_causal_lm(spec, dtype="float32", allow_pickle=allow_pickle, experts_implementation=experts_impl)
+    model.config.use_cache = False
+    # The model's own aux loss is added to .loss when this is on; ours comes from the recorded logits instead.
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
+    model.train()
+    return model
