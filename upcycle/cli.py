@@ -62,6 +62,7 @@ def _root(
 # transformers, datasets) happen inside the command so that `upcycle --help` stays instant.
 _COMMANDS = [
     ("convert", "upcycle.cli_convert", "convert_command"),
+    ("eval", "upcycle.cli_eval", "eval_command"),
     ("train", "upcycle.cli_train", "train_command"),
 ]
 

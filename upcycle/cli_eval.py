@@ -37,7 +37,18 @@ def eval_command(
 ) -> None:
     """Evaluate an MoE against its dense parent on the same held-out tokens: loss and perplexity with confidence
     intervals, speed, parameters, FLOPs, memory, and per-layer routing diagnostics (load balance, entropy,
-    capacity drops, co-selection, expert drift), plus what each expert receives. Tells whether upcycling paid off."""
+    capacity drops, co-selection, expert drift), plus what each expert receives. Tells whether upcycling paid off.
+
+    Examples:
+
+      upcycle eval ./smol-moe --parent ./SmolLM2-135M --data corpus/     # held-out share of the training data
+
+      upcycle eval ./run/final --parent ./SmolLM2-135M --data eval.jsonl --split all --run ./run
+
+      upcycle eval ./smol-moe --data corpus/ --domain legal/ -o report   # which experts a legal fine-tune should train
+
+      upcycle eval ./Mixtral-folder --data eval.txt --split all --layers all   # an existing MoE, no parent
+    """
     from upcycle import ui
     from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate

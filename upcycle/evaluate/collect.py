@@ -95,7 +95,7 @@ class RoutingCollector:
 
 def _drain(recorder) -> dict:
     """{layer index: (router logits [T, E], chosen experts [T, k])} of the forward just run; clears the recorder."""
-    raise NotImplementedError("waiting for upcycle.routing.RoutingRecorder")
+    return {index: (rec.logits, rec.indices) for index, rec in recorder.drain().items()}
 
 
 # ------------------------------------------------------------------------------------------ lm-eval-harness

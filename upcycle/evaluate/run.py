@@ -180,7 +180,10 @@ def evaluate(model: str | Path, *, data: list[str], parent: str | Path | None = 
     blocks = heldout_blocks(tok, files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split=opt.split,
                             heldout_fraction=opt.heldout_fraction, seed=opt.seed, text_field=opt.text_field)
     if blocks.shape[0] == 0:
-        raise InputError("the data gave no complete block of --seq-len tokens; give more text or a smaller --seq-len")
+        if opt.split == "heldout":
+            raise InputError(f"the held-out share ({opt.heldout_fraction:g}) of --data holds no complete block of "
+                             f"{opt.seq_len} tokens; pass --split all for files kept apart for evaluation")
+        raise InputError(f"--data holds no complete block of {opt.seq_len} tokens; give more text or a smaller --seq-len")
     domain_blocks = None
     if domain_files:
         domain_blocks = heldout_blocks(tok, domain_files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split="all",

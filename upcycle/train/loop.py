@@ -42,12 +42,28 @@ def lr_lambda(total: int, warmup: int, min_ratio: float):
     return f
 
 
+def _cpu_only() -> bool:
+    """No GPU or other accelerator here. accelerate then needs cpu=True to run several processes started by
+    `accelerate launch --multi_gpu` (torchrun) as DDP over gloo; its own MULTI_CPU launcher needs MPI."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    for name in ("xpu", "npu", "mlu"):
+        mod = getattr(torch, name, None)
+        if mod is not None and getattr(mod, "is_available", lambda: False)():
+            return False
+    mps = getattr(torch.backends, "mps", None)
+    return not (mps is not None and mps.is_available())
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     log_with = None if cfg.report_to == "none" else [cfg.report_to]
     return Accelerator(
+        cpu=_cpu_only(),
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(cfg.out), logging_dir=str(cfg.out / "logs")),
