@@ -64,6 +64,7 @@ _COMMANDS = [
     ("convert", "upcycle.cli_convert", "convert_command"),
     ("eval", "upcycle.cli_eval", "eval_command"),
     ("train", "upcycle.cli_train", "train_command"),
+    ("demo", "upcycle.cli_demo", "demo_command"),
 ]
 
 

