@@ -12,15 +12,13 @@ import sys
 
 import _common as c
 from upcycle.convert import convert
-from upcycle.train import train
 
 
 def main(argv=None):
     args = c.options(__doc__, "fine-grained", argv)
     parent = c.parent(args)
     convert(parent, args.work / "moe", granularity=4, experts=16, top_k=4, shared_experts=4, format="qwen2_moe")
-    run = train(c.train_config(args, args.work / "moe", args.work / "run"))
-    c.evaluate(args, run.final, parent, args.work / "report")
+    c.train_and_evaluate(args, args.work / "moe", parent)
 
 
 if __name__ == "__main__":

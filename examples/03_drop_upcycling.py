@@ -13,15 +13,13 @@ import sys
 
 import _common as c
 from upcycle.convert import convert
-from upcycle.train import train
 
 
 def main(argv=None):
     args = c.options(__doc__, "drop-upcycling", argv)
     parent = c.parent(args)
     convert(parent, args.work / "moe", experts=8, top_k=2, expert_init="drop:0.5")
-    run = train(c.train_config(args, args.work / "moe", args.work / "run"))
-    c.evaluate(args, run.final, parent, args.work / "report")
+    c.train_and_evaluate(args, args.work / "moe", parent)
 
 
 if __name__ == "__main__":

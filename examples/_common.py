@@ -78,3 +78,11 @@ def evaluate(args, model, parent_dir, out, **kw):
 
     print_report(report, ui.out)
     return report
+
+
+def train_and_evaluate(args, moe, parent_dir, **overrides):
+    """Train the converted MoE with the shared settings, then score it against its parent on held-out text."""
+    from upcycle.train import train
+
+    run = train(train_config(args, moe, args.work / "run", **overrides))
+    return evaluate(args, run.final, parent_dir, args.work / "report")
