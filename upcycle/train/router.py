@@ -68,8 +68,9 @@ def _make_forward(layer: MoELayer, module, controls: RouterControls):
             kept = capacity_mask(indices, E, capacity(h.shape[0], layer.top_k, E, controls.capacity_factor))
             # RoutingRecorder reads the pre-drop choice from here (aux loss and load statistics use it)
             module._upcycle_last = (indices, kept)
-            # The sentinel E marks a dropped assignment: transformers' experts kernels skip it; the zero weight
-            # keeps the result right for any kernel that computes it anyway.
+            # The sentinel E marks a dropped assignment: the eager and upcycle kernels skip it, grouped_mm and
+            # batched_mm do only with the experts module's expert-parallel flag on (RouterPatch sets it); the
+            # zero weight keeps the result right for any kernel that computes it anyway.
             weights = weights * kept
             indices = indices.masked_fill(~kept, E)
         return logits, weights.to(hidden_states.dtype), indices
@@ -84,6 +85,12 @@ class RouterPatch:
         self.layers, self.controls = layers, controls
         for m in layers:
             m.router.forward = _make_forward(m, m.router, controls)
+            if controls.capacity_factor is not None and hasattr(m.experts, "_is_expert_parallel"):
+                # transformers' grouped_mm and batched_mm treat indices >= E as dropped only under this flag (it
+                # gates nothing else); without it grouped_mm reads uninitialised rows for them (NaN * 0 can reach
+                # the output and the input gradient) and batched_mm indexes out of bounds.
+                m.experts._upcycle_expert_parallel = m.experts._is_expert_parallel
+                m.experts._is_expert_parallel = True
             # mixtral's block has its own jitter, applied to the hidden states (experts input too); ours replaces it
             if getattr(m.block, "jitter_noise", 0):
                 m.block._upcycle_jitter_noise = m.block.jitter_noise
@@ -94,6 +101,9 @@ class RouterPatch:
             if "forward" in vars(m.router):
                 del m.router.forward
             m.router.__dict__.pop("_upcycle_last", None)
+            if hasattr(m.experts, "_upcycle_expert_parallel"):
+                m.experts._is_expert_parallel = m.experts._upcycle_expert_parallel
+                del m.experts._upcycle_expert_parallel
             if hasattr(m.block, "_upcycle_jitter_noise"):
                 m.block.jitter_noise = m.block._upcycle_jitter_noise
                 del m.block._upcycle_jitter_noise
