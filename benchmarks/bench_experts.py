@@ -1,0 +1,252 @@
+"""Experts kernels, forward + backward of one MoE experts block against the parent's dense MLP.
+
+The parent is SmolLM2-135M's MLP shape (hidden 576, intermediate 1536, SiLU, transformers' LlamaMLP). Two
+FLOP-matched layouts of the same MLP: coarse (8 experts top-2, each expert the full MLP) and fine-grained
+(32 experts top-8, each a quarter of the MLP). Both do exactly 2x the dense MLP's matmul FLOPs per token, so
+the ideal MoE/dense time ratio is 2.0 and "x ideal" is ratio / 2.0 (the target is <= 1.10).
+
+What is timed: the experts module alone (transformers' MixtralExperts, dispatched through its
+`experts_implementation`), router excluded: routing is fixed, uniform random top-k (every token k distinct
+experts, so loads are balanced in expectation), routing weights a softmax that requires grad. One step is
+forward, backward of a fixed random upstream gradient into the input, the routing weights and the expert
+weights (grads set to None before each step, as an optimizer's zero_grad does). bf16 means fp32 weights under
+`torch.autocast(dtype=bfloat16)` (how `upcycle train --bf16` runs), backward outside the autocast.
+
+Every round times dense and each implementation back to back (interleaved), after warm-up rounds; the ratio
+reported is the median over rounds of (impl time / dense time in the same round), which holds up better than
+a ratio of medians on a machine shared with other jobs. `batched_mm` gathers one weight matrix per
+(token, expert) assignment; it is skipped where that gather alone would exceed --batched-limit-gb.
+
+    python benchmarks/bench_experts.py [--tokens 4096,128] [--dtypes fp32,bf16] [--layouts coarse,fine]
+        [--impls eager,batched_mm,grouped_mm,upcycle] [--repeats 5] [--warmup 1] [--threads N]
+        [--device cpu|cuda] [--json PATH] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HIDDEN, INTERMEDIATE = 576, 1536
+LAYOUTS = {"coarse": (8, 2, 1), "fine": (32, 8, 4)}  # experts, top-k, granularity G (expert = MLP / G)
+IMPLS = ("eager", "batched_mm", "grouped_mm", "upcycle")
+IDEAL = 2.0
+TARGET = 1.10
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "?"
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(have) or "no avx512"
+
+
+def build(layout: str, device, hidden: int, intermediate: int):
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    E, k, G = LAYOUTS[layout]
+    dense_cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")
+    moe_cfg = AutoConfig.for_model("mixtral", hidden_size=hidden, intermediate_size=intermediate // G,
+                                   num_local_experts=E, num_experts_per_tok=k, hidden_act="silu")
+    g = torch.Generator().manual_seed(0)
+    dense = LlamaMLP(dense_cfg)
+    experts = MixtralExperts(moe_cfg)
+    with torch.no_grad():
+        for p in list(dense.parameters()) + list(experts.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return dense.to(device), experts.to(device), moe_cfg, (E, k, G)
+
+
+def make_inputs(T: int, E: int, k: int, hidden: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, hidden, generator=g)
+    idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices  # k distinct experts per token
+    w = torch.randn(T, k, generator=g).softmax(-1)
+    gout = torch.randn(T, hidden, generator=g)
+    return x.to(device), idx.to(device), w.to(device), gout.to(device)
+
+
+def step_fn(module, x, idx, w, gout, bf16: bool, moe: bool):
+    import torch
+
+    dev = x.device.type
+
+    def step():
+        for p in module.parameters():
+            p.grad = None
+        xx = x.detach().requires_grad_()
+        ww = w.detach().requires_grad_()
+        with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16):
+            out = module(xx, idx, ww) if moe else module(xx)
+        out.backward(gout.to(out.dtype))
+
+    return step
+
+
+def timed(fn, device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_cell(layout, dtype, T, impls, args, device):
+    import torch
+
+    dense, experts, cfg, (E, k, G) = build(layout, device, args.hidden, args.intermediate)
+    x, idx, w, gout = make_inputs(T, E, k, args.hidden, device)
+    bf16 = dtype == "bf16"
+    steps = {"dense": step_fn(dense, x, idx, w, gout, bf16, moe=False)}
+    skipped = {}
+    I_e = args.intermediate // G
+    for impl in impls:
+        if impl == "batched_mm":
+            gather_gb = T * k * 3 * args.hidden * I_e * (2 if bf16 else 4) / 1e9
+            if gather_gb > args.batched_limit_gb:
+                skipped[impl] = f"weight gather {gather_gb:.0f} GB > {args.batched_limit_gb:g} GB"
+                continue
+        steps[impl] = impl
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    ratios: dict[str, list[float]] = {name: [] for name in steps if name != "dense"}
+
+    def run(name):
+        if name == "dense":
+            return timed(steps["dense"], device)
+        cfg._experts_implementation = name  # the decorator reads it at every call
+        return timed(step_fn(experts, x, idx, w, gout, bf16, moe=True), device)
+
+    for r in range(args.warmup + args.repeats):
+        round_t = {name: run(name) for name in steps}
+        if r < args.warmup:
+            continue
+        for name, t in round_t.items():
+            times[name].append(t)
+            if name != "dense":
+                ratios[name].append(t / round_t["dense"])
+    rows = []
+    dense_ms = statistics.median(times["dense"]) * 1e3
+    for name in ["dense", *impls]:
+        row = dict(layout=layout, experts=E, top_k=k, granularity=G, dtype=dtype, tokens=T, impl=name)
+        if name in skipped:
+            row.update(skipped=skipped[name])
+        elif name == "dense":
+            row.update(ms=dense_ms, ratio=1.0, ms_all=[t * 1e3 for t in times[name]])
+        else:
+            ratio = statistics.median(ratios[name])
+            row.update(ms=statistics.median(times[name]) * 1e3, ratio=ratio, vs_ideal=ratio / IDEAL,
+                       meets_target=ratio / IDEAL <= TARGET, ratios_all=ratios[name])
+        rows.append(row)
+    return rows
+
+
+def print_table(rows, header: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        Console = None
+    cols = ["layout", "dtype", "tokens", "impl", "ms", "x dense", "x ideal", "<= 1.10"]
+
+    def cells(r):
+        if "skipped" in r:
+            return [r["layout"], r["dtype"], str(r["tokens"]), r["impl"], "skipped", r["skipped"], "", ""]
+        if r["impl"] == "dense":
+            return [r["layout"], r["dtype"], str(r["tokens"]), "dense MLP", f"{r['ms']:.1f}", "1.00", "", ""]
+        return [r["layout"], r["dtype"], str(r["tokens"]), r["impl"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}",
+                f"{r['vs_ideal']:.2f}", "yes" if r["meets_target"] else "no"]
+
+    if Console is not None:
+        t = Table(title=header)
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("layout", "dtype", "impl") else "right")
+        for r in rows:
+            t.add_row(*cells(r))
+        Console(width=max(100, Console().width)).print(t)
+        return
+    print(header)
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(cells(r)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="4096,128")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--layouts", default="coarse,fine")
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPU cores)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    ap.add_argument("--batched-limit-gb", type=float, default=2.0)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 512 and 128 tokens, 2 rounds after 1 warm-up")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.repeats, args.warmup = "512,128", 2, 1
+
+    import torch
+
+    from upcycle.kernels import register_experts_kernel
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or cores
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    if not register_experts_kernel():
+        print("the upcycle kernel declined on this machine; it is left out", file=sys.stderr)
+    impls = [i for i in args.impls.split(",") if i]
+    header = (f"{device.type}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
+              f" ({cpu_isa() if device.type == 'cpu' else 'gpu'}), torch {torch.__version__}, {threads} threads; "
+              f"experts fwd+bwd, router excluded; median of {args.repeats} rounds after {args.warmup} warm-up")
+    rows = []
+    for T in [int(t) for t in args.tokens.split(",")]:
+        for dtype in args.dtypes.split(","):
+            for layout in args.layouts.split(","):
+                cell = run_cell(layout, dtype, T, impls, args, device)
+                rows += cell
+                print_table(cell, f"{layout} {dtype} {T} tokens")
+    print_table(rows, header)
+    if args.json:
+        meta = dict(device=device.type, cpu=cpu_name(), isa=cpu_isa(), torch=torch.__version__, threads=threads,
+                    hidden=args.hidden, intermediate=args.intermediate, repeats=args.repeats, warmup=args.warmup,
+                    command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), ideal=IDEAL, target=TARGET,
+                    timed="experts module forward+backward, router excluded")
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
