@@ -62,6 +62,13 @@ def _accelerator(cfg: TrainConfig):
     from accelerate.utils import ProjectConfiguration
 
     log_with = None if cfg.report_to == "none" else [cfg.report_to]
+    # accelerate keeps process-wide singletons: a second train() in one process (a benchmark, a notebook) with
+    # another --precision would fail with "AcceleratorState has already been initialized". Start each run from a
+    # fresh AcceleratorState; PartialState (process group, rank, device) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
         cpu=_cpu_only(),
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",

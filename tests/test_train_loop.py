@@ -1,0 +1,251 @@
+"""`upcycle.train.train()` end to end on tiny models: the run folder and its metrics, Hugging Face checkpoints with
+per-expert keys, budgets, gradient accumulation, what trains, routing controls, precision, gradient checkpointing,
+validation and stopping on a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from upcycle.assets import stdlib_dir
+from upcycle.convert import convert
+from upcycle.errors import TrainingError
+from upcycle.sources import read_safetensors_header
+from upcycle.train import TrainConfig, train
+from upcycle.train import checkpoint as ck
+
+DATA = stdlib_dir() / "json"  # five real Python files, about 60k byte tokens
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_parent, tmp_path_factory):
+    """moe(format="mixtral", family="llama", **convert_kwargs) -> a tiny converted MoE folder (cached per module)."""
+    cache: dict = {}
+
+    def make(fmt: str = "mixtral", family: str = "llama", **kw):
+        key = (fmt, family, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"moe-{fmt}") / "m"
+            convert(tiny_parent(family), out, format=fmt, verify=False, quiet=True, **{"experts": 4, "top_k": 2, **kw})
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def config(model, out, **kw) -> TrainConfig:
+    base = dict(model=str(model), data=[str(DATA)], out=Path(out), steps=3, seq_len=32, batch_size=2, save_every=0,
+                precision="fp32", experts_impl="eager", eval_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / ck.METRICS).read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_run_folder_metrics_and_checkpoints(moe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = moe()
+    run = tmp_path / "run"
+    res = train(config(src, run, steps=4, save_every=2, warmup_steps=1, lr=1e-3))
+    assert res.steps == 4 and res.tokens == 4 * 64 and res.final == run / "final"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", "final", "metrics.jsonl", "run.json"]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["tokens"] for r in rows] == [64, 128, 192, 256]
+    for r in rows:
+        for key in ("loss", "lr", "aux_loss", "z_loss", "grad_norm", "tokens_per_s", "load_cv", "load_imbalance",
+                    "dropped_frac", "router_entropy", "layer_load_cv", "layer_dropped_frac", "layer_router_entropy",
+                    "expert_load"):
+            assert key in r, key
+        assert len(r["layer_load_cv"]) == len(r["layer_router_entropy"]) == 2  # both layers are MoE
+        assert set(r["expert_load"]) == {"0", "1"} and all(abs(sum(v) - 1) < 1e-4 for v in r["expert_load"].values())
+        assert r["dropped_frac"] == 0.0  # dropless by default
+        assert 0 < r["router_entropy"] <= r["router_entropy_max"] + 1e-6
+    # warmup 1, then cosine from 1e-3 to 1e-4 at the last step
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 5.5e-4, 1e-4])
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["total_steps"] == 4 and run_json["moe_layers"] == [0, 1] and run_json["experts_impl"] == "eager"
+
+    # every checkpoint and final/ is a standard Hugging Face folder with convert's per-expert keys
+    ref = {k: v for k, v in read_safetensors_header(src / "model.safetensors").items()}
+    for name in ("checkpoint-2", "checkpoint-4", "final"):
+        folder = run / name
+        got = {}
+        for f in folder.glob("*.safetensors"):
+            got.update(read_safetensors_header(f))
+        assert set(got) == set(ref) and any(".experts.3.w1.weight" in k for k in got)
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "mixtral"
+        assert (folder / "tokenizer.json").is_file() and (folder / "upcycle.json").is_file()
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        assert torch.isfinite(model(ids).logits).all()
+    state = json.loads((run / "checkpoint-2" / ck.STATE_FILE).read_text())
+    assert state["step"] == 2 and state["tokens"] == 128 and state["data"]["blocks_yielded"] == 4
+    assert (run / "checkpoint-2" / ck.TRAINER_DIR / "optimizer.bin").is_file()
+    assert not (run / "final" / ck.TRAINER_DIR).exists()
+    # the final weights are the weights after the last step: checkpoint-4 and final agree
+    w4, wf = weights(run / "checkpoint-4"), weights(run / "final")
+    assert all(torch.equal(w4[k], wf[k]) for k in w4)
+    w0 = weights(src)
+    assert not torch.equal(w0["model.layers.0.block_sparse_moe.gate.weight"], wf["model.layers.0.block_sparse_moe.gate.weight"])
+
+
+def test_token_budget_and_save_dtype(moe, tmp_path):
+    res = train(config(moe(), tmp_path / "r", steps=None, tokens="200", save_dtype="bfloat16", keep_checkpoints=1,
+                       save_every=1))
+    assert res.steps == 4  # ceil(200 / (32 * 2))
+    assert [s for s, _ in ck.checkpoints(tmp_path / "r")] == [4]  # --keep-checkpoints 1
+    w = weights(tmp_path / "r" / "final")
+    assert w["model.layers.0.block_sparse_moe.experts.0.w1.weight"].dtype == torch.bfloat16
+    assert weights(tmp_path / "r" / "checkpoint-4")["model.embed_tokens.weight"].dtype == torch.float32
+    assert json.loads((tmp_path / "r" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_gradient_accumulation_equals_the_larger_batch(moe, tmp_path):
+    """batch 4 = 2 micro-batches of 2: same blocks, same losses and same weights (the aux loss, computed per
+    micro-batch as in Switch, is switched off: it is not linear in the batch)."""
+    a = train(config(moe(), tmp_path / "a", batch_size=4, aux_loss_coef=0.0))
+    b = train(config(moe(), tmp_path / "b", batch_size=2, grad_accum=2, aux_loss_coef=0.0))
+    assert a.tokens == b.tokens == 3 * 128
+    la, lb = [r["loss"] for r in metrics(tmp_path / "a")], [r["loss"] for r in metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    wa, wb = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_train_router_only(moe, tmp_path):
+    src = moe()
+    train(config(src, tmp_path / "r", train=["router"], router_lr_mult=10.0, lr=1e-3))
+    row = metrics(tmp_path / "r")[0]
+    assert row["router_lr"] == pytest.approx(1e-2)
+    w0, w1 = weights(src), weights(tmp_path / "r" / "final")
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert changed == {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in (0, 1)}
+    run_json = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert set(run_json["trainable"]) == {"router"}
+
+
+def test_train_some_experts(moe, tmp_path):
+    """experts:0=1 trains expert 1 of layer 0 only; every other tensor (other experts of the same fused
+    parameter included) stays bit-identical."""
+    src = moe()
+    train(config(src, tmp_path / "r", train=["experts:0=1"], lr=1e-3, weight_decay=0.1))
+    w0, w1 = weights(src), weights(tmp_path / "r" / "final")
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert changed == {f"model.layers.0.block_sparse_moe.experts.1.{w}.weight" for w in ("w1", "w2", "w3")}
+
+
+def test_train_attention_and_embeddings(moe, tmp_path):
+    src = moe("qwen2_moe", shared_experts=1, granularity=2)
+    train(config(src, tmp_path / "r", train=["attention", "embeddings"], lr=1e-3))
+    w0, w1 = weights(src), weights(tmp_path / "r" / "final")
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert changed and all("self_attn" in k or "embed_tokens" in k or k == "lm_head.weight" for k in changed)
+    assert "model.embed_tokens.weight" in changed and any(k.endswith("q_proj.bias") for k in changed)
+
+
+def test_capacity_factor_drops_and_is_reported(moe, tmp_path):
+    train(config(moe(), tmp_path / "r", capacity_factor=0.5, experts_impl="grouped_mm", router_jitter=0.01))
+    for r in metrics(tmp_path / "r"):
+        # at factor 0.5 each expert takes at most half the balanced share: at least half the assignments drop
+        assert r["dropped_frac"] >= 0.5 - 1e-9 and all(d >= 0.5 - 1e-9 for d in r["layer_dropped_frac"])
+        assert torch.isfinite(torch.tensor(r["loss"]))
+
+
+def test_aux_loss_free_bias_balancing(moe, tmp_path):
+    src = moe("glm4_moe")
+    train(config(src, tmp_path / "r", aux_free_bias=True, bias_update_rate=0.01, aux_loss_coef=0.0, steps=3))
+    w = weights(tmp_path / "r" / "final")
+    bias = w["model.layers.0.mlp.gate.e_score_correction_bias"]
+    assert bias.dtype == torch.float32  # kept fp32 in every save dtype
+    # three steps of +-0.01 (0 for an expert exactly at the mean): multiples of 0.01 within [-0.03, 0.03]
+    steps = bias / 0.01
+    assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3 + 1e-4
+    # the overloaded experts of the first step were pushed down: the bias anti-correlates with the load
+    load = torch.tensor(metrics(tmp_path / "r")[0]["expert_load"]["0"])
+    assert float(((load - load.mean()) * bias).sum()) < 0
+
+
+def test_dense_parent_baseline(tiny_parent, tmp_path):
+    res = train(config(tiny_parent("llama"), tmp_path / "r", steps=2))
+    rows = metrics(tmp_path / "r")
+    assert res.steps == 2 and "load_cv" not in rows[0] and rows[0]["aux_loss"] == 0.0
+    assert json.loads((tmp_path / "r" / "final" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_bf16_and_gradient_checkpointing(moe, tmp_path):
+    """bf16 autocast trains on CPU with finite losses; gradient checkpointing gives the same losses and the same
+    weights as without (the router losses still reach the router through the recomputed layers)."""
+    a = train(config(moe(), tmp_path / "a", steps=2, router_jitter=0.01))
+    b = train(config(moe(), tmp_path / "b", steps=2, router_jitter=0.01, gradient_checkpointing=True))
+    ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+        assert [r[key] for r in ma] == pytest.approx([r[key] for r in mb], rel=1e-5)
+    wa, wb = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    c = train(config(moe(), tmp_path / "c", steps=2, precision="bf16"))
+    mc = metrics(tmp_path / "c")
+    assert c.final_loss is not None and all(torch.isfinite(torch.tensor(r["loss"])) for r in mc)
+    assert mc[0]["loss"] == pytest.approx(ma[0]["loss"], abs=0.05) and mc[0]["loss"] != ma[0]["loss"]
+    assert weights(tmp_path / "c" / "final")["model.embed_tokens.weight"].dtype == torch.float32  # the input's
+
+
+def test_validation_loss_on_heldout_documents(moe, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    src = (DATA / "decoder.py").read_text()
+    with open(data, "w") as f:
+        for i in range(0, len(src), 400):
+            f.write(json.dumps({"text": src[i:i + 400]}) + "\n")
+    train(config(moe(), tmp_path / "r", data=[str(data)], steps=4, eval_every=2, heldout_fraction=0.2, eval_blocks=2))
+    rows = metrics(tmp_path / "r")
+    assert ["val_loss" in r for r in rows] == [False, True, False, True]
+    assert 0 < rows[1]["val_loss"] < 20
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(moe, tmp_path, monkeypatch):
+    """A loss that turns NaN at step 3 stops the run with one clear message; checkpoint-2 stays, usable."""
+    import upcycle.train.losses as losses
+
+    real = losses.router_losses
+    calls = {"n": 0}
+
+    def poisoned(layers, records):
+        calls["n"] += 1
+        aux, z = real(layers, records)
+        return (aux * float("nan"), z) if calls["n"] == 3 else (aux, z)
+
+    monkeypatch.setattr(losses, "router_losses", poisoned)
+    run = tmp_path / "r"
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 3; training stopped, the last good checkpoint "
+                                            r"is .*checkpoint-2 \(try a lower --lr"):
+        train(config(moe(), run, steps=5, save_every=2))
+    assert [s for s, _ in ck.checkpoints(run)] == [2] and not (run / "final").exists()
+    assert [r["step"] for r in metrics(run)] == [1, 2]  # nothing non-finite is logged
+    assert not list(run.glob(".*.partial"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "checkpoint-2")
+
+
+def test_diverging_lr_stops_with_a_clear_message(moe, tmp_path):
+    """A real divergence (no injection): --lr 1e30 blows the weights up after the first step."""
+    run = tmp_path / "r"
+    with pytest.raises(TrainingError, match=r"is (nan|inf|-inf) at step \d+; training stopped, the last good "
+                                            r"checkpoint is .*checkpoint-1"):
+        train(config(moe(), run, steps=5, save_every=1, lr=1e30))
+    assert [s for s, _ in ck.checkpoints(run)] == [1]
