@@ -57,6 +57,19 @@ def _cpu_only() -> bool:
     return not (mps is not None and mps.is_available())
 
 
+def _check_launch_mode() -> None:
+    """accelerate enables FSDP and DeepSpeed only on accelerators: with cpu=True (every CPU-only machine) it would
+    silently run plain DDP on a full copy of the model in every process. Say so instead."""
+    import os
+
+    from upcycle.errors import UsageError
+
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true" and _cpu_only():
+            raise UsageError(f"{name} needs GPUs (accelerate runs it on accelerators only); this machine has none: "
+                             "use DDP instead, accelerate launch --config_file examples/accelerate/ddp_cpu.yaml")
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -115,6 +128,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if info is not None:
         cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias)
     experts_impl = resolve_experts_impl(cfg.experts_impl, info.is_moe if info else False)
+    _check_launch_mode()
 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
