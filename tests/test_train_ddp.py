@@ -7,7 +7,9 @@
   run under DDP; frozen tensors stay bit-identical; a resume from a DDP checkpoint reproduces the uninterrupted
   DDP run (every rank's RNG and data position come back).
 - FSDP: accelerate enables it only on accelerators (with cpu=True it would run DDP); an FSDP launch here is
-  refused with one clear line (examples/accelerate/fsdp.yaml is for GPUs).
+  refused with one clear line (examples/accelerate/fsdp.yaml is for GPUs). What can be checked on CPU is checked
+  at the torch level: upcycle's training pieces (fp32 router with capacity, routing recorder, aux/z losses,
+  partial expert masks, frozen groups) under torch's FSDP2 `fully_shard` per decoder layer, 2 gloo processes.
 """
 
 from __future__ import annotations
@@ -126,3 +128,76 @@ def test_fsdp_launch_on_cpu_is_refused_clearly(tiny_moe, tmp_path):
     assert "FSDP needs GPUs (accelerate runs it on accelerators only)" in " ".join(res.stderr.split())
     # the launcher reports the failed children with its own traceback; upcycle's processes print only the line
     assert str(ROOT / "upcycle") not in res.stderr and not (tmp_path / "run").exists()
+
+FSDP2_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from upcycle.routing import RoutingRecorder, moe_layers
+from upcycle.train.config import parse_train
+from upcycle.train.freeze import apply_selection, param_groups
+from upcycle.train.losses import router_losses
+from upcycle.train.model import load_for_training
+from upcycle.train.router import RouterControls, RouterPatch
+
+model_dir, out = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = load_for_training(model_dir, experts_impl="grouped_mm", allow_pickle=False)
+layers = moe_layers(model)
+RouterPatch(layers, RouterControls(capacity_factor=1.0, jitter=0.01))
+apply_selection(model, layers, parse_train(["experts:0=1", "router"]))
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.AdamW(param_groups(model, layers, lr=1e-2, weight_decay=0.1, router_lr_mult=1.0), lr=1e-2)
+torch.manual_seed(rank)
+losses = []
+with RoutingRecorder(model, detach=False, layers=layers) as rec:
+    for _ in range(2):
+        ids = torch.randint(0, 256, (2, 32))
+        out_ = model(input_ids=ids, labels=ids)
+        records = rec.drain()
+        aux, z = router_losses(layers, records)
+        (out_.loss + 0.01 * aux + 1e-3 * z).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append([float(out_.loss.detach()), float(aux.detach()), float(z.detach()),
+                       float((~records[0].kept).sum()) if records[0].kept is not None else 0.0])
+after = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
+changed = {}
+for n, p in after.items():
+    if n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj"):
+        changed[n] = [not torch.equal(p[e], before[n][e]) for e in range(p.shape[0])]
+    else:
+        changed[n] = not torch.equal(p, before[n])
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "changed": changed}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_training_pieces_under_torch_fsdp2_on_cpu(tiny_moe, tmp_path):
+    script = tmp_path / "fsdp2_probe.py"
+    script.write_text(FSDP2_SCRIPT)
+    out = tmp_path / "result.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(script), str(tiny_moe), str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert all(all(map(lambda v: v == v and abs(v) < 1e4, row)) for row in got["losses"])
+    assert any(row[3] > 0 for row in got["losses"])  # the capacity factor dropped assignments under FSDP2
+    changed = got["changed"]
+    # (in-memory names: fused experts, mlp.gate) layer 0: only expert 1 of the fused tensors moved; layer 1: none;
+    # both routers trained; nothing else
+    assert changed["model.layers.0.mlp.experts.gate_up_proj"] == [False, True, False, False]
+    assert changed["model.layers.0.mlp.experts.down_proj"] == [False, True, False, False]
+    assert changed["model.layers.1.mlp.experts.gate_up_proj"] == [False] * 4
+    assert changed["model.layers.0.mlp.gate.weight"] and changed["model.layers.1.mlp.gate.weight"]
+    others = [n for n, v in changed.items() if isinstance(v, bool) and v and ".gate.weight" not in n]
+    assert others == []
