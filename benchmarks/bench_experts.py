@@ -61,6 +61,14 @@ def cpu_isa() -> str:
     return " ".join(have) or "no avx512"
 
 
+def bf16_native(device) -> bool:
+    try:
+        from upcycle.hardware import bf16_is_fast
+    except ImportError:  # pragma: no cover
+        return False
+    return bf16_is_fast(device.type)
+
+
 def build(layout: str, device, hidden: int, intermediate: int):
     import torch
     from transformers import AutoConfig
@@ -108,6 +116,36 @@ def step_fn(module, x, idx, w, gout, bf16: bool, moe: bool):
     return step
 
 
+def mm_floor_fn(experts, idx, bf16: bool, hidden: int):
+    """Only the per-expert matmuls of one forward + backward (2 + 4 products per expert, all buffers
+    preallocated, no gather, activation, scatter or autograd): the floor for any kernel built on them."""
+    import torch
+
+    from upcycle import kernels as K
+
+    E = experts.num_experts
+    dt = torch.bfloat16 if bf16 else torch.float32
+    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    n = sum(counts)
+    w1, w2 = experts.gate_up_proj.detach().to(dt), experts.down_proj.detach().to(dt)  # [E, 2I, H], [E, H, I]
+    I = w2.shape[2]
+    dev = w1.device
+    xs, h1, a = (torch.randn(n, d, device=dev).to(dt) for d in (hidden, 2 * I, I))
+    go, da, dh1 = (torch.randn(n, d, device=dev).to(dt) for d in (hidden, I, 2 * I))
+    y, dxs = torch.empty(n, hidden, dtype=dt, device=dev), torch.empty(n, hidden, dtype=dt, device=dev)
+    g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+
+    def step():
+        K.grouped_mm_loop(xs, w1.transpose(1, 2), counts, out=h1)
+        K.grouped_mm_loop(a, w2.transpose(1, 2), counts, out=y)
+        K.grouped_mm_loop(go.t(), a, counts, out=g2)
+        K.grouped_mm_loop(go, w2, counts, out=da)
+        K.grouped_mm_loop(dh1.t(), xs, counts, out=g1)
+        K.grouped_mm_loop(dh1, w1, counts, out=dxs)
+
+    return step
+
+
 def timed(fn, device) -> float:
     import torch
 
@@ -131,17 +169,19 @@ def run_cell(layout, dtype, T, impls, args, device):
     I_e = args.intermediate // G
     for impl in impls:
         if impl == "batched_mm":
-            gather_gb = T * k * 3 * args.hidden * I_e * (2 if bf16 else 4) / 1e9
+            gather_gb = T * k * 3 * args.hidden * I_e * 4 / 1e9  # fp32 parameters are gathered, then cast
             if gather_gb > args.batched_limit_gb:
                 skipped[impl] = f"weight gather {gather_gb:.0f} GB > {args.batched_limit_gb:g} GB"
                 continue
         steps[impl] = impl
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    ratios: dict[str, list[float]] = {name: [] for name in steps if name != "dense"}
+    if args.floor:
+        steps["mm floor"] = mm_floor_fn(experts, idx, bf16, args.hidden)
+    times = {name: [] for name in steps}
+    ratios = {name: [] for name in steps if name != "dense"}
 
     def run(name):
-        if name == "dense":
-            return timed(steps["dense"], device)
+        if name in ("dense", "mm floor"):
+            return timed(steps[name], device)
         cfg._experts_implementation = name  # the decorator reads it at every call
         return timed(step_fn(experts, x, idx, w, gout, bf16, moe=True), device)
 
@@ -155,7 +195,7 @@ def run_cell(layout, dtype, T, impls, args, device):
                 ratios[name].append(t / round_t["dense"])
     rows = []
     dense_ms = statistics.median(times["dense"]) * 1e3
-    for name in ["dense", *impls]:
+    for name in ["dense", *impls, *(["mm floor"] if args.floor else [])]:
         row = dict(layout=layout, experts=E, top_k=k, granularity=G, dtype=dtype, tokens=T, impl=name)
         if name in skipped:
             row.update(skipped=skipped[name])
@@ -212,6 +252,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     ap.add_argument("--batched-limit-gb", type=float, default=2.0)
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="leave out the 'mm floor' row (the per-expert matmuls alone)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="smoke run: 512 and 128 tokens, 2 rounds after 1 warm-up")
     args = ap.parse_args()
@@ -231,6 +273,7 @@ def main() -> None:
     impls = [i for i in args.impls.split(",") if i]
     header = (f"{device.type}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
               f" ({cpu_isa() if device.type == 'cpu' else 'gpu'}), torch {torch.__version__}, {threads} threads; "
+              f"bf16 {'native' if bf16_native(device) else 'emulated'}; "
               f"experts fwd+bwd, router excluded; median of {args.repeats} rounds after {args.warmup} warm-up")
     rows = []
     for T in [int(t) for t in args.tokens.split(",")]:
@@ -244,6 +287,7 @@ def main() -> None:
         meta = dict(device=device.type, cpu=cpu_name(), isa=cpu_isa(), torch=torch.__version__, threads=threads,
                     hidden=args.hidden, intermediate=args.intermediate, repeats=args.repeats, warmup=args.warmup,
                     command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), ideal=IDEAL, target=TARGET,
+                    bf16_native=bf16_native(device), glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
                     timed="experts module forward+backward, router excluded")
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
 

@@ -134,6 +134,29 @@ def test_chunked_and_all_dropped(monkeypatch):
     assert all((v == 0).all() for v in none.values())
 
 
+def test_recycled_grad_buffers_are_never_shared():
+    """Weight gradients come from a pool; one still referenced anywhere is not handed out again."""
+    m, cfg = experts_module("mixtral", 8, 2048)  # gate_up gradient 4 MiB: pooled
+    cfg._experts_implementation = "upcycle"
+    x = torch.randn(32, H, generator=torch.Generator().manual_seed(3))
+    idx, w = routing(32, 8, 2)
+    m(x, idx, w).sum().backward()
+    kept = m.gate_up_proj.grad
+    snapshot = kept.clone()
+    m.zero_grad(set_to_none=True)
+    m(x, idx, w * 2).sum().backward()
+    assert m.gate_up_proj.grad.data_ptr() != kept.data_ptr() and torch.equal(kept, snapshot)
+    assert torch.allclose(m.gate_up_proj.grad, 2 * snapshot)
+    del kept
+    ptr = m.gate_up_proj.grad.data_ptr()
+    m(x, idx, w).sum().backward()  # accumulation: the pooled .grad is added to, never handed out
+    assert m.gate_up_proj.grad.data_ptr() == ptr and torch.allclose(m.gate_up_proj.grad, 3 * snapshot, rtol=1e-5)
+    m.zero_grad(set_to_none=True)
+    m(x, idx, w).sum().backward()  # free again: reused
+    assert torch.allclose(m.gate_up_proj.grad, snapshot)
+    assert m.gate_up_proj.grad.data_ptr() in {s.data_ptr() for s, _ in K._GRAD_POOL[(tuple(m.gate_up_proj.shape), torch.float32)]}
+
+
 def test_grouped_mm_backends_agree():
     g = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 2]

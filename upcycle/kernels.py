@@ -34,6 +34,7 @@ The per-expert products go through the module-level `grouped_mm(a, b, counts, ou
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def grouped_mm_loop(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], out
     a [S, K], b [G, K, N]  -> [S, N]:     out[rows of g] = a[rows of g] @ b[g]
     a [K, S], b [S, N]     -> [G, K, N]:  out[g] = a[:, cols of g] @ b[rows of g]   (zeros for an empty group)
     S may exceed sum(counts): the rows past it are not read (and, 3D case, not written). One mm per group.
+    `out` (optional) receives the result; in the 2D x 2D case it may have another dtype than a and b.
     """
     import torch
 
@@ -69,11 +71,13 @@ def grouped_mm_loop(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], out
         out = torch.empty(len(counts), a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
     start = 0
     for g, c in enumerate(counts):
-        if c:
-            torch.mm(a[:, start:start + c], b[start:start + c], out=out[g])
-            start += c
-        else:
+        if not c:
             out[g].zero_()
+        elif out.dtype == a.dtype:
+            torch.mm(a[:, start:start + c], b[start:start + c], out=out[g])
+        else:  # e.g. a bf16 product into an fp32 weight gradient
+            out[g].copy_(torch.mm(a[:, start:start + c], b[start:start + c]))
+        start += c
     return out
 
 
@@ -83,7 +87,13 @@ def grouped_mm_torch(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], ou
 
     n = sum(counts)
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=a.device, dtype=torch.int32)
-    res = torch._grouped_mm(a[:n], b, offs=offs) if b.dim() == 3 else torch._grouped_mm(a[:, :n], b[:n], offs=offs)
+    if b.dim() == 3:
+        res = torch._grouped_mm(a[:n], b, offs=offs)
+    else:
+        res = torch._grouped_mm(a[:, :n], b[:n], offs=offs)
+        for g, c in enumerate(counts):
+            if not c:
+                res[g].zero_()
     if out is None:
         return res
     (out[:n] if b.dim() == 3 else out).copy_(res)
@@ -91,6 +101,51 @@ def grouped_mm_torch(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], ou
 
 
 grouped_mm = grouped_mm_loop
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recycled weight-gradient buffers (CPU)
+
+REUSE_GRAD_BUFFERS = True  # see _grad_buffer
+_GRAD_POOL: dict = {}  # (shape, dtype) -> [(storage, baseline use count)]
+
+
+def _storage_uses(storage) -> int:
+    import torch
+
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _grad_buffer(shape, dtype, device) -> "torch.Tensor":
+    """An uninitialised tensor for an expert weight gradient, on CPU taken from a pool when one is free.
+
+    The expert weight gradients are the biggest fresh allocations of a training step (as big as the expert
+    weights). glibc hands blocks over 32 MiB out as new mmaps, so every step page-faults them in again (about
+    5 us per 4 KiB page on a VM: ~60 ms for a 57 MB gradient, more than all the matmuls of a 128-token step).
+    AccumulateGrad adopts the returned tensor as `param.grad`; once the optimizer's zero_grad drops it, the pool
+    holds the only reference left to its storage and hands the same, already mapped memory out again. A buffer
+    that anything else still references (grads kept, accumulated, or stored by the user) is never reused.
+    Costs: the pool keeps as many gradients alive between steps as a backward produces (one per MoE layer;
+    optimizers without set_to_none keep them anyway). `release_grad_buffers()` empties it.
+    """
+    import torch
+
+    device = torch.device(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if not REUSE_GRAD_BUFFERS or device.type != "cpu" or nbytes < (1 << 20):
+        return torch.empty(shape, dtype=dtype, device=device)
+    entries = _GRAD_POOL.setdefault((tuple(shape), dtype), [])
+    for storage, baseline in entries:
+        if _storage_uses(storage) <= baseline:
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    storage = torch.empty(shape, dtype=dtype).untyped_storage()
+    entries.append((storage, _storage_uses(storage)))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def release_grad_buffers() -> None:
+    """Forget the pooled gradient buffers (memory in use as gradients stays valid)."""
+    _GRAD_POOL.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,6 +200,7 @@ def _make_function():
 
     import torch
     import torch.nn.functional as F
+    from torch.autograd.function import once_differentiable
 
     silu_backward = torch.ops.aten.silu_backward.grad_input
 
@@ -185,9 +241,11 @@ def _make_function():
                     saved += [xs, h1, sg, a, y]
             ctx.save_for_backward(w1, w2, order, token, ws, *saved)
             ctx.meta = (counts, chunks, transposed, cdtype, T, k, acc, i)
+            ctx.w_dtypes = (w_gate_up.dtype, w_down.dtype)
             return out.to(x.dtype)
 
         @staticmethod
+        @once_differentiable
         def backward(ctx, grad_out):
             w1, w2, order, token, ws, *saved = ctx.saved_tensors
             counts, chunks, transposed, cdtype, T, k, acc, i = ctx.meta
@@ -200,10 +258,11 @@ def _make_function():
                     gx = torch.zeros(T, grad_out.shape[1], dtype=acc, device=grad_out.device)
                 if need_w:
                     dws = torch.zeros(order.shape[0], dtype=acc, device=grad_out.device)
+                # the weight gradients go straight into tensors of the parameters' dtype (fp32 under autocast)
                 if need_w1:
-                    gw1 = torch.empty_like(w1)
+                    gw1 = _grad_buffer(w1.shape, ctx.w_dtypes[0], w1.device)
                 if need_w2:
-                    gw2 = torch.empty_like(w2)
+                    gw2 = _grad_buffer(w2.shape, ctx.w_dtypes[1], w2.device)
                 # [E, H, I] / [E, 2I, H] views: the right operands of grad @ W (the transposed products)
                 w2b, w1b = (w2.transpose(1, 2), w1.transpose(1, 2)) if transposed else (w2, w1)
                 for c, (e0, e1, r0, r1) in enumerate(chunks):
@@ -347,7 +406,9 @@ def register_experts_kernel() -> bool:
     """Register "upcycle" in transformers' experts registry (idempotent); False where transformers has none."""
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
-    except ImportError:
+    except ImportError:  # transformers 4.x: no experts registry
+        return False
+    if not hasattr(ExpertsInterface, "register"):
         return False
     if ALL_EXPERTS_FUNCTIONS.get(NAME) is not upcycle_experts_forward:
         ExpertsInterface.register(NAME, upcycle_experts_forward)
