@@ -7,7 +7,8 @@ Each case runs `upcycle.train.train()` in a fresh child process (so that peak me
 --warmup + --steps optimizer steps on Python standard-library sources and reports tokens per second over the last
 --steps steps, from the step times the run writes to metrics.jsonl (forward, backward, router losses, clipping,
 AdamW and the all-reduce of statistics: a whole optimizer step). The final model save is skipped (not training
-throughput). "x dense" divides by the dense parent's tokens/s at the same precision.
+throughput). "x dense" divides by the dense parent's tokens/s at the same precision. "load" is the machine's
+5-minute load average at the end of the case: above the case's own thread count, other work shared the cores.
 
     python benchmarks/bench_train.py [--steps 3] [--warmup 2] [--seq-len 256] [--batch-size 2]
                                      [--precisions bf16,fp32] [--impls grouped_mm,upcycle] [--json PATH] [--work DIR]
@@ -46,6 +47,7 @@ def _child(spec: dict) -> dict:
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
+    load = os.getloadavg()[1]  # 5-minute load average: on a shared machine, how many cores others were using
     rows = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[spec["warmup"]:]
     run = json.loads((Path(spec["out"]) / "run.json").read_text())
@@ -60,6 +62,7 @@ def _child(spec: dict) -> dict:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "wall_s": wall,
         "threads": torch.get_num_threads(),
+        "load_avg_5min": load,
     }
 
 
@@ -140,13 +143,13 @@ def main() -> None:
               f"{args.batch_size} = {args.seq_len * args.batch_size} tokens/step; {args.steps} timed steps after "
               f"{args.warmup}; {platform.processor() or platform.machine()}, {results[0]['threads']} threads")
     lines = [header, "",
-             "| model | experts impl | precision | tokens/s | s/step | x dense | trainable params | peak RSS GB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| model | experts impl | precision | tokens/s | s/step | x dense | trainable params | peak RSS GB | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rel = r["tokens_per_s"] / dense_tps[r["precision"]] if r["precision"] in dense_tps else float("nan")
         lines.append(f"| {r['model']} | {r['experts_impl'] if r['model'] != 'dense parent' else '-'} | {r['precision']} "
                      f"| {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {rel:.2f} | {r['trainable_params'] / 1e6:,.1f}M "
-                     f"| {r['peak_rss_gb']:.1f} |")
+                     f"| {r['peak_rss_gb']:.1f} | {r['load_avg_5min']:.1f} |")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,

@@ -21,7 +21,7 @@ def test_smollm2_fresh_moe_scores_like_its_parent(smollm2_gguf, tmp_path):
     convert(parent, moe, experts=4, top_k=2, verify=False, quiet=True)
     _, heldout = stdlib_split()
     out = tmp_path / "rep"
-    res = CliRunner().invoke(app, ["eval", str(moe), "--parent", str(parent), "--data", *[str(f) for f in heldout[:3]],
+    res = CliRunner().invoke(app, ["eval", str(moe), "--parent", str(parent), *[a for f in heldout[:3] for a in ("--data", str(f))],
                                    "--split", "all", "--seq-len", "128", "--max-blocks", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
