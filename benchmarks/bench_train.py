@@ -117,6 +117,8 @@ def main() -> None:
     impls = args.impls.split(",") if args.impls else (
         ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.kernels") else []))
     precisions = args.precisions.split(",")
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.work))
     data = [str(stdlib_dir() / "json"), str(stdlib_dir() / "email")]
     results = []
