@@ -70,6 +70,20 @@ def test_cli_run(tiny_moe, tmp_path):
     assert "trained 1 steps (192 tokens in all)" in one_line(r.output)
 
 
+def test_auto_precision_follows_the_hardware(tiny_moe, tmp_path, monkeypatch):
+    """--precision defaults to auto, which writes the precision it chose to run.json: bf16 only where the
+    device runs bf16 matmuls natively (probed, so both answers are forced here)."""
+    import upcycle.hardware as hw
+
+    fast = [a for a in FAST if a not in ("--precision", "fp32")]
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hw, "bf16_is_fast", lambda device="cpu", native=native: native)
+        out = tmp_path / expected
+        r = run(tiny_moe, "-d", DATA, "-o", out, "--steps", "1", *fast)
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "run.json").read_text())["config"]["precision"] == expected
+
+
 def _bert(tmp_path):
     d = tmp_path / "bert"
     d.mkdir()
@@ -97,7 +111,7 @@ def _bert(tmp_path):
     ("zero_steps", 2, "--steps 0 must be at least 1"),
     ("short_seq", 2, "--seq-len must be at least 2"),
     ("bad_lr", 2, "--lr -1 must be a positive number"),
-    ("fp16", 2, "--precision 'fp16': use bf16 or fp32"),
+    ("fp16", 2, "--precision 'fp16': use auto, bf16 or fp32"),
     ("bad_impl", 2, "--experts-impl 'fast': use auto, upcycle, grouped_mm"),
     ("bad_capacity", 2, "--capacity-factor 0 must be positive (leave it out for dropless)"),
     ("bad_jitter", 2, "--router-jitter 1 must be in [0, 1)"),

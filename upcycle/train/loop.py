@@ -129,6 +129,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias)
     experts_impl = resolve_experts_impl(cfg.experts_impl, info.is_moe if info else False)
     _check_launch_mode()
+    if cfg.precision == "auto":
+        # bf16 autocast only pays where bf16 matmuls are native; CPUs without AMX/AVX512-BF16 emulate them and
+        # run several times slower than fp32 (benchmarks/bench_experts.py), so "auto" picks per device.
+        from upcycle.hardware import bf16_is_fast
+
+        cfg.precision = "bf16" if bf16_is_fast("cpu" if _cpu_only() else "cuda") else "fp32"
 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
