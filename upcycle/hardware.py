@@ -25,9 +25,10 @@ def bf16_is_fast(device: str = "cpu") -> bool:
     return False
 
 
-def default_precision() -> str:
-    """bf16 autocast where bf16 is native on the device training will use, else fp32."""
-    import torch
+def default_precision(device: str | None = None) -> str:
+    """bf16 autocast where bf16 is native on `device` (default: CUDA when present, else the CPU), else fp32."""
+    if device is None:
+        import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return "bf16" if bf16_is_fast(device) else "fp32"

@@ -132,9 +132,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.precision == "auto":
         # bf16 autocast only pays where bf16 matmuls are native; CPUs without AMX/AVX512-BF16 emulate them and
         # run several times slower than fp32 (benchmarks/bench_experts.py), so "auto" picks per device.
-        from upcycle.hardware import bf16_is_fast
+        from upcycle.hardware import default_precision
 
-        cfg.precision = "bf16" if bf16_is_fast("cpu" if _cpu_only() else "cuda") else "fp32"
+        cfg.precision = default_precision("cpu" if _cpu_only() else "cuda")
 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
