@@ -10,7 +10,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-from upcycle.hardware import default_precision
 
 
 def options(doc: str, name: str, argv: list[str] | None = None, **defaults) -> argparse.Namespace:
@@ -61,8 +60,7 @@ def train_config(args, model, out, **overrides):
     from upcycle.train import TrainConfig
 
     settings = dict(model=str(model), data=train_data(args), out=Path(out), steps=args.steps, seq_len=args.seq_len,
-                    batch_size=args.batch_size, lr=args.lr, save_every=0, eval_every=0,
-                    precision=default_precision())
+                    batch_size=args.batch_size, lr=args.lr, save_every=0, eval_every=0)
     settings.update(overrides)
     return TrainConfig(**settings)
 

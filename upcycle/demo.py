@@ -39,7 +39,9 @@ class DemoOptions:
                 raise UsageError(f"{name} must be at least {lo}")
         if self.top_k > self.experts:
             raise UsageError(f"--top-k {self.top_k} is more than --experts {self.experts}")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        from upcycle.train.config import PRECISIONS
+
+        if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: use auto, bf16 or fp32")
 
 
