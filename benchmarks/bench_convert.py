@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--parent", type=Path, help="a float32 HF folder to use instead of SmolLM2")
     args = ap.parse_args()
 
-    from upcycle.assets import cache_dir, smollm2_gguf
-    from upcycle.loading import export_dense
+    from upcycle.core.assets import cache_dir, smollm2_gguf
+    from upcycle.core.loading import export_dense
 
     parent = args.parent
     if parent is None:

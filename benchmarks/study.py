@@ -41,7 +41,7 @@ def _cost(model_dir: Path, seq_len: int) -> dict:
 
     from upcycle.evaluate.collect import moe_info
     from upcycle.evaluate.cost import model_cost
-    from upcycle.loading import load_causal_lm
+    from upcycle.core.loading import load_causal_lm
 
     model = load_causal_lm(str(model_dir), dtype="float32")
     cost = model_cost(model, [v.group for v in moe_info(model)], seq_len)
@@ -54,8 +54,8 @@ def _initial_loss(model_dir: Path, data: list[str], args) -> float:
     """Held-out loss before any training: the same blocks and the same mean as the training loop's validation."""
     import torch
 
-    from upcycle.data import heldout_blocks
-    from upcycle.loading import load_causal_lm, load_tokenizer
+    from upcycle.core.data import heldout_blocks
+    from upcycle.core.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     val = heldout_blocks(tok, data, seq_len=args.seq_len, max_blocks=args.eval_blocks,
@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.eval_every, args.eval_blocks, args.final_blocks = 2, 1, 4, 4
 
-    from upcycle.assets import smollm2_gguf, stdlib_dir
+    from upcycle.core.assets import smollm2_gguf, stdlib_dir
     from upcycle.convert import convert
-    from upcycle.hardware import default_precision
-    from upcycle.loading import export_dense
+    from upcycle.core.hardware import default_precision
+    from upcycle.core.loading import export_dense
 
     if args.precision == "auto":
         args.precision = default_precision()

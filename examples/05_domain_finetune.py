@@ -12,7 +12,7 @@
 import sys
 
 import _common as c
-from upcycle.assets import stdlib_dir
+from upcycle.core.assets import stdlib_dir
 from upcycle.convert import convert
 from upcycle.train import train
 

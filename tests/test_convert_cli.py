@@ -133,7 +133,7 @@ def test_pickle_only_parent_needs_permission(tiny_parent, tmp_path):
 def test_no_disk_space(tiny_parent, tmp_path, monkeypatch):
     import collections
 
-    import upcycle.writer as writer
+    import upcycle.convert.writer as writer
 
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(1, 1, 1000))
     r = run(tiny_parent("llama"), tmp_path / "m")

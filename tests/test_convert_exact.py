@@ -1,7 +1,7 @@
 """Exactness: every combination the converter accepts as exact reproduces the parent's logits.
 
 The expected support matrix is written out here (from ../shared/UPCYCLING.md section 1) rather than read
-from upcycle.formats, so that a wrong entry in the format table fails in one direction or the other.
+from upcycle.families.moe, so that a wrong entry in the format table fails in one direction or the other.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from upcycle.convert import convert
-from upcycle.errors import UnsupportedError
+from upcycle.core.errors import UnsupportedError
 
 SUPPORT = {
     "llama": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
@@ -169,7 +169,7 @@ def test_glm4_carries_non_power_of_two_scale_in_config(tiny_parent, tmp_path):
 
 
 def test_bf16_rounding_matches_torch():
-    from upcycle.tensors import from_f32, to_f32
+    from upcycle.core.tensors import from_f32, to_f32
 
     x = torch.randn(10000) * 10 ** torch.randint(-30, 30, (10000,)).float()
     x[:4] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])

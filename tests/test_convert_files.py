@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from upcycle.convert import convert
-from upcycle.manifest import read_manifest
-from upcycle.sources import read_safetensors_header
+from upcycle.convert.card import read_manifest
+from upcycle.convert.sources import read_safetensors_header
 
 
 def keys(folder):
@@ -163,7 +163,7 @@ def test_dry_run_writes_nothing(tiny_parent, tmp_path, capsys):
 
 def test_failure_leaves_nothing_behind(tiny_parent, tmp_path, monkeypatch):
     """The disk fills up half-way: no OUT, no partial folder, one clear error."""
-    import upcycle.writer as writer
+    import upcycle.convert.writer as writer
 
     calls = {"n": 0}
 
@@ -178,7 +178,7 @@ def test_failure_leaves_nothing_behind(tiny_parent, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "_write_all", failing(writer._write_all))
     monkeypatch.setattr(writer, "_copy_range", failing(writer._copy_range))
-    from upcycle.errors import OutputError
+    from upcycle.core.errors import OutputError
 
     with pytest.raises(OutputError, match="disk filled up"):
         convert(tiny_parent("llama"), tmp_path / "m", verify=False, quiet=True)
@@ -187,7 +187,7 @@ def test_failure_leaves_nothing_behind(tiny_parent, tmp_path, monkeypatch):
 
 
 def test_kernel_copy_and_numpy_paths_write_the_same_bytes(tiny_parent, tmp_path, monkeypatch):
-    import upcycle.writer as writer
+    import upcycle.convert.writer as writer
 
     convert(tiny_parent("qwen2"), tmp_path / "a", experts=8, top_k=4, granularity=2, verify=False, quiet=True)
     monkeypatch.setattr(writer, "_copy_range", lambda *a: False)
@@ -221,7 +221,7 @@ def test_sigkill_mid_write_leaves_no_finished_looking_out(tiny_parent, tmp_path)
 
     out = tmp_path / "m"
     code = f"""
-import time, upcycle.writer as w
+import time, upcycle.convert.writer as w
 real = w._write_all
 def slow(fd, data):
     real(fd, data)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tests.tiny import byte_tokenizer
-from upcycle.data import PackedBlocks, heldout_blocks, iter_texts, resolve_data_files
-from upcycle.errors import InputError, UsageError
+from upcycle.core.data import PackedBlocks, heldout_blocks, iter_texts, resolve_data_files
+from upcycle.core.errors import InputError, UsageError
 
 EOS, BOS = 257, 256
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()

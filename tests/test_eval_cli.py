@@ -97,8 +97,8 @@ def test_fresh_conversion_matches_its_parent(fresh, text, tmp_path):
 
 def test_routing_numbers_match_the_models_own_router(fresh, text, tmp_path):
     """Load per expert recomputed independently from transformers' output_router_logits."""
-    from upcycle.data import heldout_blocks
-    from upcycle.loading import load_causal_lm, load_tokenizer
+    from upcycle.core.data import heldout_blocks
+    from upcycle.core.loading import load_causal_lm, load_tokenizer
 
     parent, moe = fresh
     out = tmp_path / "rep"
@@ -122,7 +122,7 @@ def test_routing_numbers_match_the_models_own_router(fresh, text, tmp_path):
 
 def test_trained_expert_shows_drift_and_loss_change(fresh, text, tmp_path):
     """Perturb one expert (as training would) in a copy of the fresh MoE: only that expert's cosine drops."""
-    from upcycle.loading import load_causal_lm
+    from upcycle.core.loading import load_causal_lm
 
     parent, moe = fresh
     trained = tmp_path / "trained"
@@ -293,8 +293,8 @@ def test_default_split_scores_only_heldout_documents(fresh, text, tmp_path):
     assert res.exit_code == 0, res.output
     r = _report(out)
     assert r["data"]["split"] == "heldout" and r["data"]["heldout_fraction"] == 0.3
-    from upcycle.data import heldout_blocks
-    from upcycle.loading import load_tokenizer
+    from upcycle.core.data import heldout_blocks
+    from upcycle.core.loading import load_tokenizer
 
     expected = heldout_blocks(load_tokenizer(moe), [str(rows)], seq_len=64, max_blocks=12, heldout_fraction=0.3)
     assert r["data"]["blocks"] == expected.shape[0]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from upcycle.errors import InputError
+from upcycle.core.errors import InputError
 from upcycle.evaluate.cost import ExpertGroup, model_cost
 from upcycle.evaluate.drift import (REFERENCE_MEAN, REFERENCE_PARENT, ExpertWeights, ParentMLP, layer_drift,
                                     parent_mlps)

@@ -12,9 +12,9 @@ from upcycle.cli import app
 
 @pytest.mark.slow
 def test_smollm2_fresh_moe_scores_like_its_parent(smollm2_gguf, tmp_path):
-    from upcycle.assets import stdlib_split
+    from upcycle.core.assets import stdlib_split
     from upcycle.convert import convert
-    from upcycle.loading import export_dense
+    from upcycle.core.loading import export_dense
 
     parent = export_dense(smollm2_gguf, tmp_path / "dense")
     moe = tmp_path / "moe"

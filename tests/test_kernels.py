@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import upcycle.kernels as K
-from upcycle.kernels import register_experts_kernel
+import upcycle.core.kernels as K
+from upcycle.core.kernels import register_experts_kernel
 
 H = 64
 
@@ -259,7 +259,7 @@ def test_full_model_with_capacity_factor(tmp_path):
     """upcycle's training router with a capacity factor (dropped assignments) gives eager's logits and grads."""
     from transformers import AutoModelForCausalLM
 
-    from upcycle.routing import moe_layers
+    from upcycle.core.routing import moe_layers
     from upcycle.train.router import RouterControls, RouterPatch
 
     path = tiny_moe("mixtral", tmp_path, num_local_experts=8, num_experts_per_tok=2)

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from upcycle.assets import stdlib_dir
+from upcycle.core.assets import stdlib_dir
 from upcycle.cli import app
 from upcycle.convert import convert
 
@@ -73,7 +73,7 @@ def test_cli_run(tiny_moe, tmp_path):
 def test_auto_precision_follows_the_hardware(tiny_moe, tmp_path, monkeypatch):
     """--precision defaults to auto, which writes the precision it chose to run.json: bf16 only where the
     device runs bf16 matmuls natively (probed, so both answers are forced here)."""
-    import upcycle.hardware as hw
+    import upcycle.core.hardware as hw
 
     fast = [a for a in FAST if a not in ("--precision", "fp32")]
     for native, expected in ((True, "bf16"), (False, "fp32")):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from upcycle.assets import stdlib_dir
+from upcycle.core.assets import stdlib_dir
 from upcycle.convert import convert
 from upcycle.train import TrainConfig, train
 
@@ -135,7 +135,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from upcycle.routing import RoutingRecorder, moe_layers
+from upcycle.core.routing import RoutingRecorder, moe_layers
 from upcycle.train.config import parse_train
 from upcycle.train.freeze import apply_selection, param_groups
 from upcycle.train.losses import router_losses

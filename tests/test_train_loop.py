@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from upcycle.assets import stdlib_dir
+from upcycle.core.assets import stdlib_dir
 from upcycle.convert import convert
-from upcycle.errors import TrainingError
-from upcycle.sources import read_safetensors_header
+from upcycle.core.errors import TrainingError
+from upcycle.convert.sources import read_safetensors_header
 from upcycle.train import TrainConfig, train
 from upcycle.train import checkpoint as ck
 
@@ -191,8 +191,8 @@ def test_dense_parent_baseline(tiny_parent, tmp_path):
 def test_bf16_and_gradient_checkpointing(moe, tmp_path):
     """bf16 autocast trains on CPU with finite losses; gradient checkpointing gives the same losses and the same
     weights as without (the router losses still reach the router through the recomputed layers)."""
-    a = train(config(moe(), tmp_path / "a", steps=2, router_jitter=0.01))
-    b = train(config(moe(), tmp_path / "b", steps=2, router_jitter=0.01, gradient_checkpointing=True))
+    train(config(moe(), tmp_path / "a", steps=2, router_jitter=0.01))
+    train(config(moe(), tmp_path / "b", steps=2, router_jitter=0.01, gradient_checkpointing=True))
     ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
         assert [r[key] for r in ma] == pytest.approx([r[key] for r in mb], rel=1e-5)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from upcycle.convert import convert
-from upcycle.errors import OutputError, TrainingError, UsageError
-from upcycle.routing import MoELayer, RouterRecord, RoutingRecorder, moe_layers, router_probs, select_experts
+from upcycle.core.errors import OutputError, TrainingError, UsageError
+from upcycle.core.routing import MoELayer, RouterRecord, RoutingRecorder, moe_layers, router_probs, select_experts
 from upcycle.train import checkpoint as ck
 from upcycle.train.config import TrainConfig, parse_count, parse_train
 from upcycle.train.freeze import apply_selection, param_groups, parameter_role
@@ -296,7 +296,7 @@ def test_capacity_drops_are_skipped_by_every_experts_kernel(moe, impl):
     """Dropped assignments carry the sentinel index E and weight 0: every kernel must give what it gives for the
     original indices with those weights zeroed, and the recorder must see the pre-drop choice and kept mask."""
     if impl == "upcycle":
-        pytest.importorskip("upcycle.kernels")
+        pytest.importorskip("upcycle.core.kernels")
         from upcycle.train.model import resolve_experts_impl
 
         impl = resolve_experts_impl("upcycle", True)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from upcycle.assets import stdlib_dir
+from upcycle.core.assets import stdlib_dir
 from upcycle.convert import convert
-from upcycle.errors import TrainingError
+from upcycle.core.errors import TrainingError
 from upcycle.train import TrainConfig, train
 from upcycle.train import checkpoint as ck
 
@@ -126,7 +126,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_moe, tmp_path):
 
 
 def test_resume_refuses_a_changed_data_layout(tiny_moe, tmp_path):
-    from upcycle.errors import UpcycleError
+    from upcycle.core.errors import UpcycleError
 
     run = tmp_path / "r"
     opts = {**OPTIONS, "steps": 2, "save_every": 1}

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle import ui
-from upcycle.errors import OutputError, UsageError
+from upcycle.core import ui
+from upcycle.core.errors import OutputError, UsageError
 
 
 @dataclass
@@ -60,12 +60,12 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     """Fetch the parent, export it, convert it, train the MoE, evaluate it against the parent; return a summary."""
-    from upcycle.assets import smollm2_gguf, stdlib_dir, stdlib_split
+    from upcycle.core.assets import smollm2_gguf, stdlib_dir, stdlib_split
     from upcycle.convert import convert
     from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate
-    from upcycle.hardware import default_precision
-    from upcycle.loading import export_dense
+    from upcycle.core.hardware import default_precision
+    from upcycle.core.loading import export_dense
     from upcycle.train import TrainConfig, train
 
     opt = options or DemoOptions()

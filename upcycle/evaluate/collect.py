@@ -1,11 +1,11 @@
-"""The bridge between a running model and the statistics: which layers are MoE (upcycle.routing), what each
+"""The bridge between a running model and the statistics: which layers are MoE (upcycle.core.routing), what each
 forward routed (RoutingRecorder), and optional lm-eval-harness tasks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from upcycle.errors import UnsupportedError
+from upcycle.core.errors import UnsupportedError
 from upcycle.evaluate.cost import ExpertGroup
 from upcycle.evaluate.drift import ExpertWeights
 from upcycle.evaluate.routing_stats import LayerRouting, RoutingAccumulator
@@ -14,9 +14,9 @@ from upcycle.evaluate.specialise import TokenRouting
 
 @dataclass
 class MoEView:
-    """What evaluation needs of one MoE layer (a thin view over upcycle.routing.MoELayer)."""
+    """What evaluation needs of one MoE layer (a thin view over upcycle.core.routing.MoELayer)."""
 
-    layer: object  # upcycle.routing.MoELayer
+    layer: object  # upcycle.core.routing.MoELayer
 
     @property
     def index(self) -> int:
@@ -46,7 +46,7 @@ class MoEView:
 
 
 def moe_info(model) -> list[MoEView]:
-    from upcycle.routing import moe_layers
+    from upcycle.core.routing import moe_layers
 
     return [MoEView(m) for m in moe_layers(model)]
 
@@ -65,7 +65,7 @@ class RoutingCollector:
 
     def __enter__(self):
         if self.moe:
-            from upcycle.routing import RoutingRecorder
+            from upcycle.core.routing import RoutingRecorder
 
             self._recorder = RoutingRecorder(self.model, keep_logits=True)
             self._recorder.__enter__()

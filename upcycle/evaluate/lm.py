@@ -155,7 +155,7 @@ def score(model, blocks, *, batch_size: int = 4, on_batch: Callable | None = Non
             if task is not None:
                 progress.advance(task, ids.shape[0])
     if not all(map(_finite, losses)):
-        from upcycle.errors import InputError
+        from upcycle.core.errors import InputError
 
         raise InputError(f"{description}: the model produced a non-finite loss (broken weights or dtype overflow; "
                          "try --dtype float32)")

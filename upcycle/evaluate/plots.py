@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycle.errors import UnsupportedError
+from upcycle.core.errors import UnsupportedError
 
 
 def _figure(w: float, h: float):

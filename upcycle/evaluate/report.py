@@ -13,7 +13,7 @@ from upcycle.evaluate.lm import Scores
 from upcycle.evaluate.routing_stats import LayerRouting
 from upcycle.evaluate.specialise import DomainLayer, LayerSpecialisation
 from upcycle.evaluate.stats import Comparison
-from upcycle.tensors import human_bytes, human_count
+from upcycle.core.tensors import human_bytes, human_count
 
 REPORT = "report.json"
 SUMMARY = "summary.md"
@@ -287,7 +287,7 @@ def _routing_findings(r: Report) -> list[str]:
                f"worst layer {worst.layer} (CV {worst.cv:.3f}, busiest expert {worst.max_load:.1%} of assignments "
                f"vs {1 / worst.num_experts:.1%} uniform).")
     if dead:
-        out.append(f"- Dead experts (no tokens): " + "; ".join(f"layer {k}: {v}" for k, v in dead.items())
+        out.append("- Dead experts (no tokens): " + "; ".join(f"layer {k}: {v}" for k, v in dead.items())
                    + ". A sign of routing collapse.")
     drop = max(r.routing, key=lambda lr: lr.drop_at["1"])
     out.append(f"- A capacity factor of 1.0 would drop up to {drop.drop_at['1']:.1%} of assignments (layer "

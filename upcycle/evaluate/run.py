@@ -11,8 +11,8 @@ import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upcycle import ui
-from upcycle.errors import InputError, OutputError, UsageError
+from upcycle.core import ui
+from upcycle.core.errors import InputError, OutputError, UsageError
 from upcycle.evaluate.report import EXPERTS, REPORT, Report, Side
 
 # Below this largest per-block loss difference two models count as the same model: fp32 reordering noise on an
@@ -134,17 +134,16 @@ def evaluate(model: str | Path, *, data: list[str], parent: str | Path | None = 
              domain: list[str] | None = None, run: str | Path | None = None, options: EvalOptions | None = None,
              quiet: bool = False) -> Report:
     """Score MODEL (and the dense PARENT) on the same held-out blocks; report routing diagnostics for an MoE."""
-    import torch
 
-    from upcycle.data import heldout_blocks, resolve_data_files
+    from upcycle.core.data import heldout_blocks, resolve_data_files
     from upcycle.evaluate import collect
     from upcycle.evaluate.cost import model_cost
     from upcycle.evaluate.drift import layer_drift, parent_mlps
     from upcycle.evaluate.lm import score
     from upcycle.evaluate.runlog import find_metrics, read_run
     from upcycle.evaluate.stats import paired_comparison
-    from upcycle.loading import load_causal_lm, load_tokenizer
-    from upcycle.manifest import read_manifest
+    from upcycle.core.loading import load_causal_lm, load_tokenizer
+    from upcycle.convert.card import read_manifest
 
     opt = options or EvalOptions()
     if opt.split not in ("heldout", "all"):
@@ -306,7 +305,7 @@ def write_report_folder(report: Report, out: Path, runlog=None, *, with_plots: b
 
 def _plots(r: Report, out: Path, runlog, quiet: bool) -> list[str]:
     from upcycle.evaluate import plots
-    from upcycle.errors import UnsupportedError
+    from upcycle.core.errors import UnsupportedError
 
     made = []
     try:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.errors import InputError
+from upcycle.core.errors import InputError
 
 METRICS = "metrics.jsonl"
 

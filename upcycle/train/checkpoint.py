@@ -5,7 +5,7 @@ exact resume needs.
       run.json                 the options of the run (and of each resume)
       metrics.jsonl            one JSON object per optimizer step
       checkpoint-STEP/         config.json, model*.safetensors (per-expert keys), tokenizer, upcycle.json, ...
-        trainer_state.json     step, tokens, data position (upcycle.data state)
+        trainer_state.json     step, tokens, data position (upcycle.core.data state)
         trainer/               accelerate state: optimizer, scheduler, RNG of every process
       final/                   the trained model in --save-dtype, no trainer state
 
@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from upcycle.errors import OutputError, TrainingError, UsageError
+from upcycle.core.errors import OutputError, TrainingError, UsageError
 
 RUN_FILE = "run.json"
 METRICS = "metrics.jsonl"

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from upcycle.errors import UsageError
+from upcycle.core.errors import UsageError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPERTS_IMPLS = ("auto", "upcycle", "grouped_mm", "batched_mm", "eager")

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from upcycle.errors import UsageError
-from upcycle.routing import MoELayer
+from upcycle.core.errors import UsageError
+from upcycle.core.routing import MoELayer
 from upcycle.train.config import TrainSelection
 
 if TYPE_CHECKING:

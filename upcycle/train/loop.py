@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle import ui
-from upcycle.errors import TrainingError
+from upcycle.core import ui
+from upcycle.core.errors import TrainingError
 from upcycle.train import checkpoint as ck
 from upcycle.train.config import TrainConfig
 
@@ -62,7 +62,7 @@ def _check_launch_mode() -> None:
     silently run plain DDP on a full copy of the model in every process. Say so instead."""
     import os
 
-    from upcycle.errors import UsageError
+    from upcycle.core.errors import UsageError
 
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(var, "false").lower() == "true" and _cpu_only():
@@ -108,9 +108,9 @@ def _fmt_stats(row: dict) -> str:
 def train(cfg: TrainConfig) -> TrainResult:
     import torch
 
-    from upcycle.data import PackedBlocks, heldout_blocks, resolve_data_files
-    from upcycle.loading import load_tokenizer
-    from upcycle.routing import RoutingRecorder, moe_layers
+    from upcycle.core.data import PackedBlocks, heldout_blocks, resolve_data_files
+    from upcycle.core.loading import load_tokenizer
+    from upcycle.core.routing import RoutingRecorder, moe_layers
     from upcycle.train.freeze import apply_selection, param_groups
     from upcycle.train.losses import RoutingStats, router_losses
     from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
@@ -132,7 +132,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.precision == "auto":
         # bf16 autocast only pays where bf16 matmuls are native; CPUs without AMX/AVX512-BF16 emulate them and
         # run several times slower than fp32 (benchmarks/bench_experts.py), so "auto" picks per device.
-        from upcycle.hardware import default_precision
+        from upcycle.core.hardware import default_precision
 
         cfg.precision = default_precision("cpu" if _cpu_only() else "cuda")
 
@@ -158,7 +158,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     pending = next(batches) if start < total else None
     val = None
     if cfg.eval_every != 0 and cfg.heldout_fraction > 0:
-        from upcycle.errors import InputError
+        from upcycle.core.errors import InputError
 
         try:
             val = heldout_blocks(tokenizer, files, seq_len=cfg.seq_len, max_blocks=cfg.eval_blocks,
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias)
     layers = moe_layers(model)
     if info.is_moe and not layers:
-        from upcycle.errors import UnsupportedError
+        from upcycle.core.errors import UnsupportedError
 
         raise UnsupportedError(f"{cfg.model}: found no MoE block in this {info.model_type} model")
     RouterPatch(layers, RouterControls(jitter=cfg.router_jitter, capacity_factor=cfg.capacity_factor))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from upcycle.routing import MoELayer, RouterRecord, expert_counts, router_probs
+from upcycle.core.routing import MoELayer, RouterRecord, expert_counts, router_probs
 
 if TYPE_CHECKING:
     import torch

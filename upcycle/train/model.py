@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.errors import InputError, UnsupportedError, UsageError
-from upcycle.routing import SUPPORTED_MOE
+from upcycle.core.errors import InputError, UnsupportedError, UsageError
+from upcycle.core.routing import SUPPORTED_MOE
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class ModelInfo:
 
 
 def _dense_types() -> tuple[str, ...]:
-    from upcycle.archs import ARCHS
+    from upcycle.families.parents import ARCHS
 
     return tuple(ARCHS)
 
@@ -31,7 +31,7 @@ def inspect_model(spec: str) -> ModelInfo | None:
     Raises UnsupportedError for a model that is neither a supported MoE nor a supported dense parent, and
     InputError for a path that is not a model.
     """
-    from upcycle.loading import check_local_model_dir, is_hub_id
+    from upcycle.core.loading import check_local_model_dir, is_hub_id
 
     p = Path(spec)
     if p.suffix.lower() == ".gguf":
@@ -74,10 +74,10 @@ def resolve_experts_impl(name: str, is_moe: bool) -> str | None:
         return None
     if name in ("auto", "upcycle"):
         try:
-            from upcycle.kernels import register_experts_kernel
+            from upcycle.core.kernels import register_experts_kernel
         except ImportError:
             if name == "upcycle":
-                raise UsageError("--experts-impl upcycle: upcycle.kernels is not available in this install") from None
+                raise UsageError("--experts-impl upcycle: upcycle.core.kernels is not available in this install") from None
             return "grouped_mm"
         registered = register_experts_kernel()
         if isinstance(registered, str) and registered:
@@ -92,7 +92,7 @@ def resolve_experts_impl(name: str, is_moe: bool) -> str | None:
 
 def load_for_training(spec: str, *, experts_impl: str | None, allow_pickle: bool):
     """The model in fp32 (the optimizer's master weights; bf16 comes from autocast), ready to train."""
-    from upcycle.loading import load_causal_lm
+    from upcycle.core.loading import load_causal_lm
 
     model = load_causal_lm(spec, dtype="float32", allow_pickle=allow_pickle, experts_implementation=experts_impl)
     model.config.use_cache = False

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from upcycle.routing import MoELayer, select_experts
+from upcycle.core.routing import MoELayer, select_experts
 
 if TYPE_CHECKING:
     import torch

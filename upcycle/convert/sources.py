@@ -17,8 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
-from upcycle.errors import InputError, UnsupportedError
-from upcycle.tensors import FLOAT_CODES, STORAGE, nbytes
+from upcycle.core.errors import InputError, UnsupportedError
+from upcycle.core.tensors import FLOAT_CODES, STORAGE, nbytes
 
 _MAX_HEADER = 100 * 1024 * 1024
 

@@ -8,9 +8,9 @@ reads is written explicitly, and no default of either generation is relied upon.
 
 from __future__ import annotations
 
-from upcycle.archs import ParentSpec
-from upcycle.formats import MoEFormat
-from upcycle.recipe import Recipe
+from upcycle.families.parents import ParentSpec
+from upcycle.families.moe import MoEFormat
+from upcycle.convert.recipe import Recipe
 
 
 def _transformers_version() -> str:

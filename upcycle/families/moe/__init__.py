@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from upcycle.archs import ParentSpec
-from upcycle.errors import UnsupportedError
-from upcycle.recipe import Recipe
+from upcycle.families.parents import ParentSpec
+from upcycle.core.errors import UnsupportedError
+from upcycle.convert.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def supports(fmt: MoEFormat, parent: ParentSpec, recipe: Recipe, moe_layers: lis
     if parent.o_bias and not fmt.o_bias:
         why.append(f"the parent has an o_proj bias, {fmt.model_type} has none")
     if not fmt.multipliers and not _default_multipliers(parent):
-        why.append(f"the parent's granite multipliers exist only in granitemoe types")
+        why.append("the parent's granite multipliers exist only in granitemoe types")
     if parent.partial_rotary_factor != 1.0 and not fmt.partial_rotary:
         why.append(f"the parent rotates {parent.partial_rotary_factor:g} of each head, {fmt.model_type} rotates all of it")
     windows = parent.sliding_windows

@@ -84,12 +84,11 @@ def parse_size(text: str) -> int:
         "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
         "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1,
     }
-    for unit, mult in units.items():
+    num, mult = s, 1
+    for unit, factor in units.items():
         if s.endswith(unit):
-            num = s[: -len(unit)]
+            num, mult = s[: -len(unit)], factor
             break
-    else:
-        num, mult = s, 1
     try:
         value = float(num)
     except ValueError:

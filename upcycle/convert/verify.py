@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycle.errors import VerificationError
+from upcycle.core.errors import VerificationError
 
 PROMPTS = (
     "The capital of France is",
@@ -24,7 +24,7 @@ def verify_conversion(parent_spec: str, out: Path, *, out_dtype: str, exact: boo
                       tolerance: float = TOLERANCE, allow_pickle: bool = False) -> dict:
     import torch
 
-    from upcycle.loading import load_causal_lm, load_tokenizer
+    from upcycle.core.loading import load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
     parent = load_causal_lm(parent_spec, dtype="float32", allow_pickle=allow_pickle)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle import __version__
-from upcycle.tensors import NAME_OF, human_bytes, human_count
+from upcycle.core.tensors import NAME_OF, human_bytes, human_count
 
 MANIFEST = "upcycle.json"
 
@@ -162,7 +162,7 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         "",
         "The full recipe, with the parent neurons behind every expert, is in `upcycle.json`.",
     ]
-    from upcycle.formats import portability_notes
+    from upcycle.families.moe import portability_notes
 
     notes = portability_notes(fmt, p, r)
     if notes:

@@ -11,10 +11,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.archs import ARCHS, ParentSpec, parse_parent_config, supported_parents
-from upcycle.errors import InputError, UnsupportedError
-from upcycle.loading import is_hub_id
-from upcycle.sources import GGUFSource, PickleSource, SafetensorsSource, TensorSource
+from upcycle.families.parents import ARCHS, ParentSpec, parse_parent_config, supported_parents
+from upcycle.core.errors import InputError, UnsupportedError
+from upcycle.core.loading import is_hub_id
+from upcycle.convert.sources import GGUFSource, PickleSource, SafetensorsSource, TensorSource
 
 # Files that travel unchanged from the parent to the MoE folder.
 TOKENIZER_FILES = (
@@ -33,13 +33,13 @@ class ParentCheckpoint:
 
     @property
     def load_spec(self) -> str:
-        """What upcycle.loading.load_causal_lm needs to load this parent as a whole model (for verification)."""
+        """What upcycle.core.loading.load_causal_lm needs to load this parent as a whole model (for verification)."""
         return str(self.gguf or self.folder)
 
     def copy_tokenizer(self, dst: Path) -> list[str]:
         """Tokenizer and generation config into dst: copied byte for byte, or (GGUF) rebuilt by transformers."""
         if self.gguf is not None:
-            from upcycle.loading import load_tokenizer
+            from upcycle.core.loading import load_tokenizer
 
             tok = load_tokenizer(self.gguf)
             tok.save_pretrained(dst)

@@ -1,6 +1,6 @@
 """Loading whole models for the commands that run them (verify, train, eval, data-driven router init).
 
-Conversion itself never goes through here: it streams tensors (upcycle.sources). This module is the one place
+Conversion itself never goes through here: it streams tensors (upcycle.convert.sources). This module is the one place
 that knows how to turn "a folder, a .gguf file or a hub id" into a transformers model and tokenizer, safely:
 no remote code unless asked, no pickle files unless asked.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from upcycle.errors import InputError, UnsupportedError
+from upcycle.core.errors import InputError, UnsupportedError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 

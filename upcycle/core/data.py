@@ -39,7 +39,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from upcycle.errors import InputError, UpcycleError, UsageError
+from upcycle.core.errors import InputError, UpcycleError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +50,7 @@ TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 SUFFIXES = TEXT_SUFFIXES + tuple(TABLE_SUFFIXES)
 SPLITS = ("all", "train", "heldout")
 _SPLIT_NAMES = {"all": "whole data", "train": "training split", "heldout": "held-out split"}
-STATE_FORMAT = "upcycle.data/1"
+STATE_FORMAT = "upcycle.core.data/1"
 TOKENIZE_BATCH = 64  # documents per tokenizer call: amortises the call, bounds the memory of one batch
 
 _GLOB_CHARS = set("*?[")
@@ -179,7 +179,7 @@ def _stream_texts(sources: list[_Source]) -> Iterator[str]:
     ds = load_dataset("text", data_files=[_literal(s.spec) for s in sources], split="train", streaming=True,
                       sample_by="document", encoding="utf-8-sig", encoding_errors="replace")
     n = 0
-    for n, row in enumerate(ds, start=1):
+    for n, row in enumerate(ds, start=1):  # noqa: B007 - n counts the rows after the loop
         yield row["text"]
     if n != len(sources):  # document mode yields exactly one row per file, even an empty one
         raise RuntimeError(f"datasets gave {n} documents for {len(sources)} text files")

@@ -13,7 +13,7 @@ from typing import Callable
 import typer
 
 from upcycle import __version__
-from upcycle.errors import UpcycleError
+from upcycle.core.errors import UpcycleError
 
 app = typer.Typer(
     name="upcycle",
@@ -30,7 +30,7 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from upcycle import ui
+        from upcycle.core import ui
 
         try:
             return fn(*args, **kwargs)
@@ -61,10 +61,10 @@ def _root(
 # Each command lives in its own cli_<name>.py with only typer options at import time; heavy imports (torch,
 # transformers, datasets) happen inside the command so that `upcycle --help` stays instant.
 _COMMANDS = [
-    ("convert", "upcycle.cli_convert", "convert_command"),
-    ("eval", "upcycle.cli_eval", "eval_command"),
-    ("train", "upcycle.cli_train", "train_command"),
-    ("demo", "upcycle.cli_demo", "demo_command"),
+    ("convert", "upcycle.cli.convert", "convert_command"),
+    ("eval", "upcycle.cli.eval", "eval_command"),
+    ("train", "upcycle.cli.train", "train_command"),
+    ("demo", "upcycle.cli.demo", "demo_command"),
 ]
 
 

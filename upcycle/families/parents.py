@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from upcycle.errors import UnsupportedError
+from upcycle.core.errors import UnsupportedError
 
 
 @dataclass(frozen=True)

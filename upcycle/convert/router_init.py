@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from upcycle import ui
-from upcycle.errors import InputError
+from upcycle.core import ui
+from upcycle.core.errors import InputError
 
 MAX_TOKENS = 8192
 ITERATIONS = 25
@@ -23,7 +23,7 @@ ITERATIONS = 25
 
 def _texts(path: Path) -> list[str]:
     try:
-        from upcycle.data import iter_texts, resolve_data_files
+        from upcycle.core.data import iter_texts, resolve_data_files
 
         files = resolve_data_files([str(path)])
         return list(_take_chars(iter_texts(files), 4 * MAX_TOKENS * 8))
@@ -66,7 +66,7 @@ def kmeans_router_bases(parent_spec: str, text: Path, plan, quiet: bool = False,
     """{layer: (copies, H) float32 router rows} from the parent's activations on `text`."""
     import torch
 
-    from upcycle.loading import load_causal_lm, load_tokenizer
+    from upcycle.core.loading import load_causal_lm, load_tokenizer
 
     if not quiet:
         ui.info(f"router init: k-means of the parent's hidden states on {text}")

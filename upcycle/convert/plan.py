@@ -11,12 +11,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from upcycle.archs import ParentSpec
-from upcycle.configs import build_config
-from upcycle.formats import MoEFormat
-from upcycle.recipe import Recipe
-from upcycle.tensors import nbytes
-from upcycle.weights import LayerLayout, ParentReader, WeightFactory, layer_layout
+from upcycle.families.parents import ParentSpec
+from upcycle.families.moe.config import build_config
+from upcycle.families.moe import MoEFormat
+from upcycle.convert.recipe import Recipe
+from upcycle.core.tensors import nbytes
+from upcycle.convert.weights import LayerLayout, ParentReader, WeightFactory, layer_layout
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _one(f: Callable[[], np.ndarray]) -> Callable[[], Iterator[np.ndarray]]:
 def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoEFormat, moe_layers: list[int],
               out_dtype: str, router_bases: dict | None = None) -> Plan:
     p = parent
-    from upcycle.tensors import NAME_OF
+    from upcycle.core.tensors import NAME_OF
 
     config = build_config(fmt, p, recipe, moe_layers, NAME_OF[out_dtype])
     moe = set(moe_layers)

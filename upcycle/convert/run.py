@@ -14,16 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle import ui
-from upcycle.errors import InputError, UsageError
-from upcycle.formats import choose_format, portability_notes
-from upcycle.manifest import manifest_dict, model_card, write_manifest
-from upcycle.parent import ParentCheckpoint, open_parent
-from upcycle.plan import Plan, make_plan
-from upcycle.recipe import Recipe
-from upcycle.tensors import CODE_OF, NAME_OF, human_bytes, human_count, parse_size
-from upcycle.weights import ParentReader
-from upcycle.writer import atomic_folder, check_output, check_space, write_shards
+from upcycle.core import ui
+from upcycle.core.errors import InputError, UsageError
+from upcycle.families.moe import choose_format, portability_notes
+from upcycle.convert.card import manifest_dict, model_card, write_manifest
+from upcycle.convert.parent import ParentCheckpoint, open_parent
+from upcycle.convert.plan import Plan, make_plan
+from upcycle.convert.recipe import Recipe
+from upcycle.core.tensors import CODE_OF, NAME_OF, human_bytes, human_count, parse_size
+from upcycle.convert.weights import ParentReader
+from upcycle.convert.writer import atomic_folder, check_output, check_space, write_shards
 
 
 @dataclass
@@ -83,7 +83,7 @@ def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None
 def describe(plan: Plan, out: Path | None, max_shard_bytes: int) -> None:
     from rich.table import Table
 
-    from upcycle.writer import assign_shards
+    from upcycle.convert.writer import assign_shards
 
     r, p = plan.recipe, plan.parent
     t = Table(title=f"upcycle plan: {p.model_type} -> {plan.fmt.model_type}", show_header=True, header_style="bold")
@@ -146,7 +146,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
             return ConvertResult(None, plan, None, time.perf_counter() - start)
         check_space(out, plan.output_bytes + (64 << 20))
         if mode == "kmeans":
-            from upcycle.router_init import kmeans_router_bases
+            from upcycle.convert.router_init import kmeans_router_bases
 
             bases = kmeans_router_bases(ckpt.load_spec, kmeans_file, plan, quiet=quiet, allow_pickle=allow_pickle)
             plan, _ = build_plan(ckpt, recipe, bases)
@@ -163,7 +163,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
                 gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             if verify:
-                from upcycle.verify import verify_conversion
+                from upcycle.convert.verify import verify_conversion
 
                 if not quiet:
                     ui.info("verifying against the parent (logits and greedy decoding)")

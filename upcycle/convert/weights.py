@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from upcycle.archs import ParentSpec
-from upcycle.recipe import Recipe
-from upcycle.sources import TensorSource
-from upcycle.tensors import convert, from_f32, to_f32
+from upcycle.families.parents import ParentSpec
+from upcycle.convert.recipe import Recipe
+from upcycle.convert.sources import TensorSource
+from upcycle.core.tensors import convert, from_f32, to_f32
 
 # purposes, for seeding
 _PERM, _ROUTER, _DROP, _NOISE = 1, 2, 3, 4

@@ -51,7 +51,7 @@ def eval_command(
 
       upcycle eval ./Mixtral-folder --data eval.txt --split all --layers all   # an existing MoE, no parent
     """
-    from upcycle import ui
+    from upcycle.core import ui
     from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate
 

@@ -1,0 +1,1 @@
+"""Architecture knowledge as data: dense parent families and Hugging Face MoE types."""
