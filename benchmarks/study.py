@@ -92,9 +92,10 @@ def _paired(moe: Path, dense: Path, data: list[str], out: Path, args) -> dict:
     from upcycle.evaluate.run import EvalOptions, evaluate
 
     if not (out / "report.json").is_file():
-        opts = EvalOptions(split="heldout", seq_len=args.seq_len, max_blocks=args.final_blocks, seed=args.seed,
-                           heldout_fraction=args.heldout_fraction, layers="none", plots=False, overwrite=True)
-        evaluate(moe, data=data, parent=dense, out=out, options=opts, quiet=True)
+        opts = EvalOptions(data=data, parent=dense, out=out, split="heldout", seq_len=args.seq_len,
+                           max_blocks=args.final_blocks, seed=args.seed, heldout_fraction=args.heldout_fraction,
+                           layers="none", plots=False, overwrite=True)
+        evaluate(moe, opts, quiet=True)
     rep = json.loads((out / "report.json").read_text())
     diff = rep["comparison"]["loss_diff"]
     return {"moe_loss": rep["model"]["loss"], "dense_loss": rep["parent"]["loss"], "mean": diff["mean"],
@@ -139,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         export_dense(smollm2_gguf(), parent, dtype="float32")
     moe = work / f"moe-{args.experts}x-top{args.top_k}"
     if not moe.is_dir():
-        convert(parent, moe, experts=args.experts, top_k=args.top_k, seed=args.seed, verify=True)
+        from upcycle.convert.report import print_summary
+        from upcycle.core import ui
+
+        print_summary(convert(parent, moe, experts=args.experts, top_k=args.top_k, seed=args.seed, verify=True),
+                      ui.console)
 
     cost_dense, cost_moe = _cost(parent, args.seq_len), _cost(moe, args.seq_len)
     ratio = cost_moe["flops_per_token"] / cost_dense["flops_per_token"]

@@ -17,7 +17,7 @@ from upcycle.convert import convert
 def main(argv=None):
     args = c.options(__doc__, "coarse", argv)
     parent = c.parent(args)
-    convert(parent, args.work / "moe", experts=8, top_k=2)
+    c.print_conversion(convert(parent, args.work / "moe", experts=8, top_k=2))
     c.train_and_evaluate(args, args.work / "moe", parent)
 
 

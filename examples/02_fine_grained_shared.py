@@ -17,7 +17,8 @@ from upcycle.convert import convert
 def main(argv=None):
     args = c.options(__doc__, "fine-grained", argv)
     parent = c.parent(args)
-    convert(parent, args.work / "moe", granularity=4, experts=16, top_k=4, shared_experts=4, format="qwen2_moe")
+    c.print_conversion(convert(parent, args.work / "moe", granularity=4, experts=16, top_k=4, shared_experts=4,
+                               format="qwen2_moe"))
     c.train_and_evaluate(args, args.work / "moe", parent)
 
 

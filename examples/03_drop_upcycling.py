@@ -18,7 +18,7 @@ from upcycle.convert import convert
 def main(argv=None):
     args = c.options(__doc__, "drop-upcycling", argv)
     parent = c.parent(args)
-    convert(parent, args.work / "moe", experts=8, top_k=2, expert_init="drop:0.5")
+    c.print_conversion(convert(parent, args.work / "moe", experts=8, top_k=2, expert_init="drop:0.5"))
     c.train_and_evaluate(args, args.work / "moe", parent)
 
 

@@ -14,7 +14,7 @@ from upcycle.convert import convert
 def main(argv=None):
     args = c.options(__doc__, "partial-layers", argv)
     parent = c.parent(args)
-    convert(parent, args.work / "moe", experts=8, top_k=2, moe_layers="every:2")
+    c.print_conversion(convert(parent, args.work / "moe", experts=8, top_k=2, moe_layers="every:2"))
     c.train_and_evaluate(args, args.work / "moe", parent)
 
 

@@ -22,7 +22,7 @@ def main(argv=None):
     parent = c.parent(args)
     domain = [str(stdlib_dir() / "email")]
     moe = args.work / "moe"
-    convert(parent, moe, experts=8, top_k=2)
+    c.print_conversion(convert(parent, moe, experts=8, top_k=2))
     # a freshly upcycled MoE routes at random; a trained one (e.g. 01's run/final) gives a sharper ranking
     c.evaluate(args, moe, None, args.work / "domain-report", domain=domain)
     selection = args.work / "domain-report" / "domain_experts.json"

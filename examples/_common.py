@@ -65,13 +65,23 @@ def train_config(args, model, out, **overrides):
     return TrainConfig(**settings)
 
 
+def print_conversion(result):
+    """What upcycle convert prints after writing: the output and how it verified."""
+    from upcycle.convert.report import print_summary
+    from upcycle.core import ui
+
+    print_summary(result, ui.console)
+    return result
+
+
 def evaluate(args, model, parent_dir, out, **kw):
     from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions
     from upcycle.evaluate.run import evaluate as run_eval
 
-    opts = EvalOptions(split="all", seq_len=args.seq_len, max_blocks=args.eval_blocks, plots=False)
-    report = run_eval(model, data=heldout_data(args), parent=parent_dir, out=out, options=opts, **kw)
+    opts = EvalOptions(data=heldout_data(args), parent=parent_dir, out=out, split="all", seq_len=args.seq_len,
+                       max_blocks=args.eval_blocks, plots=False, **kw)
+    report = run_eval(model, opts)
     from upcycle.core import ui
 
     print_report(report, ui.out)

@@ -154,8 +154,16 @@ def test_kmeans_router_is_data_driven_and_exact(tiny_parent, tmp_path):
 
 
 def test_dry_run_writes_nothing(tiny_parent, tmp_path, capsys):
+    import sys
+
+    from rich.console import Console
+
+    from upcycle.convert.report import print_plan
+
     res = convert(tiny_parent("llama"), tmp_path / "m", dry_run=True, experts=16, top_k=4, granularity=2)
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and res.out is None and res.verification is None
+    assert capsys.readouterr().out == ""  # the library prints no table; the CLI prints it from the result
+    print_plan(res, Console(file=sys.stdout))
     text = capsys.readouterr().out
     assert "mixtral" in text and "active per token" in text and "16x64 top-4" in text
     assert res.plan.total_params > res.plan.active_params > 0

@@ -4,6 +4,7 @@ aux-loss-free bias updates, what trains (roles, masks, optimizer groups) and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -89,11 +90,11 @@ def test_parse_train_errors(values, message):
 
 def test_config_derived_budget_and_warmup(tmp_path):
     cfg = TrainConfig(model="m", data=["d"], out=tmp_path / "r", tokens="1000", seq_len=32, batch_size=2,
-                      grad_accum=2).validate()
+                      grad_accum=2)
     assert cfg.tokens == 1000 and cfg.tokens_per_step(1) == 128 and cfg.tokens_per_step(2) == 256
     assert cfg.total_steps(1) == 8 and cfg.total_steps(2) == 4  # rounded up to whole steps
     assert cfg.warmup(100) == 2 and cfg.warmup(10) == 1 and cfg.warmup(1) == 0
-    cfg.warmup_steps = 50
+    cfg = dataclasses.replace(cfg, warmup_steps=50)
     assert cfg.warmup(10) == 10
     assert json.loads(json.dumps(cfg.to_json()))["out"] == str(tmp_path / "r")
 

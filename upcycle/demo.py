@@ -18,8 +18,10 @@ from upcycle.core import ui
 from upcycle.core.errors import OutputError, UsageError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoOptions:
+    """The demo's sizes and seeds, checked on construction. One field here plus one option in upcycle/cli/demo.py."""
+
     experts: int = 8
     top_k: int = 2
     steps: int = 20
@@ -31,7 +33,7 @@ class DemoOptions:
     seed: int = 0
     overwrite: bool = False
 
-    def validate(self) -> None:
+    def __post_init__(self):
         for name, v, lo in (("--experts", self.experts, 2), ("--top-k", self.top_k, 1), ("--steps", self.steps, 1),
                             ("--seq-len", self.seq_len, 16), ("--batch-size", self.batch_size, 1),
                             ("--eval-blocks", self.eval_blocks, 1)):
@@ -62,6 +64,7 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     """Fetch the parent, export it, convert it, train the MoE, evaluate it against the parent; return a summary."""
     from upcycle.core.assets import smollm2_gguf, stdlib_dir, stdlib_split
     from upcycle.convert import convert
+    from upcycle.convert.report import print_summary
     from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate
     from upcycle.core.hardware import default_precision
@@ -69,7 +72,6 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     from upcycle.train import TrainConfig, train
 
     opt = options or DemoOptions()
-    opt.validate()
     out = Path(out).expanduser()
     _prepare_out(out, opt.overwrite)
     precision = default_precision() if opt.precision == "auto" else opt.precision
@@ -94,8 +96,9 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     summary["seconds"][name] = time.perf_counter() - t
 
     name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of each MLP")
-    convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, seed=opt.seed, verify=True,
-            command=["upcycle", "demo", str(out)])
+    converted = convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, seed=opt.seed, verify=True,
+                        command=["upcycle", "demo", str(out)])
+    print_summary(converted, ui.console)
     summary["seconds"][name] = time.perf_counter() - t
 
     name, t = step("train", f"3/4 train: {opt.steps} steps of {opt.batch_size} x {opt.seq_len} tokens ({precision})")
@@ -107,9 +110,9 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     summary["train"] = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss}
 
     name, t = step("eval", "4/4 eval: trained MoE against the parent on the held-out files")
-    eval_opt = EvalOptions(split="all", seq_len=opt.seq_len, max_blocks=opt.eval_blocks, seed=opt.seed)
-    report = evaluate(result.final or out / "run" / "final", data=[str(p) for p in held_files], parent=parent,
-                      out=out / "report", run=out / "run", options=eval_opt)
+    eval_opt = EvalOptions(data=held_files, parent=parent, out=out / "report", run=out / "run", split="all",
+                           seq_len=opt.seq_len, max_blocks=opt.eval_blocks, seed=opt.seed)
+    report = evaluate(result.final or out / "run" / "final", eval_opt)
     summary["seconds"][name] = time.perf_counter() - t
     print_report(report, ui.out)
     rep = json.loads((out / "report" / "report.json").read_text())

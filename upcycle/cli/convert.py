@@ -1,67 +1,63 @@
-"""`upcycle convert`: options only; the work is done by upcycle.convert.convert()."""
+"""`upcycle convert`: options only; upcycle.convert.convert() does the work and the CLI prints its result."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-FORMATS = "auto|mixtral|qwen2_moe|qwen3_moe|glm4_moe|dots1|granitemoe|granitemoeshared|flex_olmo"
+from upcycle.cli.options import EXPERTS, OUTPUT, AllowPickle, Dtype, Experts, Overwrite, Seed, TopK
+
+FORMATS = "auto, mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1, granitemoe, granitemoeshared, flex_olmo"
+ROUTER = "Router"
+VERIFICATION = "Verification"
 
 
 def convert_command(
-    parent: str = typer.Argument(..., help="Dense parent: a Hugging Face folder, a .gguf file, or a hub id (online only)."),
-    out: Path = typer.Argument(..., help="Output folder for the MoE checkpoint (must not exist or be empty, unless --overwrite)."),
-    experts: int = typer.Option(8, "--experts", "-e", help="Routed experts per MoE layer."),
-    top_k: int = typer.Option(2, "--top-k", "-k", help="Routed experts chosen per token."),
-    granularity: int = typer.Option(1, "--granularity", "-g", help="Each expert is 1/G of the dense MLP (fine-grained experts)."),
-    shared_experts: int = typer.Option(0, "--shared-experts", help="Always-on shared experts, each 1/G of the dense MLP."),
-    format: str = typer.Option("auto", "--format", "-f", help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly."),
-    moe_layers: str = typer.Option("all", "--moe-layers", help="Layers that become MoE: all, every:N, or a list like 0,2,4-7 (others stay dense where the format allows)."),
-    router_init: str = typer.Option("random", "--router-init", help="random (fp32, small std, virtual groups tied) or kmeans:TEXT_FILE (centroids of the parent's hidden states)."),
-    router_std: float = typer.Option(0.02, "--router-std", help="Standard deviation of the random router weights."),
-    expert_init: str = typer.Option("copy", "--expert-init", help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise)."),
-    slice_order: str = typer.Option("contiguous", "--slice-order", help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for every random choice; the same command writes the same bytes."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (the parent's), float32, bfloat16 or float16."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layout, sizes, parameters) and write nothing."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Load parent and result, compare logits and greedy decoding; fail if an exact recipe is not exact."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a parent stored as PyTorch pickle (.bin); only for files you trust."),
+    parent: Annotated[str, typer.Argument(help="Dense parent: a Hugging Face folder, a .gguf file, or a hub id (online only).")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint (must not exist or be empty, unless --overwrite).")],
+    experts: Experts = 8,
+    top_k: TopK = 2,
+    granularity: Annotated[int, typer.Option("--granularity", "-g", rich_help_panel=EXPERTS, help="Each expert is 1/G of the dense MLP (fine-grained experts).")] = 1,
+    shared_experts: Annotated[int, typer.Option("--shared-experts", rich_help_panel=EXPERTS, help="Always-on shared experts, each 1/G of the dense MLP.")] = 0,
+    moe_layers: Annotated[str, typer.Option("--moe-layers", rich_help_panel=EXPERTS, help="Layers that become MoE: all, every:N, or a list like 0,2,4-7 (others stay dense where the format allows).")] = "all",
+    expert_init: Annotated[str, typer.Option("--expert-init", rich_help_panel=EXPERTS, help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise).")] = "copy",
+    slice_order: Annotated[str, typer.Option("--slice-order", rich_help_panel=EXPERTS, help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation).")] = "contiguous",
+    router_init: Annotated[str, typer.Option("--router-init", rich_help_panel=ROUTER, help="random (fp32, small std, virtual groups tied) or kmeans:TEXT_FILE (centroids of the parent's hidden states).")] = "random",
+    router_std: Annotated[float, typer.Option("--router-std", rich_help_panel=ROUTER, help="Standard deviation of the random router weights.")] = 0.02,
+    format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly.")] = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", rich_help_panel=OUTPUT, help="Largest output shard, e.g. 500MB, 5GB.")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel=OUTPUT, help="Print the plan (layout, sizes, parameters) and write nothing.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", rich_help_panel=VERIFICATION, help="Load parent and result, compare logits and greedy decoding; fail if an exact recipe is not exact.")] = True,
+    seed: Seed = 0,
+    dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint that computes what the parent computed.
 
     Examples:
 
-      upcycle convert ./SmolLM2-135M ./smol-moe                     # 8 experts top-2, type chosen for you
+    8 experts top-2, the output type chosen for you:
+      upcycle convert ./SmolLM2-135M ./smol-moe
 
-      upcycle convert model.gguf out -e 32 -k 4 -g 4 --shared-experts 2   # fine-grained + shared (DeepSeekMoE style)
+    Fine-grained experts plus shared experts (DeepSeekMoE style):
+      upcycle convert model.gguf out -e 32 -k 4 -g 4 --shared-experts 2
 
-      upcycle convert ./parent out --expert-init drop:0.5           # Drop-Upcycling (not exact, on purpose)
+    Drop-Upcycling (not exact, on purpose):
+      upcycle convert ./parent out --expert-init drop:0.5
 
-      upcycle convert ./parent out --moe-layers every:2 --dry-run   # see the plan first
+    See the plan first:
+      upcycle convert ./parent out --moe-layers every:2 --dry-run
     """
-    from upcycle.convert import convert
+    options = {name: value for name, value in locals().items() if name != "parent"}
+    from upcycle.convert import ConvertOptions, convert
+    from upcycle.convert.report import print_plan, print_summary
+    from upcycle.core import ui
 
-    convert(
-        parent,
-        out,
-        experts=experts,
-        top_k=top_k,
-        granularity=granularity,
-        shared_experts=shared_experts,
-        format=format,
-        moe_layers=moe_layers,
-        router_init=router_init,
-        router_std=router_std,
-        expert_init=expert_init,
-        slice_order=slice_order,
-        seed=seed,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        verify=verify,
-        allow_pickle=allow_pickle,
-    )
+    result = convert(parent, ConvertOptions.from_fields(**options))
+    if result.options.dry_run:
+        print_plan(result, ui.out)
+    else:
+        print_summary(result, ui.console)

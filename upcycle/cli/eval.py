@@ -1,68 +1,99 @@
-"""`upcycle eval`: options only; the work is done by upcycle.evaluate.run.evaluate()."""
+"""`upcycle eval`: options only; upcycle.evaluate.run.evaluate() does the work and the CLI prints its report.
+
+Each parameter is named after its EvalOptions field: an option is one field there plus one parameter here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
+from upcycle.cli.options import (
+    DATA,
+    HARDWARE,
+    OUTPUT,
+    AllowPickle,
+    Data,
+    Dtype,
+    HeldoutFraction,
+    Overwrite,
+    Seed,
+    SeqLen,
+    TextField,
+)
+
+COMPARISON = "Comparison"
+EXPERT_PROFILES = "Expert profiles"
+
+
+def _opt(*names: str, panel: str, help: str):
+    return typer.Option(*names, rich_help_panel=panel, help=help)
+
 
 def eval_command(
-    model: str = typer.Argument(..., help="Model to evaluate: an MoE folder (from upcycle convert/train, or an existing Mixtral, Qwen2-MoE, ... checkpoint), or a dense model."),
-    parent: Optional[str] = typer.Option(None, "--parent", "-p", help="Dense parent to compare with, scored on the same tokens (folder, .gguf file or hub id). Must share MODEL's tokenizer."),
-    data: List[str] = typer.Option(..., "--data", "-d", help="Text to score: files, folders or globs (.txt, .md, .py, .jsonl, .parquet, ...). Repeat for several."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (report.json, summary.md, PNG plots). Default: ./eval-<MODEL name>."),
-    split: str = typer.Option("heldout", "--split", help="heldout: only the held-out share of --data, chosen as upcycle train chooses it (same --seed and --heldout-fraction), so evaluating on the training files never scores training tokens. all: every token, for dedicated evaluation files."),
-    heldout_fraction: float = typer.Option(0.01, "--heldout-fraction", help="Share of --data held out from training (match the value used for upcycle train)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per scored block."),
-    max_blocks: int = typer.Option(64, "--max-blocks", help="Most blocks to score (more blocks: narrower confidence intervals, slower)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and block order (match upcycle train)."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the text in .jsonl/.json/.parquet/.csv files (default: text)."),
-    domain: Optional[List[str]] = typer.Option(None, "--domain", help="Domain text (all of it is scored): ranks the experts by how much more the domain uses them than --data does, and writes domain_experts.json for upcycle train --train."),
-    domain_top: Optional[int] = typer.Option(None, "--domain-top", help="Experts to select per layer for --domain (default: the layer's top-k)."),
-    layers: str = typer.Option("auto", "--layers", help="MoE layers whose experts get token and context profiles: auto (first, middle, last), all, none, or a list like 0,2,4-7."),
-    top_tokens: int = typer.Option(10, "--top-tokens", help="Tokens listed per expert in the profiles."),
-    contexts: int = typer.Option(3, "--contexts", help="Contexts listed per expert in the profiles (where the router was most sure)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="A training run folder (with metrics.jsonl): adds its training curves to the report."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval-harness tasks to run on both models, comma-separated (needs `pip install lm-eval` and its datasets)."),
-    tasks_limit: Optional[int] = typer.Option(None, "--tasks-limit", help="Examples per lm-eval task (default: all)."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Blocks per forward pass."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 for both models."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
-    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the tables."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --out."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow models stored as PyTorch pickle (.bin); only for files you trust."),
+    model: Annotated[str, typer.Argument(help="Model to evaluate: an MoE folder (from upcycle convert/train, or an existing Mixtral, Qwen2-MoE, ... checkpoint), or a dense model.")],
+    # data
+    data: Data = ...,
+    split: Annotated[str, _opt("--split", panel=DATA, help="heldout: only the held-out share of --data, chosen as upcycle train chooses it (same --seed and --heldout-fraction), so evaluating on the training files never scores training tokens. all: every token, for dedicated evaluation files.")] = "heldout",
+    heldout_fraction: HeldoutFraction = 0.01,
+    seq_len: SeqLen = 512,
+    max_blocks: Annotated[int, _opt("--max-blocks", panel=DATA, help="Most blocks to score (more blocks: narrower confidence intervals, slower).")] = 64,
+    text_field: TextField = None,
+    # comparison
+    parent: Annotated[Optional[str], _opt("--parent", "-p", panel=COMPARISON, help="Dense parent to compare with, scored on the same tokens (folder, .gguf file or hub id). Must share MODEL's tokenizer.")] = None,
+    run: Annotated[Optional[Path], _opt("--run", panel=COMPARISON, help="A training run folder (with metrics.jsonl): adds its training curves to the report.")] = None,
+    tasks: Annotated[Optional[str], _opt("--tasks", panel=COMPARISON, help="lm-eval-harness tasks to run on both models, comma-separated (needs `pip install lm-eval` and its datasets).")] = None,
+    tasks_limit: Annotated[Optional[int], _opt("--tasks-limit", panel=COMPARISON, help="Examples per lm-eval task (default: all).")] = None,
+    # expert profiles
+    layers: Annotated[str, _opt("--layers", panel=EXPERT_PROFILES, help="MoE layers whose experts get token and context profiles: auto (first, middle, last), all, none, or a list like 0,2,4-7.")] = "auto",
+    top_tokens: Annotated[int, _opt("--top-tokens", panel=EXPERT_PROFILES, help="Tokens listed per expert in the profiles.")] = 10,
+    contexts: Annotated[int, _opt("--contexts", panel=EXPERT_PROFILES, help="Contexts listed per expert in the profiles (where the router was most sure).")] = 3,
+    domain: Annotated[Optional[List[str]], _opt("--domain", panel=EXPERT_PROFILES, help="Domain text (all of it is scored): ranks the experts by how much more the domain uses them than --data does, and writes domain_experts.json for upcycle train --train.")] = None,
+    domain_top: Annotated[Optional[int], _opt("--domain-top", panel=EXPERT_PROFILES, help="Experts to select per layer for --domain (default: the layer's top-k).")] = None,
+    # output
+    out: Annotated[Optional[Path], _opt("--out", "-o", panel=OUTPUT, help="Report folder (report.json, summary.md, PNG plots). Default: ./eval-<MODEL name>.")] = None,
+    plots: Annotated[bool, _opt("--plots/--no-plots", panel=OUTPUT, help="Write PNG plots.")] = True,
+    json_out: Annotated[bool, _opt("--json", panel=OUTPUT, help="Print report.json to stdout instead of the tables.")] = False,
+    # hardware
+    batch_size: Annotated[int, _opt("--batch-size", "-b", panel=HARDWARE, help="Blocks per forward pass.")] = 4,
+    device: Annotated[str, _opt("--device", panel=HARDWARE, help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
+    # common
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
-    """Compare an MoE with its dense parent on the same held-out tokens, and show how the experts are used.
+    """Compare an MoE with its dense parent on the same held-out tokens, and show
+    how the experts are used.
 
-    Loss and perplexity with confidence intervals, speed, parameters, FLOPs and memory side by side; per layer,
-    routing diagnostics (load balance, entropy, capacity drops, co-selection, expert drift) and what each expert
-    receives. Tells whether upcycling paid off.
+    Loss and perplexity with confidence intervals, speed, parameters, FLOPs and
+    memory side by side; per layer, routing diagnostics (load balance, entropy,
+    capacity drops, co-selection, expert drift) and what each expert receives.
+    Tells whether upcycling paid off.
 
     Examples:
 
-      upcycle eval ./smol-moe --parent ./SmolLM2-135M --data corpus/     # held-out share of the training data
+    The held-out share of the training data:
+      upcycle eval ./smol-moe --parent ./SmolLM2-135M --data corpus/
 
-      upcycle eval ./run/final --parent ./SmolLM2-135M --data eval.jsonl --split all --run ./run
+    Dedicated evaluation text, with the training curves of the run:
+      upcycle eval ./run/final --parent ./SmolLM2-135M --data eval.jsonl \\
+        --split all --run ./run
 
-      upcycle eval ./smol-moe --data corpus/ --domain legal/ -o report   # which experts a legal fine-tune should train
+    Which experts a legal fine-tune should train:
+      upcycle eval ./smol-moe --data corpus/ --domain legal/ -o report
 
-      upcycle eval ./Mixtral-folder --data eval.txt --split all --layers all   # an existing MoE, no parent
+    An existing MoE, no parent:
+      upcycle eval ./Mixtral-folder --data eval.txt --split all --layers all
     """
+    options = {name: value for name, value in locals().items() if name not in ("model", "json_out")}
     from upcycle.core import ui
     from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate
 
-    options = EvalOptions(
-        split=split, seq_len=seq_len, max_blocks=max_blocks, seed=seed, heldout_fraction=heldout_fraction,
-        text_field=text_field, batch_size=batch_size, dtype=dtype, device=device, layers=layers,
-        top_tokens=top_tokens, contexts=contexts, domain_top=domain_top, plots=plots, overwrite=overwrite,
-        allow_pickle=allow_pickle, tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else [],
-        tasks_limit=tasks_limit,
-    )
-    report = evaluate(model, data=data, parent=parent, out=out, domain=domain, run=run, options=options)
+    report = evaluate(model, EvalOptions(**options))
     if json_out:
         import json
 

@@ -2,7 +2,8 @@
 
 Plan first (parent facts, format, every output tensor), then execute: stream tensors into shards inside a
 temporary folder, add config, tokenizer, manifest and card, verify against the parent, and only then move
-the folder into place.
+the folder into place. convert() shows progress only; the CLI prints the plan and the summary from the
+returned ConvertResult (upcycle.convert.report).
 """
 
 from __future__ import annotations
@@ -11,27 +12,73 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from upcycle.core import ui
 from upcycle.core.errors import InputError, UsageError
-from upcycle.families.moe import choose_format, portability_notes
+from upcycle.families.moe import choose_format
 from upcycle.convert.card import manifest_dict, model_card, write_manifest
 from upcycle.convert.parent import ParentCheckpoint, open_parent
 from upcycle.convert.plan import Plan, make_plan
 from upcycle.convert.recipe import Recipe
-from upcycle.core.tensors import CODE_OF, NAME_OF, human_bytes, human_count, parse_size
+from upcycle.core.tensors import CODE_OF, NAME_OF, parse_size
 from upcycle.convert.weights import ParentReader
 from upcycle.convert.writer import atomic_folder, check_output, check_space, write_shards
 
 
-@dataclass
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything `upcycle convert` is asked to do: the recipe (what the MoE is) and where and how to write it.
+
+    An option is one field here or in Recipe, plus one typer option in upcycle/cli/convert.py.
+    """
+
+    out: Path
+    recipe: Recipe = field(default_factory=Recipe)
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    dry_run: bool = False  # plan only: write nothing
+    verify: bool = True  # compare logits and greedy decoding with the parent before the folder is moved in place
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+        if not isinstance(self.recipe, Recipe):
+            raise TypeError(f"ConvertOptions.recipe must be a Recipe, not {type(self.recipe).__name__}")
+        self.max_shard_bytes  # noqa: B018 - parse now so a bad size fails before any work
+
+    @property
+    def max_shard_bytes(self) -> int:
+        try:
+            return parse_size(self.max_shard_size)
+        except ValueError as exc:
+            raise UsageError(f"--max-shard-size: {exc}") from None
+
+    @classmethod
+    def from_fields(cls, **values) -> "ConvertOptions":
+        """Build from one flat set of keywords (the CLI's options, or a script's), each a field of ConvertOptions
+        or of Recipe. Unknown names are a programming error (TypeError), as for any call."""
+        recipe_names = {f.name for f in fields(Recipe)}
+        own_names = {f.name for f in fields(cls)} - {"recipe"}
+        unknown = sorted(set(values) - recipe_names - own_names)
+        if unknown:
+            raise TypeError(f"unknown convert option(s): {', '.join(unknown)}")
+        recipe = Recipe(**{k: v for k, v in values.items() if k in recipe_names})
+        return cls(recipe=recipe, **{k: v for k, v in values.items() if k in own_names})
+
+
+@dataclass(frozen=True)
 class ConvertResult:
-    out: Path | None
+    options: ConvertOptions
     plan: Plan
-    verification: dict | None
+    verification: dict | None  # None: not verified (--no-verify or --dry-run)
     seconds: float
+
+    @property
+    def out(self) -> Path | None:
+        """The written folder; None after a dry run."""
+        return None if self.options.dry_run else self.options.out
 
 
 def _is_pow2(x: float) -> bool:
@@ -80,55 +127,22 @@ def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None
     return plan, reader
 
 
-def describe(plan: Plan, out: Path | None, max_shard_bytes: int) -> None:
-    from rich.table import Table
+def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: bool = False,
+            command: list[str] | None = None, **values) -> ConvertResult:
+    """Convert PARENT as OPTIONS say; return what was planned, written and verified. Prints nothing but progress.
 
-    from upcycle.convert.writer import assign_shards
-
-    r, p = plan.recipe, plan.parent
-    t = Table(title=f"upcycle plan: {p.model_type} -> {plan.fmt.model_type}", show_header=True, header_style="bold")
-    t.add_column("layer")
-    t.add_column("block")
-    t.add_column("experts")
-    width = p.intermediate_size // r.granularity
-    for lay in plan.layouts:
-        if lay.moe:
-            shared = f" + shared {r.shared_experts}x{width}" if r.shared_experts else ""
-            t.add_row(str(lay.index), "MoE", f"{r.experts}x{width} top-{r.top_k}{shared}")
-        else:
-            t.add_row(str(lay.index), "dense", f"MLP {p.intermediate_size}")
-    ui.out.print(t)
-    shards = len(assign_shards(plan.tensors, max_shard_bytes))
-    mode, value = r.expert_init_mode
-    lines = [
-        f"format        {plan.fmt.model_type} ({plan.fmt.architecture})",
-        f"experts       {r.experts} routed of {width} neurons (1/{r.granularity} of {p.intermediate_size}), top-{r.top_k}, "
-        f"{r.shared_experts} shared; virtual groups of {r.group_size}, {r.copies} copies",
-        f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
-        f"(parent {human_count(plan.parent_params)})",
-        f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
-        f"exact         {'yes' if exact_claim(plan) else 'no: ' + ('expert init ' + r.expert_init + ' perturbs experts on purpose' if mode != 'copy' else 'a non-power-of-two scale is rounded in ' + NAME_OF[plan.out_dtype])}",
-    ]
-    for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
-        lines.append(f"note          {note}")
-    ui.out.print("\n".join(lines))
-
-
-def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int = 2, granularity: int = 1,
-            shared_experts: int = 0, format: str = "auto", moe_layers: str = "all", router_init: str = "random",
-            router_std: float = 0.02, expert_init: str = "copy", slice_order: str = "contiguous", seed: int = 0,
-            dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False, dry_run: bool = False,
-            verify: bool = True, allow_pickle: bool = False, command: list[str] | None = None,
-            quiet: bool = False) -> ConvertResult:
+    OPTIONS is a ConvertOptions, or (a convenience for scripts and tests) the output folder, with any field of
+    ConvertOptions or Recipe as a keyword: convert(parent, "out", experts=4, verify=False).
+    COMMAND is the command line recorded in the manifest and model card (default: this process's, when it is
+    the upcycle CLI).
+    """
+    if not isinstance(options, ConvertOptions):
+        options = ConvertOptions.from_fields(out=options, **values)
+    elif values:
+        raise TypeError(f"convert(): give the options as a ConvertOptions or as keywords, not both: {sorted(values)}")
     start = time.perf_counter()
-    recipe = Recipe(experts=experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts, format=format,
-                    moe_layers=moe_layers, router_init=router_init, router_std=router_std, expert_init=expert_init,
-                    slice_order=slice_order, seed=seed, dtype=dtype)
-    try:
-        max_shard_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise UsageError(f"--max-shard-size: {exc}") from None
-    out = Path(out).expanduser()
+    recipe, out, allow_pickle = options.recipe, options.out, options.allow_pickle
+    dry_run, overwrite, max_shard_bytes = options.dry_run, options.overwrite, options.max_shard_bytes
     if not dry_run:
         check_output(out, overwrite)
     mode, kmeans_file = recipe.router_init_mode
@@ -142,8 +156,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
     try:
         plan, _ = build_plan(ckpt, recipe)
         if dry_run:
-            describe(plan, None, max_shard_bytes)
-            return ConvertResult(None, plan, None, time.perf_counter() - start)
+            return ConvertResult(options, plan, None, time.perf_counter() - start)
         check_space(out, plan.output_bytes + (64 << 20))
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
@@ -162,7 +175,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
             if "generation_config.json" not in copied:
                 gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            if verify:
+            if options.verify:
                 from upcycle.convert.verify import verify_conversion
 
                 if not quiet:
@@ -173,10 +186,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
             (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification))
     finally:
         ckpt.close()
-    seconds = time.perf_counter() - start
-    if not quiet:
-        _summary(plan, out, verification, seconds)
-    return ConvertResult(out, plan, verification, seconds)
+    return ConvertResult(options, plan, verification, time.perf_counter() - start)
 
 
 def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool) -> None:
@@ -194,18 +204,3 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
-
-
-def _summary(plan: Plan, out: Path, verification: dict | None, seconds: float) -> None:
-    r = plan.recipe
-    msg = (f"[green]wrote[/] {out}: {plan.fmt.model_type}, {r.experts} experts top-{r.top_k}, "
-           f"{human_count(plan.total_params)} params ({human_count(plan.active_params)} active), "
-           f"{human_bytes(plan.output_bytes)} in {seconds:.1f}s")
-    ui.console.print(msg)
-    if verification is not None:
-        v = verification
-        verdict = "exact" if v["exact_expected"] else "not exact by design"
-        ui.console.print(f"verified ({verdict}): max |logits diff| {v['max_abs_diff']:.3g}, greedy decoding agrees on "
-                         f"{v['greedy_agree']}/{v['greedy_total']} tokens")
-    elif not exact_claim(plan):
-        ui.warn("this recipe is not exact; run with --verify to measure how far it is from the parent")

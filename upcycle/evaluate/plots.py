@@ -1,4 +1,4 @@
-"""PNG plots of the report. matplotlib is optional (extra `plot`) and imported only here, with Figure objects
+"""PNG plots of the report. matplotlib (a dependency) is imported only here, when plotting, with Figure objects
 rather than pyplot so that no GUI backend or global state is involved."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ def _figure(w: float, h: float):
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
     except ImportError:
-        raise UnsupportedError("plots need matplotlib: pip install 'upcycle[plot]' (or pass --no-plots)") from None
+        raise UnsupportedError("plots need matplotlib, which this installation lacks: pip install matplotlib "
+                               "(or pass --no-plots)") from None
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 

@@ -7,8 +7,9 @@ while recording its routing, and write the report folder. Only one model is in m
 
 from __future__ import annotations
 
+import functools
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.core import ui
@@ -20,8 +21,19 @@ from upcycle.evaluate.report import EXPERTS, REPORT, Report, Side
 SAME_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalOptions:
+    """Everything `upcycle eval` is asked to do, checked on construction (what needs no file or model).
+
+    An option is one field here plus one typer option in upcycle/cli/eval.py. Lists given as lists are stored
+    as tuples; `tasks` also takes the CLI's comma-separated string.
+    """
+
+    data: tuple[str, ...]  # text to score: files, folders, globs
+    parent: str | None = None  # dense parent to compare with, on the same tokens
+    out: Path | None = None  # report folder; None: ./eval-<model name>
+    domain: tuple[str, ...] = ()  # domain text: rank experts by how much more the domain uses them
+    run: Path | None = None  # training run folder whose curves join the report
     split: str = "heldout"
     seq_len: int = 512
     max_blocks: int = 64
@@ -39,8 +51,45 @@ class EvalOptions:
     plots: bool = True
     overwrite: bool = False
     allow_pickle: bool = False
-    tasks: list[str] = field(default_factory=list)
+    tasks: tuple[str, ...] = ()
     tasks_limit: int | None = None
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        set_("data", _strings(self.data))
+        set_("domain", _strings(self.domain))
+        set_("tasks", tuple(t.strip() for t in (self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks)
+                            if t.strip()))
+        if self.parent is not None:
+            set_("parent", str(self.parent))
+        if self.out is not None:
+            set_("out", Path(self.out).expanduser())
+        if self.run is not None:
+            set_("run", Path(self.run).expanduser())
+        if not self.data:
+            raise UsageError("give the text to score with --data (files, folders or globs)")
+        if self.split not in ("heldout", "all"):
+            raise UsageError(f"--split {self.split!r}: use heldout or all")
+        for name, v in (("--seq-len", self.seq_len), ("--max-blocks", self.max_blocks),
+                        ("--batch-size", self.batch_size)):
+            if v < (2 if name == "--seq-len" else 1):
+                raise UsageError(f"{name} must be at least {2 if name == '--seq-len' else 1}")
+        if self.dtype not in SAME_TOLERANCE:
+            raise UsageError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise UsageError(f"--heldout-fraction {self.heldout_fraction:g} must be in [0, 1)")
+        for name, v, lo in (("--top-tokens", self.top_tokens, 1), ("--contexts", self.contexts, 0),
+                            ("--domain-top", self.domain_top, 1), ("--tasks-limit", self.tasks_limit, 1)):
+            if v is not None and v < lo:
+                raise UsageError(f"{name} must be at least {lo}")
+
+
+def _strings(values) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (str, Path)):
+        return (str(values),)
+    return tuple(str(v) for v in values)
 
 
 def parse_layers(spec: str, moe_indices: list[int]) -> list[int]:
@@ -130,10 +179,9 @@ def _model_type(model) -> str:
     return str(getattr(model.config, "model_type", type(model).__name__))
 
 
-def evaluate(model: str | Path, *, data: list[str], parent: str | Path | None = None, out: str | Path | None = None,
-             domain: list[str] | None = None, run: str | Path | None = None, options: EvalOptions | None = None,
-             quiet: bool = False) -> Report:
-    """Score MODEL (and the dense PARENT) on the same held-out blocks; report routing diagnostics for an MoE."""
+def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) -> Report:
+    """Score MODEL (and the dense parent, if OPTIONS name one) on the same held-out blocks; report routing
+    diagnostics for an MoE. Writes the report folder and returns the Report; the caller prints it."""
 
     from upcycle.core.data import heldout_blocks, resolve_data_files
     from upcycle.evaluate import collect
@@ -145,14 +193,8 @@ def evaluate(model: str | Path, *, data: list[str], parent: str | Path | None = 
     from upcycle.core.loading import load_causal_lm, load_tokenizer
     from upcycle.convert.card import read_manifest
 
-    opt = options or EvalOptions()
-    if opt.split not in ("heldout", "all"):
-        raise UsageError(f"--split {opt.split!r}: use heldout or all")
-    for name, v in (("--seq-len", opt.seq_len), ("--max-blocks", opt.max_blocks), ("--batch-size", opt.batch_size)):
-        if v < (2 if name == "--seq-len" else 1):
-            raise UsageError(f"{name} must be at least {2 if name == '--seq-len' else 1}")
-    if opt.dtype not in SAME_TOLERANCE:
-        raise UsageError(f"--dtype {opt.dtype!r}: use float32, bfloat16 or float16")
+    opt = options
+    data, parent, out, domain, run = opt.data, opt.parent, opt.out, opt.domain, opt.run
     device = _device(opt.device)
     model_spec = str(model)
     out_dir = Path(out).expanduser() if out is not None else Path(f"eval-{Path(model_spec).name or 'model'}")
@@ -219,7 +261,7 @@ def evaluate(model: str | Path, *, data: list[str], parent: str | Path | None = 
             else:
                 parent_mlp = parent_mlps(pm)
             if opt.tasks:
-                tasks["parent"] = collect.run_tasks(pm, ptok, opt.tasks, opt.tasks_limit, opt.batch_size)
+                tasks["parent"] = collect.run_tasks(pm, ptok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
             del pm
             _release_memory()
 
@@ -260,7 +302,7 @@ def evaluate(model: str | Path, *, data: list[str], parent: str | Path | None = 
         model_side = Side(model_spec, _model_type(mm), bool(moe), mscores,
                           model_cost(mm, [m.group for m in moe], opt.seq_len), mdomain)
         if opt.tasks:
-            tasks["model"] = collect.run_tasks(mm, tok, opt.tasks, opt.tasks_limit, opt.batch_size)
+            tasks["model"] = collect.run_tasks(mm, tok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
         del mm
         _release_memory()
     finally:

@@ -1,11 +1,14 @@
 """The options of one training run, as a typed dataclass that validates itself before any compute is spent.
 
-`TrainConfig.validate()` checks what can be checked from the options alone; `check_model()` what needs the
-model's type (MoE-only options on a dense model, aux-loss-free balancing without a selection bias).
+A TrainConfig is frozen and checks in __post_init__ what can be checked from the options alone, so an invalid
+one cannot exist; `check_model()` checks what needs the model's type (MoE-only options on a dense model,
+aux-loss-free balancing without a selection bias). `precision="auto"` stays "auto" here: train() resolves it
+for the device it runs on. An option is one field here plus one typer option in upcycle/cli/train.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -128,13 +131,13 @@ def parse_train(values: list[str]) -> TrainSelection:
                           tuple((lay, tuple(sorted(es))) for lay, es in sorted(by_layer.items())))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     model: str
-    data: list[str]
+    data: tuple[str, ...]  # a list is accepted and stored as a tuple
     out: Path
     steps: int | None = None
-    tokens: int | None = None
+    tokens: int | None = None  # also "20M", "1.5B": parsed on construction
     seq_len: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
@@ -158,7 +161,7 @@ class TrainConfig:
     bias_update_rate: float = 1e-3
     router_lr_mult: float = 1.0
     # what trains
-    train: list[str] = field(default_factory=lambda: ["all"])
+    train: tuple[str, ...] | None = ("all",)  # None or empty: all
     # numerics and speed
     precision: str = "auto"  # resolved by train(): bf16 where the device runs it natively, else fp32
     gradient_checkpointing: bool = False
@@ -172,12 +175,16 @@ class TrainConfig:
     report_to: str = "none"
     save_dtype: str = "auto"
     allow_pickle: bool = False
-    selection: TrainSelection | None = field(default=None, repr=False)
+    selection: TrainSelection = field(init=False, repr=False, compare=False)  # parsed from `train`
 
-    def validate(self) -> "TrainConfig":
-        """Raise UsageError for any invalid or contradictory option; fill derived fields. Returns self."""
-        self.out = Path(self.out)
-        self.tokens = parse_count(self.tokens, "--tokens")
+    def __post_init__(self):
+        """Raise UsageError for any invalid or contradictory option; normalise and derive the rest."""
+        set_ = functools.partial(object.__setattr__, self)
+        set_("out", Path(self.out))
+        set_("tokens", parse_count(self.tokens, "--tokens"))
+        set_("model", str(self.model))
+        set_("data", (str(self.data),) if isinstance(self.data, (str, Path)) else tuple(str(d) for d in self.data or ()))
+        set_("train", tuple(self.train or ("all",)))
         if not self.data:
             raise UsageError("give training text with --data (files, folders or globs)")
         if (self.steps is None) == (self.tokens is None):
@@ -224,12 +231,11 @@ class TrainConfig:
             raise UsageError(f"--report-to {self.report_to!r}: use {', '.join(TRACKERS)}")
         if self.save_dtype not in SAVE_DTYPES:
             raise UsageError(f"--save-dtype {self.save_dtype!r}: use {', '.join(SAVE_DTYPES)}")
-        self.selection = parse_train(self.train)
+        set_("selection", parse_train(list(self.train)))
         if self.router_lr_mult != 1.0 and not self.selection.touches_router:
             raise UsageError("--router-lr-mult is set but --train does not train the router")
         if self.report_to != "none":
             _check_tracker(self.report_to)
-        return self
 
     # -- derived
 
@@ -257,7 +263,7 @@ class TrainConfig:
             used.append("--aux-free-bias")
         if self.router_lr_mult != 1.0:
             used.append("--router-lr-mult")
-        sel = self.selection or parse_train(self.train)
+        sel = self.selection
         if sel.groups & {"router", "experts", "shared"} or sel.some_experts:
             used.append("--train " + ",".join(sorted(sel.groups & {"router", "experts", "shared"}) or ["experts:..."]))
         return used
@@ -277,6 +283,7 @@ class TrainConfig:
         d = asdict(self)
         d.pop("selection", None)
         d["out"] = str(self.out)
+        d["data"], d["train"] = list(self.data), list(self.train)
         d["adam_betas"] = list(self.adam_betas)
         return d
 

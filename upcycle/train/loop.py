@@ -116,8 +116,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
 
-    # ---- checks that need no weights
-    cfg.validate()
+    # ---- checks that need no weights (the options checked themselves when cfg was made)
     out = cfg.out
     resume_dir = ck.check_run_dir(out, cfg.resume)
     if resume_dir is not None:
@@ -132,9 +131,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.precision == "auto":
         # bf16 autocast only pays where bf16 matmuls are native; CPUs without AMX/AVX512-BF16 emulate them and
         # run several times slower than fp32 (benchmarks/bench_experts.py), so "auto" picks per device.
+        import dataclasses
+
         from upcycle.core.hardware import default_precision
 
-        cfg.precision = default_precision("cpu" if _cpu_only() else "cuda")
+        # the caller's config keeps "auto"; this run's copy records what auto chose (run.json, accelerate)
+        cfg = dataclasses.replace(cfg, precision=default_precision("cpu" if _cpu_only() else "cuda"))
 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process

@@ -1,0 +1,63 @@
+"""What `upcycle convert` shows: the plan (a dry run, or before writing) and the summary, from a ConvertResult.
+
+Kept apart from convert() so that the library computes and the command line prints.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from upcycle.convert.run import ConvertResult, exact_claim
+from upcycle.core.tensors import NAME_OF, human_bytes, human_count
+from upcycle.families.moe import portability_notes
+
+
+def print_plan(result: ConvertResult, console: Console) -> None:
+    """The layer table and the facts of the plan: format, expert sizes, parameters, output size, exactness."""
+    from rich.table import Table
+
+    from upcycle.convert.writer import assign_shards
+
+    plan, out = result.plan, result.out
+    r, p = plan.recipe, plan.parent
+    t = Table(title=f"upcycle plan: {p.model_type} -> {plan.fmt.model_type}", show_header=True, header_style="bold")
+    t.add_column("layer")
+    t.add_column("block")
+    t.add_column("experts")
+    width = p.intermediate_size // r.granularity
+    for lay in plan.layouts:
+        if lay.moe:
+            shared = f" + shared {r.shared_experts}x{width}" if r.shared_experts else ""
+            t.add_row(str(lay.index), "MoE", f"{r.experts}x{width} top-{r.top_k}{shared}")
+        else:
+            t.add_row(str(lay.index), "dense", f"MLP {p.intermediate_size}")
+    console.print(t)
+    shards = len(assign_shards(plan.tensors, result.options.max_shard_bytes))
+    mode, _ = r.expert_init_mode
+    lines = [
+        f"format        {plan.fmt.model_type} ({plan.fmt.architecture})",
+        f"experts       {r.experts} routed of {width} neurons (1/{r.granularity} of {p.intermediate_size}), top-{r.top_k}, "
+        f"{r.shared_experts} shared; virtual groups of {r.group_size}, {r.copies} copies",
+        f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
+        f"(parent {human_count(plan.parent_params)})",
+        f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
+        f"exact         {'yes' if exact_claim(plan) else 'no: ' + ('expert init ' + r.expert_init + ' perturbs experts on purpose' if mode != 'copy' else 'a non-power-of-two scale is rounded in ' + NAME_OF[plan.out_dtype])}",
+    ]
+    for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
+        lines.append(f"note          {note}")
+    console.print("\n".join(lines))
+
+
+def print_summary(result: ConvertResult, console: Console) -> None:
+    """One line on what was written, one on how it verified (or a warning that an inexact recipe was not measured)."""
+    plan, r, v = result.plan, result.plan.recipe, result.verification
+    console.print(f"[green]wrote[/] {result.out}: {plan.fmt.model_type}, {r.experts} experts top-{r.top_k}, "
+                  f"{human_count(plan.total_params)} params ({human_count(plan.active_params)} active), "
+                  f"{human_bytes(plan.output_bytes)} in {result.seconds:.1f}s")
+    if v is not None:
+        verdict = "exact" if v["exact_expected"] else "not exact by design"
+        console.print(f"verified ({verdict}): max |logits diff| {v['max_abs_diff']:.3g}, greedy decoding agrees on "
+                      f"{v['greedy_agree']}/{v['greedy_total']} tokens")
+    elif not exact_claim(plan):
+        console.print("[yellow]warning:[/] this recipe is not exact; run with --verify to measure how far it is "
+                      "from the parent", soft_wrap=True)
