@@ -58,8 +58,8 @@ class EvalOptions:
         set_ = functools.partial(object.__setattr__, self)
         set_("data", _strings(self.data))
         set_("domain", _strings(self.domain))
-        set_("tasks", tuple(t.strip() for t in (self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks)
-                            if t.strip()))
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks or ()
+        set_("tasks", tuple(t.strip() for t in tasks if t.strip()))
         if self.parent is not None:
             set_("parent", str(self.parent))
         if self.out is not None:
@@ -75,7 +75,7 @@ class EvalOptions:
             if v < (2 if name == "--seq-len" else 1):
                 raise UsageError(f"{name} must be at least {2 if name == '--seq-len' else 1}")
         if self.dtype not in SAME_TOLERANCE:
-            raise UsageError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
+            raise UsageError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(SAME_TOLERANCE)}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise UsageError(f"--heldout-fraction {self.heldout_fraction:g} must be in [0, 1)")
         for name, v, lo in (("--top-tokens", self.top_tokens, 1), ("--contexts", self.contexts, 0),
