@@ -239,6 +239,7 @@ def test_help_fits_80_columns_without_breaking_examples(name):
     assert max(len(line) for line in rendered) <= 80
     doc = inspect.cleandoc(_command(name).callback.__doc__)
     summary, _, body = doc.partition("\n\n")
+    assert "\n" not in summary  # one line: `upcycle --help` lists it as a flowing paragraph
     examples = [line.strip() for line in body.splitlines() if line.strip()]
     assert any(line.startswith("upcycle ") for line in examples)
     for line in examples:

@@ -58,7 +58,7 @@ def _root(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# Each command lives in its own cli_<name>.py with only typer options at import time; heavy imports (torch,
+# Each command lives in its own upcycle/cli/<name>.py with only typer options at import time; heavy imports (torch,
 # transformers, datasets) happen inside the command so that `upcycle --help` stays instant.
 _COMMANDS = [
     ("convert", "upcycle.cli.convert", "convert_command"),

