@@ -2,6 +2,11 @@
 
 A command writes `seed: Seed = 0`; the default stays in its signature because it may differ per command, the
 meaning and the spelling may not. Only typer is imported here, so `upcycle --help` stays instant.
+
+Same spelling, deliberately not shared, because the meaning differs: --batch-size (train: per micro-batch and
+process; eval: per forward pass), --steps (train: an optional budget beside --tokens; demo: the budget),
+--eval-blocks (train: per validation; demo: the final comparison), --out (an argument of convert and demo, an
+option of train and eval).
 """
 
 from __future__ import annotations
