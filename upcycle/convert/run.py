@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,18 +183,10 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
 def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool) -> None:
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
-    with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else _Null() as prog:
+    with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else nullcontext() as prog:
         task = prog.add_task("writing experts", total=plan.output_bytes) if not quiet else None
         write_shards(folder, plan.tensors, max_shard_bytes,
                      on_tensor=(lambda t: prog.advance(task, t.nbytes)) if not quiet else None)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _summary(plan: Plan, out: Path, verification: dict | None, seconds: float) -> None:
