@@ -1,6 +1,6 @@
 """The upcycling recipe: what the user asked for, validated, and the expert layout that follows from it.
 
-Notation (as in ../shared/UPCYCLING.md): dense intermediate size I, granularity G (each expert is I/G wide),
+Notation (as in docs/background.md, section 2): dense intermediate size I, granularity G (each expert is I/G wide),
 S shared experts, E routed experts, top-k K. The MLP's neurons are cut into G slices. Routed experts come in
 "virtual groups" of v slices that together rebuild the part of the MLP the shared experts do not hold; the
 router rows of a group are tied, so a token always picks whole groups and the sum of what it picks is exactly

@@ -4,7 +4,7 @@ Shared by training (losses, routing controls, metrics) and evaluation (diagnosti
 transformers class: `moe_layers` only looks, `RoutingRecorder` only listens (forward hooks), and the fp32 routing
 maths in `select_experts` is a plain function that the training-time router (upcycle.train.router) calls.
 
-Scoring families (UPCYCLING.md section 1):
+Scoring families (docs/background.md, section 1):
 
 - "softmax": softmax over all experts in fp32, then top-k (mixtral always renormalises the k weights; qwen2_moe,
   qwen3_moe and flex_olmo when norm_topk_prob).

@@ -2,7 +2,7 @@
 
 One entry per type. `supports()` answers "can this type hold this parent with these options, exactly?" and,
 with explain=True, lists every reason it cannot, so that a refusal can say what would work instead.
-Facts behind the entries are in ../shared/UPCYCLING.md sections 1 and 3 and are re-checked by the test suite
+Facts behind the entries are in docs/background.md sections 1 and 3 and are re-checked by the test suite
 against transformers' own modeling code on tiny random parents.
 """
 
