@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from upcycle.core.paths import check_output_folder
 from upcycle.core.errors import OutputError
+from upcycle.core.paths import check_output_folder
 from upcycle.convert.plan import OutTensor
 from upcycle.core.tensors import human_bytes
 

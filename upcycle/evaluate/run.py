@@ -47,7 +47,8 @@ class EvalOptions:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """The report is added to the folder: only an earlier report is in the way."""
-    check_output_folder(out, option="--out", overwrite=overwrite, conflicts=lambda d: [REPORT] if (d / REPORT).exists() else [],
+    check_output_folder(out, option="--out", overwrite=overwrite,
+                        conflicts=lambda d: [REPORT] if (d / REPORT).exists() else [],
                         fix="pass --overwrite to replace the report, or choose another --out")
 
 

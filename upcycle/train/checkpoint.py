@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 
 from upcycle.core.errors import TrainingError, UsageError
-from upcycle.core.tensors import FLOAT_DTYPES
 from upcycle.core.paths import METRICS, check_output_folder  # noqa: F401 (METRICS: part of the run folder layout)
+from upcycle.core.tensors import FLOAT_DTYPES
 
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
