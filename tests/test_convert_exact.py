@@ -1,6 +1,6 @@
 """Exactness: every combination the converter accepts as exact reproduces the parent's logits.
 
-The expected support matrix is written out here (from ../shared/UPCYCLING.md section 1) rather than read
+The expected support matrix is written out here (from docs/background.md section 1) rather than read
 from upcycle.families.moe, so that a wrong entry in the format table fails in one direction or the other.
 """
 
@@ -12,6 +12,7 @@ import torch
 
 from upcycle.convert import convert
 from upcycle.core.errors import UnsupportedError
+from tests.tiny import assert_same_logits
 
 SUPPORT = {
     "llama": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
@@ -72,8 +73,7 @@ def test_matrix(tiny_parent, tmp_path, family, fmt):
                 convert(parent, out, format=fmt, verify=False, quiet=True, **options)
             continue
         convert(parent, out, format=fmt, verify=False, quiet=True, **options)
-        diff = float((logits(out) - ref).abs().max())
-        assert diff < 1e-4, f"{family} -> {fmt} {name}: max |diff| {diff}"
+        assert_same_logits(logits(out), ref, f"{family} -> {fmt} {name}")
 
 
 VARIANTS = [
@@ -101,7 +101,7 @@ def test_parent_features_carry_over(tiny_parent, tmp_path, family, overrides):
     for options in (dict(), dict(experts=8, top_k=4, granularity=2)):
         out = tmp_path / str(len(options))
         convert(parent, out, verify=False, quiet=True, **options)
-        assert max_diff(parent, out) < 1e-4
+        assert_same_logits(logits(out), logits(parent), f"{family} {overrides} {options}")
 
 
 def test_sliding_window_matters(tiny_parent, tmp_path):
@@ -124,7 +124,7 @@ def test_exact_under_every_experts_implementation(tiny_parent, tmp_path, fmt, im
     parent = tiny_parent("llama")
     out = tmp_path / "moe"
     convert(parent, out, format=fmt, experts=6, top_k=3, granularity=4, shared_experts=1, verify=False, quiet=True)
-    assert max_diff(parent, out, experts_implementation=impl) < 1e-4
+    assert_same_logits(logits(out, experts_implementation=impl), logits(parent), f"{fmt} {impl}")
 
 
 def test_bfloat16_output_is_exact_up_to_storage(tiny_parent, tmp_path):
@@ -140,7 +140,7 @@ def test_bfloat16_output_is_exact_up_to_storage(tiny_parent, tmp_path):
         for p in ref.parameters():
             p.copy_(p.bfloat16().float())
         rounded = ref(IDS).logits
-    assert float((rounded - logits(out)).abs().max()) < 1e-4
+    assert_same_logits(logits(out), rounded, "bf16 output vs bf16-rounded parent")
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:

@@ -142,31 +142,44 @@ from upcycle.train.losses import router_losses
 from upcycle.train.model import load_for_training
 from upcycle.train.router import RouterControls, RouterPatch
 
-model_dir, out = sys.argv[1], sys.argv[2]
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+model_dir, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+WORLD = 2
+sharded = mode == "fsdp2"
+if sharded:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if sharded else 0
 model = load_for_training(model_dir, experts_impl="grouped_mm", allow_pickle=False)
 layers = moe_layers(model)
 RouterPatch(layers, RouterControls(capacity_factor=1.0, jitter=0.01))
 apply_selection(model, layers, parse_train(["experts:0=1", "router"]))
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
-for layer in model.model.layers:
-    fully_shard(layer)
-fully_shard(model)
+if sharded:
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
 opt = torch.optim.AdamW(param_groups(model, layers, lr=1e-2, weight_decay=0.1, router_lr_mult=1.0), lr=1e-2)
-torch.manual_seed(rank)
-losses = []
+# Each rank's random stream (its batches and router jitter); the unsharded run replays both ranks' streams in
+# turn and averages their losses, which is what FSDP2's gradient averaging computes.
+ranks = [rank] if sharded else list(range(WORLD))
+rng = {}
+for r in ranks:
+    torch.manual_seed(r)
+    rng[r] = torch.get_rng_state()
+losses = {r: [] for r in ranks}
 with RoutingRecorder(model, detach=False, layers=layers) as rec:
     for _ in range(2):
-        ids = torch.randint(0, 256, (2, 32))
-        out_ = model(input_ids=ids, labels=ids)
-        records = rec.drain()
-        aux, z = router_losses(layers, records)
-        (out_.loss + 0.01 * aux + 1e-3 * z).backward()
+        for r in ranks:
+            torch.set_rng_state(rng[r])
+            ids = torch.randint(0, 256, (2, 32))
+            out_ = model(input_ids=ids, labels=ids)
+            records = rec.drain()
+            aux, z = router_losses(layers, records)
+            ((out_.loss + 0.01 * aux + 1e-3 * z) / (1 if sharded else WORLD)).backward()
+            rng[r] = torch.get_rng_state()
+            losses[r].append([float(out_.loss.detach()), float(aux.detach()), float(z.detach()),
+                              float((~records[0].kept).sum()) if records[0].kept is not None else 0.0])
         opt.step()
         opt.zero_grad()
-        losses.append([float(out_.loss.detach()), float(aux.detach()), float(z.detach()),
-                       float((~records[0].kept).sum()) if records[0].kept is not None else 0.0])
 after = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
 changed = {}
 for n, p in after.items():
@@ -176,20 +189,33 @@ for n, p in after.items():
         changed[n] = not torch.equal(p, before[n])
 if rank == 0:
     with open(out, "w") as f:
-        json.dump({"losses": losses, "changed": changed}, f)
-dist.destroy_process_group()
+        json.dump({"losses": losses[0], "changed": changed}, f)
+    torch.save(after, out + ".pt")
+if sharded:
+    dist.destroy_process_group()
 """
 
 
 def test_training_pieces_under_torch_fsdp2_on_cpu(tiny_moe, tmp_path):
     script = tmp_path / "fsdp2_probe.py"
     script.write_text(FSDP2_SCRIPT)
-    out = tmp_path / "result.json"
+    out, ref = tmp_path / "result.json", tmp_path / "unsharded.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), str(script), str(tiny_moe), str(out)],
+                          str(free_port()), str(script), str(tiny_moe), str(out), "fsdp2"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(out.read_text())
+    res = subprocess.run([sys.executable, str(script), str(tiny_moe), str(ref), "unsharded"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = json.loads(out.read_text()), json.loads(ref.read_text())
+    # rank 0's losses (LM, aux, z, dropped) and the trained weights are those of one unsharded process that runs
+    # both ranks' batches and averages their losses, as the DDP test checks for accelerate's DDP
+    for row, expected in zip(got["losses"], want["losses"], strict=True):
+        assert row == pytest.approx(expected, rel=1e-5)
+    wa, wb = torch.load(str(out) + ".pt"), torch.load(str(ref) + ".pt")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert got["changed"] == want["changed"]
     assert all(all(map(lambda v: v == v and abs(v) < 1e4, row)) for row in got["losses"])
     assert any(row[3] > 0 for row in got["losses"])  # the capacity factor dropped assignments under FSDP2
     changed = got["changed"]

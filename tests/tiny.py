@@ -79,3 +79,22 @@ def make_dense_parent(out: Path | str, family: str = "llama", seed: int = 0, **o
     byte_tokenizer().save_pretrained(out)
     GenerationConfig(bos_token_id=256, eos_token_id=257, pad_token_id=258).save_pretrained(out)
     return out
+
+
+# Exactness bound, relative to the logits' scale. float32 reordering noise between a dense MLP and its experts is
+# 2e-7..1e-6 on logits of magnitude 0.6-2.5 (below 1e-6 of the largest logit); a real conversion bug (a wrong
+# down_proj scale, a missing bias) is far above it. 1e-5 of the largest |logit| leaves a 10x margin both ways:
+# a uniform 1e-4 relative scale error fails (tests/test_exact_bound.py proves it).
+EXACT_RTOL = 1e-5
+
+
+def exact_bound(ref) -> float:
+    """The largest max |got - ref| that still counts as the same logits as `ref`."""
+    return EXACT_RTOL * float(ref.abs().max())
+
+
+def assert_same_logits(got, ref, what: str = "") -> None:
+    """got reproduces ref up to float32 noise: max |got - ref| <= EXACT_RTOL * max |ref|."""
+    assert got.shape == ref.shape, f"{what}: shapes {tuple(got.shape)} vs {tuple(ref.shape)}"
+    diff, bound = float((got - ref).abs().max()), exact_bound(ref)
+    assert diff <= bound, f"{what}: max |diff| {diff:.3g} > {bound:.3g} ({EXACT_RTOL:g} of max |logit|)"

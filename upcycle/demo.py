@@ -16,6 +16,7 @@ from pathlib import Path
 
 from upcycle.core import ui
 from upcycle.core.errors import OutputError, UsageError
+from upcycle.core.paths import check_output_folder
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,8 @@ class DemoOptions:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
+    check_output_folder(out, overwrite=overwrite, fix="pass --overwrite to replace it or name another folder")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputError(f"{out} is not empty; pass --overwrite to replace it or name another folder")
         if not (out / "demo.json").is_file():
             # --overwrite only ever deletes a folder this command made
             raise OutputError(f"{out} was not made by upcycle demo (no demo.json); refusing to delete it")

@@ -6,14 +6,13 @@ Only metadata is read here (config, tensor headers); tensors are read later, one
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.families.parents import ARCHS, ParentSpec, parse_parent_config, supported_parents
 from upcycle.core.errors import InputError, UnsupportedError
-from upcycle.core.loading import is_hub_id
+from upcycle.core.paths import hub_offline, is_hub_id
 from upcycle.convert.sources import GGUFSource, PickleSource, SafetensorsSource, TensorSource
 
 # Files that travel unchanged from the parent to the MoE folder.
@@ -90,8 +89,7 @@ def _hub_snapshot(repo: str) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
-        why = "the hub is offline (HF_HUB_OFFLINE) and it is not cached" if offline else str(exc).splitlines()[0]
+        why = "the hub is offline (HF_HUB_OFFLINE) and it is not cached" if hub_offline() else str(exc).splitlines()[0]
         raise InputError(f"{repo} is not a local path and could not be fetched from the hub: {why}") from None
 
 

@@ -1,6 +1,6 @@
 """The upcycling recipe: what the user asked for, validated, and the expert layout that follows from it.
 
-Notation (as in ../shared/UPCYCLING.md): dense intermediate size I, granularity G (each expert is I/G wide),
+Notation (as in docs/background.md, section 2): dense intermediate size I, granularity G (each expert is I/G wide),
 S shared experts, E routed experts, top-k K. The MLP's neurons are cut into G slices. Routed experts come in
 "virtual groups" of v slices that together rebuild the part of the MLP the shared experts do not hold; the
 router rows of a group are tied, so a token always picks whole groups and the sum of what it picks is exactly
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.core.errors import UsageError
+from upcycle.core.layers import parse_layers
+from upcycle.core.tensors import FLOAT_DTYPES
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "granitemoe", "granitemoeshared", "flex_olmo")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -132,33 +134,4 @@ class Recipe:
         return 1.0 / (c + 1) if c else 1.0
 
     def parse_moe_layers(self, num_layers: int) -> list[int]:
-        return parse_layers(self.moe_layers, num_layers)
-
-
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """'all', 'every:N' (layers N-1, 2N-1, ... like decoder_sparse_step), or '0,2,4-7'."""
-    s = spec.strip().lower()
-    if s == "all":
-        return list(range(num_layers))
-    m = re.fullmatch(r"every:(\d+)", s)
-    if m:
-        n = int(m.group(1))
-        if n < 1:
-            raise UsageError("--moe-layers every:N needs N >= 1")
-        return [i for i in range(num_layers) if (i + 1) % n == 0]
-    layers: set[int] = set()
-    for part in s.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
-        if not m:
-            raise UsageError(f"--moe-layers {spec!r}: use all, every:N, or a list like 0,2,4-7")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else a
-        if a < 0:
-            a = b = num_layers + a
-        if not (0 <= a <= b < num_layers):
-            raise UsageError(f"--moe-layers {spec!r}: layer {part} is outside 0..{num_layers - 1}")
-        layers.update(range(a, b + 1))
-    if not layers:
-        raise UsageError(f"--moe-layers {spec!r} selects no layer")
-    return sorted(layers)
+        return parse_layers(self.moe_layers, num_layers, option="--moe-layers")

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -192,15 +193,9 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
 def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool) -> None:
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
-    with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else _Null() as prog:
+    with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else nullcontext() as prog:
         task = prog.add_task("writing experts", total=plan.output_bytes) if not quiet else None
         write_shards(folder, plan.tensors, max_shard_bytes,
                      on_tensor=(lambda t: prog.advance(task, t.nbytes)) if not quiet else None)
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from upcycle.core.errors import OutputError
+from upcycle.core.paths import check_output_folder
 from upcycle.convert.plan import OutTensor
 from upcycle.core.tensors import human_bytes
 
@@ -124,15 +125,8 @@ def write_shards(folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} is not empty; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot create {out}: {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot create {out}: {parent} is not writable")
+    """The whole folder is replaced (see atomic_folder): refuse a non-empty one unless overwrite."""
+    check_output_folder(out, overwrite=overwrite, parents=False)
 
 
 def check_space(out: Path, need: int) -> None:

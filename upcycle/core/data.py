@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from upcycle.core.errors import InputError, UpcycleError, UsageError
+from upcycle.core.paths import datasets_offline, is_hub_id
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,19 +58,6 @@ _GLOB_CHARS = set("*?[")
 
 
 # ----------------------------------------------------------------------------------------------------------- files
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _looks_like_hub_name(spec: str) -> bool:
-    parts = spec.split("/")
-    if len(parts) != 2 or not all(parts) or spec.startswith((".", "~")) or any(c in spec for c in "\\:*?[ "):
-        return False
-    # "data/train.jsonl" whose folder exists is a mistyped local path, not a dataset
-    return not Path(parts[0]).is_dir() and Path(parts[1]).suffix.lower() not in SUFFIXES
-
 
 def _usable(path: Path) -> bool:
     return path.suffix.lower() in SUFFIXES and not path.name.startswith(".")
@@ -141,8 +129,8 @@ def _resolve(paths: Sequence[str | Path] | str | Path) -> list[_Source]:
                 raise InputError(f"{text}: pattern matches no usable data files ({', '.join(SUFFIXES)})")
             for f in files:
                 add(_file_source(f))
-        elif _looks_like_hub_name(text):
-            if _offline():
+        elif is_hub_id(text):
+            if datasets_offline():
                 raise InputError(f"{text}: no such file or folder, and it cannot be a hub dataset while "
                                  "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
             add(_Source(text, "hub"))
@@ -404,11 +392,6 @@ class PackedBlocks:
                 "heldout_fraction": self.corpus.fraction, "seed": self.seed, "text_field": self.corpus.text_field,
                 "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
                 "tokenizer": [len(tokenizer), tokenizer.eos_token_id, self.encode.prefix]}
-
-    @property
-    def files(self) -> list[str]:
-        """The data files (and hub dataset names) read, in their resolved order."""
-        return [s.spec for s in self.corpus.sources]
 
     @property
     def epoch(self) -> int:

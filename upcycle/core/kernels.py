@@ -126,7 +126,7 @@ def _grad_buffer(shape, dtype, device) -> "torch.Tensor":
     holds the only reference left to its storage and hands the same, already mapped memory out again. A buffer
     that anything else still references (grads kept, accumulated, or stored by the user) is never reused.
     Costs: the pool keeps as many gradients alive between steps as a backward produces (one per MoE layer;
-    optimizers without set_to_none keep them anyway). `release_grad_buffers()` empties it.
+    optimizers without set_to_none keep them anyway).
     """
     import torch
 
@@ -141,11 +141,6 @@ def _grad_buffer(shape, dtype, device) -> "torch.Tensor":
     storage = torch.empty(shape, dtype=dtype).untyped_storage()
     entries.append((storage, _storage_uses(storage)))
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-def release_grad_buffers() -> None:
-    """Forget the pooled gradient buffers (memory in use as gradients stays valid)."""
-    _GRAD_POOL.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 from upcycle.core.errors import InputError, UnsupportedError
+from upcycle.core.paths import is_hub_id
+from upcycle.core.tensors import DTYPE_ALIASES, FLOAT_DTYPES
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+DTYPES = {**{name: name for name in FLOAT_DTYPES}, **DTYPE_ALIASES}
 
 
 def torch_dtype(name: str):
@@ -21,7 +23,7 @@ def torch_dtype(name: str):
     try:
         return getattr(torch, DTYPES[name])
     except KeyError:
-        raise InputError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
+        raise InputError(f"unknown dtype {name!r}: use {', '.join(FLOAT_DTYPES)}") from None
 
 
 def split_gguf(spec: str | Path) -> tuple[str, str | None]:
@@ -32,11 +34,6 @@ def split_gguf(spec: str | Path) -> tuple[str, str | None]:
             raise InputError(f"GGUF file not found: {p}")
         return str(p.parent), p.name
     return str(spec), None
-
-
-def is_hub_id(spec: str | Path) -> bool:
-    s = str(spec)
-    return not Path(s).exists() and s.count("/") == 1 and not s.startswith((".", "/", "~")) and " " not in s
 
 
 def check_local_model_dir(path: Path, allow_pickle: bool = False) -> None:

@@ -4,7 +4,7 @@ Shared by training (losses, routing controls, metrics) and evaluation (diagnosti
 transformers class: `moe_layers` only looks, `RoutingRecorder` only listens (forward hooks), and the fp32 routing
 maths in `select_experts` is a plain function that the training-time router (upcycle.train.router) calls.
 
-Scoring families (UPCYCLING.md section 1):
+Scoring families (docs/background.md, section 1):
 
 - "softmax": softmax over all experts in fp32, then top-k (mixtral always renormalises the k weights; qwen2_moe,
   qwen3_moe and flex_olmo when norm_topk_prob).
@@ -17,7 +17,7 @@ Scoring families (UPCYCLING.md section 1):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -114,19 +114,32 @@ def moe_layers(model) -> list[MoELayer]:
 
 # ----------------------------------------------------------------------------------------------- routing maths
 
-def router_probs(layer: MoELayer, logits: "torch.Tensor") -> "torch.Tensor":
-    """Per-token probabilities over all experts (fp32, rows sum to 1): the P of the load-balancing loss.
+def scoring_probs(logits: "torch.Tensor", scoring: str) -> "torch.Tensor":
+    """Per-token probabilities over all experts (fp32, rows sum to 1) of a router with this scoring rule: the P
+    of the load-balancing loss and the distribution whose entropy the diagnostics report.
 
     softmax and topk_softmax: softmax of the logits. sigmoid: the sigmoid scores normalised per token, as in
-    DeepSeek-V3's balance loss.
+    DeepSeek-V3's balance loss (the sum is clamped, not shifted, so normal rows are exactly normalised).
     """
     import torch
 
     logits = logits.float()
-    if layer.scoring == "sigmoid":
+    if scoring == "sigmoid":
         s = torch.sigmoid(logits)
-        return s / (s.sum(dim=-1, keepdim=True) + 1e-20)
+        return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     return torch.softmax(logits, dim=-1)
+
+
+def router_probs(layer: MoELayer, logits: "torch.Tensor") -> "torch.Tensor":
+    """scoring_probs with the layer's scoring rule."""
+    return scoring_probs(logits, layer.scoring)
+
+
+def entropy_sum(probs: "torch.Tensor") -> float:
+    """Sum over rows of the entropy (nats) of each row's distribution; 0 log 0 counts as 0."""
+    import torch
+
+    return float(-torch.special.xlogy(probs, probs).sum())
 
 
 def select_experts(layer: MoELayer, logits: "torch.Tensor", bias: "torch.Tensor | None" = None
@@ -259,7 +272,7 @@ class RoutingRecorder:
                 with torch.no_grad():
                     p = router_probs(layer, logits)
                     rec.prob_sum = p.sum(dim=0)
-                    rec.entropy_sum = float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+                    rec.entropy_sum = entropy_sum(p)
             self.records[layer.index].append(rec)
 
         return hook
@@ -299,10 +312,3 @@ def expert_counts(rec: RouterRecord, num_experts: int, *, kept_only: bool = Fals
         idx = idx[rec.kept]
     return torch.bincount(idx.reshape(-1).long(), minlength=num_experts)[:num_experts].float()
 
-
-def iter_router_params(model) -> Iterator[tuple[str, "nn.Parameter"]]:
-    """(name, parameter) of every MoE router weight of the model."""
-    ids = {id(m.router.weight) for m in moe_layers(model)}
-    for name, p in model.named_parameters():
-        if id(p) in ids:
-            yield name, p

@@ -24,7 +24,10 @@ STORAGE = {
 }
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
-# user-facing names <-> safetensors codes
+# The dtype names every command accepts and writes (the one list of them), their short aliases, and their
+# safetensors codes.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CODE_OF = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 NAME_OF = {v: k for k, v in CODE_OF.items()}
 

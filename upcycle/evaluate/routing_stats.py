@@ -27,16 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from upcycle.core.routing import entropy_sum, scoring_probs
+
 CAPACITY_FACTORS = (1.0, 1.25)
-
-
-def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """The router's distribution over all experts, [tokens, E], fp32."""
-    logits = logits.float()
-    if scoring == "sigmoid":
-        s = torch.sigmoid(logits)
-        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
-    return torch.softmax(logits, dim=-1)
 
 
 @dataclass
@@ -104,9 +97,9 @@ class RoutingAccumulator:
         if logits is None:
             self.has_logits = False
             return
-        p = router_probs(logits.reshape(-1, logits.shape[-1]), self.scoring).double()
+        p = scoring_probs(logits.reshape(-1, logits.shape[-1]), self.scoring).double()
         self.prob_sum += p.sum(0)
-        self.entropy_sum += float(-torch.special.xlogy(p, p).sum())
+        self.entropy_sum += entropy_sum(p)
 
     def result(self) -> LayerRouting:
         E, k, T = self.E, self.k, self.tokens
@@ -118,7 +111,7 @@ class RoutingAccumulator:
         cv = float(load.std(unbiased=False) / mean)
         mx, mn = float(load.max()), float(load.min())
         dead = [i for i in range(E) if self.counts[i] == 0]
-        load_entropy = float(-torch.special.xlogy(load, load).sum())
+        load_entropy = entropy_sum(load)
         logE = math.log(E) if E > 1 else 1.0
         entropy = entropy_norm = balance = None
         mean_prob = None

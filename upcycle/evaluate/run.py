@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.core import ui
-from upcycle.core.errors import InputError, OutputError, UsageError
+from upcycle.core.errors import InputError, UsageError
+from upcycle.core.layers import parse_layers
+from upcycle.core.paths import check_output_folder
 from upcycle.evaluate.report import EXPERTS, REPORT, Report, Side
 
 # Below this largest per-block loss difference two models count as the same model: fp32 reordering noise on an
@@ -92,49 +94,11 @@ def _strings(values) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
-def parse_layers(spec: str, moe_indices: list[int]) -> list[int]:
-    """auto (first, middle and last MoE layer), all, none, or a list like 0,2,4-7 (of MoE layers)."""
-    s = spec.strip().lower()
-    if not moe_indices or s == "none":
-        return []
-    if s == "auto":
-        picks = [moe_indices[0], moe_indices[len(moe_indices) // 2], moe_indices[-1]]
-        return sorted(set(picks))
-    if s == "all":
-        return list(moe_indices)
-    chosen: set[int] = set()
-    try:
-        for part in s.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                chosen.update(range(int(a), int(b) + 1))
-            elif part:
-                chosen.add(int(part))
-    except ValueError:
-        raise UsageError(f"--layers {spec!r}: use auto, all, none or a list like 0,2,4-7") from None
-    missing = sorted(chosen - set(moe_indices))
-    if missing:
-        raise UsageError(f"--layers: {missing} are not MoE layers of this model (MoE layers: "
-                         f"{_ranges(moe_indices)})")
-    return sorted(chosen)
-
-
-def _ranges(xs: list[int]) -> str:
-    out, start = [], None
-    for i, x in enumerate(xs):
-        if start is None:
-            start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(out)
-
-
 def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and (out / REPORT).exists() and not overwrite:
-        raise OutputError(f"{out} already holds a report; pass --overwrite to replace it, or choose another --out")
+    """The report is added to the folder: only an earlier report is in the way."""
+    check_output_folder(out, option="--out", overwrite=overwrite,
+                        conflicts=lambda d: [REPORT] if (d / REPORT).exists() else [],
+                        fix="pass --overwrite to replace the report, or choose another --out")
 
 
 def same_tokenizer(a, b, names: tuple[str, str]) -> None:
@@ -269,7 +233,10 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
             ui.info(f"loading the model {model_spec}")
         mm = load_causal_lm(model_spec, dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
         moe = collect.moe_info(mm)
-        spec_layers = parse_layers(opt.layers, [m.index for m in moe])
+        # auto: the first, middle and last MoE layer
+        spec_layers = parse_layers(opt.layers, mm.config.num_hidden_layers, option="--layers",
+                                   words=("auto", "all", "none", "every:N"), candidates=[m.index for m in moe]
+                                   ) if moe else []
         collector = collect.RoutingCollector(mm, moe, spec_layers, vocab_size=max(len(tok), int(blocks.max()) + 1),
                                              contexts=opt.contexts, seq_len=opt.seq_len)
         with collector:

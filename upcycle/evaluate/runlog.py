@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.core.errors import InputError
-
-METRICS = "metrics.jsonl"
+from upcycle.core.paths import METRICS
 
 
 @dataclass

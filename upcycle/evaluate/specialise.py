@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from upcycle.evaluate.routing_stats import router_probs
+from upcycle.core.routing import scoring_probs
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TokenRouting:
         self.counts += torch.bincount(flat, minlength=self.V * self.E)[: self.V * self.E]
         if logits is None or self.n_ctx == 0:
             return
-        p = router_probs(logits.reshape(tok.shape[0], -1).cpu(), self.scoring).double()
+        p = scoring_probs(logits.reshape(tok.shape[0], -1).cpu(), self.scoring).double()
         chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
         score = p.masked_fill(~chosen, -1.0)  # only tokens that actually went to the expert
         n = min(self.n_ctx, score.shape[0])

@@ -24,10 +24,11 @@ import re
 import shutil
 from pathlib import Path
 
-from upcycle.core.errors import OutputError, TrainingError, UsageError
+from upcycle.core.errors import TrainingError, UsageError
+from upcycle.core.paths import METRICS, check_output_folder  # noqa: F401 (METRICS: part of the run folder layout)
+from upcycle.core.tensors import FLOAT_DTYPES
 
 RUN_FILE = "run.json"
-METRICS = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 TRAINER_DIR = "trainer"
 FINAL = "final"
@@ -52,19 +53,15 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 def check_run_dir(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuse what cannot work before any compute."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, option="--out", overwrite=resume,
+                        conflicts=lambda d: [p.name for p in d.iterdir() if not _PARTIAL.match(p.name)],
+                        fix="pass --resume to continue the run in it, or choose a new folder")
     if resume:
         found = checkpoints(out)
         if not found:
             where = "does not exist" if not out.exists() else "holds no complete checkpoint-STEP folder"
             raise TrainingError(f"nothing to resume: {out} {where}")
         return found[-1][1]
-    if out.is_dir():
-        leftovers = [p.name for p in out.iterdir() if not _PARTIAL.match(p.name)]
-        if leftovers:
-            raise OutputError(f"--out {out} is not empty ({', '.join(sorted(leftovers)[:3])}); pass --resume to "
-                              "continue the run in it, or choose a new folder")
     return None
 
 
@@ -106,7 +103,7 @@ def check_same_model(out: Path, model: str) -> None:
 
 def source_dtype(config_json: dict) -> str:
     d = config_json.get("dtype") or config_json.get("torch_dtype") or "float32"
-    return d if d in ("float32", "bfloat16", "float16") else "float32"
+    return d if d in FLOAT_DTYPES else "float32"
 
 
 def copy_model_files(src: Path | None, dst: Path, dtype: str) -> None:

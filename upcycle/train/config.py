@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from upcycle.core.errors import UsageError
+from upcycle.core.tensors import FLOAT_DTYPES
 
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPERTS_IMPLS = ("auto", "upcycle", "grouped_mm", "batched_mm", "eager")
 TRACKERS = ("none", "tensorboard", "wandb")
-SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_DTYPES = ("auto", *FLOAT_DTYPES)
 GROUPS = ("all", "router", "experts", "shared", "attention", "embeddings", "norms", "dense_mlp")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from upcycle.core.routing import MoELayer, RouterRecord, expert_counts, router_probs
+from upcycle.core.routing import MoELayer, RouterRecord, entropy_sum, expert_counts, router_probs
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,7 @@ class RoutingStats:
                     self.dropped[j] += float((~rec.kept).sum())
                 if rec.logits is not None:
                     p = router_probs(m, rec.logits.detach())
-                    self.entropy[j] += float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+                    self.entropy[j] += entropy_sum(p)
                 else:
                     self.entropy[j] += rec.entropy_sum
                 self.tokens[j] += rec.tokens

@@ -5,7 +5,7 @@ the model still saves and loads as its standard class. The patched forward retur
 (logits, weights [T, k], indices [T, k]), so the MoE block and whatever experts kernel it uses are unchanged.
 
 Why fp32: transformers' routers compute the logits in the weight dtype, and under bf16 autocast F.linear runs in
-bf16. bf16 logits tie between virtual groups for 0.3-0.4% of tokens (UPCYCLING.md section 2), which splits an
+bf16. bf16 logits tie between virtual groups for 0.3-0.4% of tokens (docs/background.md, section 2), which splits an
 upcycled expert group and breaks the function-preserving start. Here the matmul runs with autocast off on fp32
 copies of input and weight.
 """

@@ -2,7 +2,7 @@
 
 One entry per type. `supports()` answers "can this type hold this parent with these options, exactly?" and,
 with explain=True, lists every reason it cannot, so that a refusal can say what would work instead.
-Facts behind the entries are in ../shared/UPCYCLING.md sections 1 and 3 and are re-checked by the test suite
+Facts behind the entries are in docs/background.md sections 1 and 3 and are re-checked by the test suite
 against transformers' own modeling code on tiny random parents.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from upcycle.families.parents import ParentSpec
 from upcycle.core.errors import UnsupportedError
+from upcycle.core.layers import format_ranges
 from upcycle.convert.recipe import Recipe
 
 
@@ -116,23 +117,12 @@ def supports(fmt: MoEFormat, parent: ParentSpec, recipe: Recipe, moe_layers: lis
     dense = [i for i in range(parent.num_layers) if i not in set(moe_layers)]
     if dense:
         if fmt.dense_layers is None:
-            why.append(f"{fmt.model_type} makes every layer MoE (asked for dense layers {_ranges(dense)})")
+            why.append(f"{fmt.model_type} makes every layer MoE (asked for dense layers {format_ranges(dense)})")
         elif fmt.dense_layers == "prefix" and dense != list(range(len(dense))):
-            why.append(f"{fmt.model_type} can keep only the first layers dense (asked for dense layers {_ranges(dense)})")
+            why.append(f"{fmt.model_type} can keep only the first layers dense (asked for dense layers {format_ranges(dense)})")
     if fmt.scoring == "sigmoid" and recipe.group_size == 1 and recipe.experts < 2:
         why.append(f"{fmt.model_type} needs at least 2 routed experts")
     return why if explain else not why
-
-
-def _ranges(xs: list[int]) -> str:
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def choose_format(parent: ParentSpec, recipe: Recipe, moe_layers: list[int]) -> MoEFormat:

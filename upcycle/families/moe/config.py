@@ -1,7 +1,7 @@
 """config.json for the MoE checkpoint, written for transformers 4.x and 5.x at once.
 
 transformers 5 reads `rope_parameters`; 4.x reads `rope_theta`/`rope_scaling` and silently falls back to a
-default theta without them (logits off by 0.2-1.6, UPCYCLING.md section 3). Likewise 4.57's qwen3_moe wants
+default theta without them (logits off by 0.2-1.6, docs/background.md section 3). Likewise 4.57's qwen3_moe wants
 `num_experts`, and glm4_moe assumes partial_rotary_factor 0.5 unless told. So every key either generation
 reads is written explicitly, and no default of either generation is relied upon.
 """
