@@ -11,6 +11,7 @@ import typer
 def eval_command(
     model: str = typer.Argument(..., help="Model to evaluate: an MoE folder (from upcycle convert/train, or an existing Mixtral, Qwen2-MoE, ... checkpoint), or a dense model."),
     parent: Optional[str] = typer.Option(None, "--parent", "-p", help="Dense parent to compare with, scored on the same tokens (folder, .gguf file or hub id). Must share MODEL's tokenizer."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The dense baseline trained the same way: the run folder of `upcycle train PARENT` with the MoE's data and budget (or its final/ folder). Only against it may the verdict credit upcycling."),
     data: List[str] = typer.Option(..., "--data", "-d", help="Text to score: files, folders or globs (.txt, .md, .py, .jsonl, .parquet, ...). Repeat for several."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (report.json, summary.md, PNG plots). Default: ./eval-<MODEL name>."),
     split: str = typer.Option("heldout", "--split", help="heldout: only the held-out share of --data, chosen as upcycle train chooses it (same --seed and --heldout-fraction), so evaluating on the training files never scores training tokens. all: every token, for dedicated evaluation files."),
@@ -39,13 +40,16 @@ def eval_command(
 
     Loss and perplexity with confidence intervals, speed, parameters, FLOPs and memory side by side; per layer,
     routing diagnostics (load balance, entropy, capacity drops, co-selection, expert drift) and what each expert
-    receives. Tells whether upcycling paid off.
+    receives. Tells whether the model beats its parent, whether the routers learned, and, against a dense
+    baseline trained on the same tokens (--baseline), whether upcycling paid off.
 
     Examples:
 
       upcycle eval ./smol-moe --parent ./SmolLM2-135M --data corpus/     # held-out share of the training data
 
       upcycle eval ./run/final --parent ./SmolLM2-135M --data eval.jsonl --split all --run ./run
+
+      upcycle eval ./moe-run --parent ./SmolLM2-135M --baseline ./dense-run --data corpus/   # did upcycling pay off?
 
       upcycle eval ./smol-moe --data corpus/ --domain legal/ -o report   # which experts a legal fine-tune should train
 
@@ -60,7 +64,7 @@ def eval_command(
         text_field=text_field, batch_size=batch_size, dtype=dtype, device=device, layers=layers,
         top_tokens=top_tokens, contexts=contexts, domain_top=domain_top, plots=plots, overwrite=overwrite,
         allow_pickle=allow_pickle, tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else [],
-        tasks_limit=tasks_limit,
+        tasks_limit=tasks_limit, baseline=baseline,
     )
     report = evaluate(model, data=data, parent=parent, out=out, domain=domain, run=run, options=options)
     if json_out:
