@@ -43,11 +43,16 @@ def test_demo_end_to_end_on_the_real_parent(smollm2_gguf, tmp_path):
 
     out = tmp_path / "demo"
     summary = run_demo(out, DemoOptions(experts=2, top_k=1, steps=1, seq_len=64, batch_size=1, eval_blocks=2))
-    assert set(summary["seconds"]) == {"parent", "convert", "train", "eval"}
+    assert set(summary["seconds"]) == {"parent", "convert", "train", "baseline", "eval"}
     for sub in ("parent/config.json", "moe/upcycle.json", "run/metrics.jsonl", "run/final/config.json",
-                "report/report.json", "report/summary.md", "data/heldout_files.txt"):
+                "baseline-run/final/config.json", "report/report.json", "report/summary.md", "data/heldout_files.txt"):
         assert (out / sub).is_file(), sub
     report = json.loads((out / "report" / "report.json").read_text())
+    # the baseline is the dense parent trained on the same tokens; the verdict may only speak of upcycling vs it
+    assert report["provenance"]["model_tokens"] == report["provenance"]["baseline_tokens"] == 64
+    assert report["provenance"]["parent_match"] is True and report["baseline"]["moe"] is False
+    assert report["verdict"]["kind"] in ("paid_off", "did_not_pay", "no_difference")
+    assert summary["eval"]["baseline"] == report["baseline"]["loss"]
     # one step at a small learning rate: the MoE is still close to its parent on held-out files
     assert abs(report["model"]["loss"] - report["parent"]["loss"]) < 0.1
     held = (out / "data" / "heldout_files.txt").read_text().split()

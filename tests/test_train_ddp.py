@@ -76,7 +76,8 @@ def test_ddp_two_processes_match_one_process(tiny_moe, tmp_path):
                       aux_loss_coef=0.0, seq_len=32, precision="fp32", experts_impl="eager", eval_every=0))
     a, b = rows(ddp), rows(one)
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b] == [128, 256, 384]
-    for key in ("loss", "z_loss", "grad_norm"):
+    # the router-gradient split too: its router-loss part is averaged over processes as DDP averages gradients
+    for key in ("loss", "z_loss", "grad_norm", "router_grad_norm", "router_grad_norm_aux"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
     # the routing statistics are reduced over both processes: the same counts as one process sees
     assert [r["expert_load"] for r in a] == [r["expert_load"] for r in b]

@@ -249,3 +249,82 @@ def test_diverging_lr_stops_with_a_clear_message(moe, tmp_path):
                                             r"checkpoint is .*checkpoint-1"):
         train(config(moe(), run, steps=5, save_every=1, lr=1e30))
     assert [s for s, _ in ck.checkpoints(run)] == [1]
+
+
+def _no_renorm(folder: Path) -> Path:
+    """qwen2_moe with norm_topk_prob false: the routing weights reach the output, so the LM loss reaches the router
+    (not exact at the start; only the gradient matters here)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["norm_topk_prob"] = False
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_router_gradient_split_is_exact(moe, tmp_path):
+    """With one MoE layer (nothing after it sends router losses back through the hidden states) the LM part of
+    the router gradient is exactly the router gradient of the same step trained without router losses, and the
+    router-loss part of that run is 0."""
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(moe("qwen2_moe", moe_layers="1"), src)
+    _no_renorm(src)
+    train(config(src, tmp_path / "a", steps=2))
+    train(config(src, tmp_path / "b", steps=2, aux_loss_coef=0.0, z_loss_coef=0.0))
+    a, b = metrics(tmp_path / "a")[0], metrics(tmp_path / "b")[0]
+    assert a["router_grad_norm_aux"] > 1e-4 and b["router_grad_norm_aux"] == 0.0
+    assert a["router_grad_norm_lm"] == pytest.approx(b["router_grad_norm"], rel=1e-5)
+    assert b["router_grad_norm_lm"] == pytest.approx(b["router_grad_norm"], rel=1e-12)
+    assert b["router_grad_lm_share"] == 1.0 and 0.5 < a["router_grad_lm_share"] < 1.0
+    # the parts cannot add to more than the whole's norm allows
+    assert a["router_grad_norm"] <= a["router_grad_norm_lm"] + a["router_grad_norm_aux"] + 1e-9
+    assert a["router_grad_norm"] < a["grad_norm"]
+
+
+def test_router_gradient_split_leaves_the_step_unchanged(moe, tmp_path, monkeypatch):
+    """The extra autograd calls change nothing: losses, gradient norms and final weights are bit-identical to a run
+    without them (jitter on, so the random stream must be untouched too; gradient checkpointing too)."""
+    import upcycle.train.losses as losses
+
+    for ckpt in (False, True):
+        kw = dict(steps=3, router_jitter=0.01, gradient_checkpointing=ckpt)
+        train(config(moe(), tmp_path / f"with{ckpt}", **kw))
+        with monkeypatch.context() as mp:
+            mp.setattr(losses.RouterGradients, "add", lambda self, records, loss: None)
+            train(config(moe(), tmp_path / f"without{ckpt}", **kw))
+        mw, mo = metrics(tmp_path / f"with{ckpt}"), metrics(tmp_path / f"without{ckpt}")
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "router_grad_norm"):
+            assert [r[key] for r in mw] == [r[key] for r in mo], key
+        assert mw[0]["router_grad_norm_aux"] > 0 and mo[0]["router_grad_norm_aux"] == 0
+        ww, wo = weights(tmp_path / f"with{ckpt}" / "final"), weights(tmp_path / f"without{ckpt}" / "final")
+        assert all(torch.equal(ww[k], wo[k]) for k in ww)
+    # with and without checkpointing the split agrees
+    a, b = metrics(tmp_path / "withFalse"), metrics(tmp_path / "withTrue")
+    assert [r["router_grad_norm_aux"] for r in a] == pytest.approx([r["router_grad_norm_aux"] for r in b], rel=1e-5)
+
+
+def test_dead_router_warning(moe, tmp_path, monkeypatch):
+    """Mixtral's renormalised top-2 over identical copies: the LM loss sends the routers no gradient at step 1, and
+    the tiny routers stay near uniform; the progress display says so once, with what to do."""
+    from upcycle.core import ui
+
+    said: list[str] = []
+    monkeypatch.setattr(ui, "warn", said.append)
+    train(config(moe(), tmp_path / "r", steps=3))
+    rows = metrics(tmp_path / "r")
+    assert rows[0]["router_grad_lm_share"] < 1e-4  # copies + renormalisation: ~0 (rounding only)
+    assert len(said) == 1
+    assert "near uniform after 3 steps" in said[0] and "--expert-init drop:0.5" in said[0]
+    assert "kmeans" in said[0] and "renormalise" in said[0]
+    # frozen routers: no router gradient to split; then the check itself
+    said.clear()
+    train(config(moe(), tmp_path / "frozen", steps=2, train=["experts"]))
+    assert "router_grad_norm" not in metrics(tmp_path / "frozen")[0]
+    from upcycle.train.losses import dead_router_warning
+
+    alive = {"step": 30, "router_entropy": 1.0, "router_entropy_max": 2.0794, "router_grad_lm_share": 0.4,
+             "router_grad_norm_lm": 1e-2}
+    assert dead_router_warning([alive]) is None
+    assert "almost no gradient" in dead_router_warning([{**alive, "router_grad_lm_share": 1e-6}])
+    assert "near uniform" in dead_router_warning([{**alive, "router_entropy": 2.07}])
+    assert dead_router_warning([{"step": 3, "loss": 1.0}]) is None  # dense: nothing to say

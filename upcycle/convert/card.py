@@ -33,7 +33,47 @@ def _expand(n: dict | list) -> list[int]:
     return list(n)
 
 
-def manifest_dict(plan, parent_label: str, command: list[str] | None, verification: dict | None) -> dict:
+# ------------------------------------------------------------------------------------------------ fingerprints
+# What makes `upcycle eval` honest about provenance: a digest of the parent's tensors (is --parent the model this
+# MoE came from?) and of the MoE's own tensors as written (has it been trained since?). A digest covers every
+# tensor in name order as float32 values, so the same weights stored in bf16 and in fp32, or sharded differently,
+# give the same digest. The output head is left out: writers store a tied head differently (or not at all).
+
+
+def tensor_digest(source) -> str:
+    """sha256 over (name, shape, float32 values) of every tensor of a upcycle.convert.sources.TensorSource."""
+    import hashlib
+
+    from upcycle.core.tensors import FLOAT_CODES, to_f32
+
+    h = hashlib.sha256()
+    for name in sorted(source.names()):
+        if name == "lm_head.weight":
+            continue
+        meta = source.meta(name)
+        a = source.read(name)
+        if meta.dtype in FLOAT_CODES:
+            a = to_f32(a, meta.dtype)
+        h.update(f"{name}:{list(meta.shape)}:".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str:
+    """tensor_digest of a folder of safetensors files (a converted or trained MoE, a dense parent)."""
+    from upcycle.convert.sources import SafetensorsSource
+
+    src = SafetensorsSource(Path(folder))
+    try:
+        return tensor_digest(src)
+    finally:
+        src.close()
+
+
+def manifest_dict(plan, parent_label: str, command: list[str] | None, verification: dict | None,
+                  fingerprints: dict | None = None) -> dict:
+    """fingerprints: {"parent": tensor_digest of the parent, "weights": folder_digest of the written MoE}."""
+    fp = fingerprints or {}
     r = plan.recipe
     layers = []
     for lay in plan.layouts:
@@ -53,7 +93,9 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
         "version": __version__,
         "command": command,
         "parent": {"source": parent_label, "model_type": plan.parent.model_type,
-                   "intermediate_size": plan.parent.intermediate_size, "num_layers": plan.parent.num_layers},
+                   "intermediate_size": plan.parent.intermediate_size, "num_layers": plan.parent.num_layers,
+                   "tensors_sha256": fp.get("parent")},
+        "weights_sha256": fp.get("weights"),
         "recipe": asdict(r),
         "format": plan.fmt.model_type,
         "dtype": NAME_OF[plan.out_dtype],
@@ -80,6 +122,14 @@ class Manifest:
     @property
     def parent(self) -> str:
         return self.data["parent"]["source"]
+
+    @property
+    def parent_digest(self) -> str | None:
+        return self.data["parent"].get("tensors_sha256")
+
+    @property
+    def weights_digest(self) -> str | None:
+        return self.data.get("weights_sha256")
 
     @property
     def recipe(self) -> dict:

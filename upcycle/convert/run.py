@@ -183,7 +183,10 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                     ui.info("verifying against the parent (logits and greedy decoding)")
                 verification = verify_conversion(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype],
                                                  exact=exact_claim(plan), allow_pickle=allow_pickle)
-            write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification))
+            from upcycle.convert.card import folder_digest, tensor_digest
+
+            fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
+            write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification, fingerprints))
             (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification))
     finally:
         ckpt.close()

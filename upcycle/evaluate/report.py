@@ -10,6 +10,7 @@ from pathlib import Path
 from upcycle.evaluate.cost import Cost
 from upcycle.evaluate.drift import LayerDrift
 from upcycle.evaluate.lm import Scores
+from upcycle.evaluate.provenance import Provenance
 from upcycle.evaluate.routing_stats import LayerRouting
 from upcycle.evaluate.specialise import DomainLayer, LayerSpecialisation
 from upcycle.evaluate.stats import Comparison
@@ -57,6 +58,9 @@ class Report:
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     out: Path | None = None
+    baseline: Side | None = None  # the dense baseline trained the same way (--baseline)
+    baseline_comparison: Comparison | None = None  # model minus baseline, paired
+    provenance: Provenance | None = None
 
     @property
     def drift_reference(self) -> str | None:
@@ -90,6 +94,11 @@ class Report:
             "model": self.model.to_json(),
             "parent": None if self.parent is None else self.parent.to_json(),
             "comparison": None if self.comparison is None else self.comparison.to_json(),
+            "baseline": None if self.baseline is None else self.baseline.to_json(),
+            "baseline_comparison": None if self.baseline_comparison is None else self.baseline_comparison.to_json(),
+            "provenance": None if self.provenance is None else self.provenance.to_json(),
+            "verdict": dict(zip(("kind", "text"), verdict(self))),
+            "routers": router_verdict(self),
             "data": self.data,
             "routing": self.routing_json(),
             "specialisation": [s.to_json() for s in self.specialisation] or None,
@@ -124,23 +133,149 @@ def _clean(x):
 
 
 def verdict_sentence(r: Report) -> str:
-    c = r.comparison
-    if c is None:
-        return f"Held-out loss {r.model.scores.loss.mean:.4f} (no parent to compare with)."
-    m, p = r.model.scores.loss.mean, r.parent.scores.loss.mean
+    return verdict(r)[1]
+
+
+def _numbers(m: float, o: float, c: Comparison, other: str) -> str:
     d = c.diff
     ci = "" if d.low is None else f", 95% CI [{d.low:+.4f}, {d.high:+.4f}]"
-    if c.verdict == "same":
-        return (f"The model computes the same loss as its parent (largest per-block difference {c.max_abs_diff:.2g} "
-                f"nats, below the {c.tolerance:g} tolerance): as expected of a fresh exact conversion, no gain yet.")
-    if c.verdict == "better":
-        return (f"Upcycling paid off: loss {m:.4f} vs {p:.4f} for the parent ({d.mean:+.4f} nats{ci}), "
-                f"perplexity x{c.perplexity_ratio:.3f}.")
-    if c.verdict == "worse":
-        return (f"The model is worse than its parent: loss {m:.4f} vs {p:.4f} ({d.mean:+.4f} nats{ci}), "
-                f"perplexity x{c.perplexity_ratio:.3f}.")
-    return (f"No significant difference from the parent: loss {m:.4f} vs {p:.4f} ({d.mean:+.4f} nats{ci}); "
-            "more held-out blocks (--max-blocks) would narrow the interval.")
+    return f"loss {m:.4f} vs {o:.4f} for {other} ({d.mean:+.4f} nats{ci}, perplexity x{c.perplexity_ratio:.3f})"
+
+
+MISSING_BASELINE = ("Not an upcycling claim: that needs a dense baseline trained on the same data and tokens "
+                    "(upcycle train PARENT with the same options, then --baseline RUN).")
+
+
+def verdict(r: Report) -> tuple[str, str]:
+    """(kind, sentences). Upcycling is credited only against a dense baseline trained on the same tokens, for a
+    model trained since conversion; against the untrained parent the words are "better/worse than the parent".
+
+    kinds: paid_off, did_not_pay, no_difference (vs the baseline); untrained; wrong_parent; unfair (tokens or
+    data differ, or are unknown); better_than_parent, worse_than_parent, same_as_parent,
+    no_difference_from_parent; no_reference.
+    """
+    prov = r.provenance or Provenance()
+    m = r.model.scores.loss.mean
+    out: list[str] = []
+    kind = None
+    if prov.parent_match is False:
+        out.append(f"--parent {r.parent.path if r.parent else ''} is not the model this MoE was converted from "
+                   f"(upcycle.json records {prov.recorded_parent}; the tensors differ): no upcycling claim.")
+        kind = "wrong_parent"
+    if prov.untrained:
+        out.append("Untrained since conversion: the weights are still those upcycle convert wrote, so upcycling "
+                   "cannot have paid off yet.")
+        kind = kind or "untrained"
+
+    bc = r.baseline_comparison
+    if bc is not None:
+        b = r.baseline.scores.loss.mean
+        nums = _numbers(m, b, bc, f"the dense baseline `{r.baseline.path}`")
+        unfair = []
+        if prov.tokens_differ:
+            unfair.append(f"they were not trained on the same number of tokens ({prov.model_tokens:,} for the model, "
+                          f"{prov.baseline_tokens:,} for the baseline)")
+        elif prov.model_tokens is None or prov.baseline_tokens is None:
+            which = " and ".join(w for w, t in (("the model", prov.model_tokens), ("the baseline", prov.baseline_tokens))
+                                 if t is None)
+            unfair.append(f"the training tokens of {which} are not recorded (pass the run folders: --run, "
+                          "--baseline RUN), so the same budget cannot be checked")
+        if prov.same_data is False:
+            unfair.append("their runs used different data options (" + "; ".join(prov.data_differences) + ")")
+        if r.baseline.moe:
+            unfair.append("the baseline is itself an MoE, not the dense parent trained the same way")
+        word = {"better": "better than", "worse": "worse than", "same": "the same as"}.get(
+            bc.verdict, "not significantly different from")
+        if kind is not None or unfair:
+            out.append(f"Against the baseline: {word} it, {nums}."
+                       + (" Not a fair comparison for an upcycling claim: " + "; ".join(unfair) + "." if unfair else ""))
+            kind = kind or "unfair"
+        elif bc.verdict == "better":
+            out.append(f"Upcycling paid off against the dense baseline trained the same way: {nums}.")
+            kind = "paid_off"
+        elif bc.verdict == "worse":
+            out.append(f"Upcycling did not pay off: the dense baseline trained the same way is better; {nums}.")
+            kind = "did_not_pay"
+        else:
+            out.append(f"Upcycling made no significant difference against the dense baseline trained the same way: "
+                       f"{nums}; more held-out blocks (--max-blocks) would narrow the interval.")
+            kind = "no_difference"
+
+    c = r.comparison
+    if c is not None:
+        p = r.parent.scores.loss.mean
+        if c.verdict == "same":
+            out.append(f"The model computes the same loss as its parent (largest per-block difference "
+                       f"{c.max_abs_diff:.2g} nats, below the {c.tolerance:g} tolerance)"
+                       + (": as expected of a fresh exact conversion, no gain yet." if prov.untrained is not False
+                          else "."))
+            pk = "same_as_parent"
+        else:
+            label = "the parent" if prov.parent_match is not False else "--parent"
+            pk = {"better": "better_than_parent", "worse": "worse_than_parent"}.get(
+                c.verdict, "no_difference_from_parent")
+            head = {"better": f"Better than {label}", "worse": f"Worse than {label}"}.get(
+                c.verdict, f"No significant difference from {label}")
+            out.append(f"{head}: {_numbers(m, p, c, label)}.")
+        if kind is None:
+            kind = pk
+            if r.model.moe or (r.provenance and r.provenance.recorded_parent):
+                out.append(MISSING_BASELINE)
+    if not out:
+        return "no_reference", f"Held-out loss {m:.4f} (no parent to compare with)."
+    return kind or "no_reference", " ".join(out)
+
+
+# When routers count as learned (docs/eval.md): entropy as a share of log E, experts' cosine to their origin.
+UNIFORM_ENTROPY = 0.98  # above: the router barely prefers any expert
+UNMOVED_COS = 0.9999  # above: the experts are still what they started as
+SKEWED_CV = 1.0  # load CV above this, or dead experts: routing collapses onto few experts
+
+
+def router_verdict(r: Report) -> dict | None:
+    """{"learned": True/False/None, "text": one paragraph naming the numbers and the thresholds} for an MoE."""
+    if not r.routing:
+        return None
+    ents = [x.entropy_norm for x in r.routing if x.entropy_norm is not None]
+    ent = sum(ents) / len(ents) if ents else None
+    cv = sum(x.cv for x in r.routing) / len(r.routing)
+    dead = sum(len(x.dead_experts) for x in r.routing)
+    cos = sum(d.mean for d in r.drift) / len(r.drift) if r.drift else None
+    ref = {"parent": "the parent neurons they were cut from", "mean_expert": "their layer's mean expert"}.get(
+        r.drift_reference or "", "their origin")
+    facts = []
+    if ent is not None:
+        facts.append(f"mean router entropy {ent:.3f} of log E ({'above' if ent > UNIFORM_ENTROPY else 'at or below'} "
+                     f"{UNIFORM_ENTROPY})")
+    facts.append(f"load CV {cv:.3f}" + (f", {dead} dead experts" if dead else ""))
+    if cos is not None:
+        facts.append(f"experts' mean cosine to {ref} {cos:.4f} ({'above' if cos > UNMOVED_COS else 'below'} "
+                     f"{UNMOVED_COS})")
+    numbers = "; ".join(facts)
+    prov = r.provenance
+    if prov is not None and prov.untrained:
+        return {"learned": False, "text": f"The routers are untrained (fresh from conversion; {numbers}): what they "
+                                          "do is their initialisation."}
+    unmoved = cos is not None and cos > UNMOVED_COS
+    if ent is not None and ent > UNIFORM_ENTROPY:
+        text = (f"The routers have not learned to route: {numbers}. They barely prefer any expert"
+                + (", and the experts are still copies of their origin, so routing changes nothing" if unmoved else "")
+                + ". Convert with a routing rule that does not renormalise the top-k weights, or break the symmetry "
+                  "(upcycle convert --expert-init drop:0.5, --router-init kmeans:TEXT).")
+        learned = False
+    elif unmoved:
+        text = (f"The routers prefer experts ({numbers}), but the experts are still what they started as, so the "
+                "preference changes little: not learned routing yet.")
+        learned = False
+    elif ent is None:
+        text = f"No router probabilities to judge: {numbers}."
+        learned = None
+    else:
+        text = f"The routers have learned to route: {numbers}."
+        learned = True
+    if dead or cv > SKEWED_CV:
+        text += f" The load is concentrated on few experts (CV above {SKEWED_CV:g} or dead experts): a sign of collapse."
+    return {"learned": learned, "text": text}
 
 
 def _pm(est, fmt: str, compact: bool) -> str:
@@ -152,42 +287,65 @@ def _pm(est, fmt: str, compact: bool) -> str:
     return f"{fmt.format(est.mean)} [{fmt.format(est.low)}, {fmt.format(est.high)}]"
 
 
-def side_rows(r: Report, compact: bool = False) -> list[tuple[str, str, str, str]]:
-    """(metric, model, parent, model vs parent) rows shared by the terminal table and summary.md."""
-    m, p = r.model, r.parent
-    c = r.comparison
+def others(r: Report) -> list[tuple[str, Side, Comparison | None]]:
+    """The references the model is compared with, in table order: (column name, side, model-minus-it)."""
+    out = []
+    if r.parent is not None:
+        out.append(("parent", r.parent, r.comparison))
+    if r.baseline is not None:
+        out.append(("baseline", r.baseline, r.baseline_comparison))
+    return out
+
+
+def side_rows(r: Report, compact: bool = False) -> list[tuple[str, ...]]:
+    """(metric, model, then for each reference: its value and model vs it) rows, shared by the terminal table and
+    summary.md."""
+    m = r.model
+    refs = others(r)
     rows = []
 
-    def add(name, fm, fp, delta=""):
-        rows.append((name, fm, fp if p is not None else "", delta if p is not None else ""))
+    def add(name, fm, per_ref):
+        cells = [name, fm]
+        for _, o, c in refs:
+            cells += list(per_ref(o, c))
+        rows.append(tuple(cells))
 
-    add("loss (nats/token)", _pm(m.scores.loss, "{:.4f}", compact), _pm(p.scores.loss, "{:.4f}", compact) if p else "",
-        _pm(c.diff, "{:+.3g}", compact) if c else "")
+    add("loss (nats/token)", _pm(m.scores.loss, "{:.4f}", compact),
+        lambda o, c: (_pm(o.scores.loss, "{:.4f}", compact), _pm(c.diff, "{:+.3g}", compact) if c else ""))
     if compact:  # the perplexity interval is not symmetric: only in the files
-        add("perplexity", f"{m.scores.perplexity.mean:.3f}", f"{p.scores.perplexity.mean:.3f}" if p else "",
-            f"x{c.perplexity_ratio:.4f}" if c else "")
+        add("perplexity", f"{m.scores.perplexity.mean:.3f}",
+            lambda o, c: (f"{o.scores.perplexity.mean:.3f}", f"x{c.perplexity_ratio:.4f}" if c else ""))
     else:
         add("perplexity", _pm(m.scores.perplexity, "{:.3f}", False),
-            _pm(p.scores.perplexity, "{:.3f}", False) if p else "", f"x{c.perplexity_ratio:.4f}" if c else "")
-    add("next-token accuracy", f"{m.scores.accuracy:.2%}", f"{p.scores.accuracy:.2%}" if p else "",
-        f"{(m.scores.accuracy - p.scores.accuracy) * 100:+.2f} pt" if p else "")
-    add("tokens/s", f"{m.scores.tokens_per_second:,.0f}", f"{p.scores.tokens_per_second:,.0f}" if p else "",
-        f"x{m.scores.tokens_per_second / p.scores.tokens_per_second:.2f}" if p else "")
-    add("parameters", human_count(m.cost.total_params), human_count(p.cost.total_params) if p else "",
-        f"x{m.cost.total_params / p.cost.total_params:.2f}" if p else "")
-    add("active params/token", human_count(m.cost.active_params), human_count(p.cost.active_params) if p else "",
-        f"x{m.cost.active_params / p.cost.active_params:.2f}" if p else "")
-    add("GFLOPs/token", f"{m.cost.flops_per_token / 1e9:.4g}", f"{p.cost.flops_per_token / 1e9:.4g}" if p else "",
-        f"x{m.cost.flops_per_token / p.cost.flops_per_token:.2f}" if p else "")
+            lambda o, c: (_pm(o.scores.perplexity, "{:.3f}", False), f"x{c.perplexity_ratio:.4f}" if c else ""))
+    add("next-token accuracy", f"{m.scores.accuracy:.2%}",
+        lambda o, c: (f"{o.scores.accuracy:.2%}", f"{(m.scores.accuracy - o.scores.accuracy) * 100:+.2f} pt"))
+    add("tokens/s", f"{m.scores.tokens_per_second:,.0f}",
+        lambda o, c: (f"{o.scores.tokens_per_second:,.0f}",
+                      f"x{m.scores.tokens_per_second / o.scores.tokens_per_second:.2f}"))
+    add("parameters", human_count(m.cost.total_params),
+        lambda o, c: (human_count(o.cost.total_params), f"x{m.cost.total_params / o.cost.total_params:.2f}"))
+    add("active params/token", human_count(m.cost.active_params),
+        lambda o, c: (human_count(o.cost.active_params), f"x{m.cost.active_params / o.cost.active_params:.2f}"))
+    add("GFLOPs/token", f"{m.cost.flops_per_token / 1e9:.4g}",
+        lambda o, c: (f"{o.cost.flops_per_token / 1e9:.4g}", f"x{m.cost.flops_per_token / o.cost.flops_per_token:.2f}"))
     mem_m = m.scores.peak_bytes
-    mem_p = p.scores.peak_bytes if p else None
-    add("peak memory", human_bytes(mem_m) if mem_m else "n/a", human_bytes(mem_p) if mem_p else "n/a",
-        f"x{mem_m / mem_p:.2f}" if mem_m and mem_p else "")
+    add("peak memory", human_bytes(mem_m) if mem_m else "n/a",
+        lambda o, c: (human_bytes(o.scores.peak_bytes) if o.scores.peak_bytes else "n/a",
+                      f"x{mem_m / o.scores.peak_bytes:.2f}" if mem_m and o.scores.peak_bytes else ""))
+    if r.provenance is not None and (r.provenance.model_tokens is not None or r.provenance.baseline_tokens is not None):
+        prov = r.provenance
+
+        def tok(n):
+            return f"{n:,}" if n is not None else "?"
+
+        add("training tokens", tok(prov.model_tokens),
+            lambda o, c: ("not trained here" if o is r.parent else tok(prov.baseline_tokens), ""))
     if m.domain_scores is not None:
-        pd = p.domain_scores if p else None
         dc = r.domain_comparison
         add("domain loss", _pm(m.domain_scores.loss, "{:.4f}", compact),
-            _pm(pd.loss, "{:.4f}", compact) if pd else "", _pm(dc.diff, "{:+.3g}", compact) if dc else "")
+            lambda o, c: (_pm(o.domain_scores.loss, "{:.4f}", compact) if o.domain_scores else "",
+                          _pm(dc.diff, "{:+.3g}", compact) if dc and o is r.parent else ""))
     return rows
 
 
@@ -221,12 +379,17 @@ def summary_markdown(r: Report) -> str:
     d = r.data
     lines += [f"Data: {d.get('blocks')} blocks of {d.get('seq_len')} tokens ({d.get('tokens_scored'):,} scored tokens, "
               f"split `{d.get('split')}`) from {len(d.get('files', []))} file(s)."
-              + (f" Parent: `{r.parent.path}`." if r.parent else ""), ""]
-    lines += ["| metric | model | parent | model vs parent |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in side_rows(r)]
+              + (f" Parent: `{r.parent.path}`." if r.parent else "")
+              + (f" Dense baseline: `{r.baseline.path}`." if r.baseline else ""), ""]
+    header = ["metric", "model"] + [x for name, _, _ in others(r) for x in (name, f"model vs {name}")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in side_rows(r)]
     lines += ["", "Intervals are 95% Student-t intervals over blocks; the difference is paired (same blocks)."]
     if r.routing:
         lines += ["", "## Routing", ""]
+        rv = router_verdict(r)
+        if rv:
+            lines += [rv["text"], ""]
         lines += _routing_findings(r)
         lines += ["", "| " + " | ".join(ROUTING_HEADER) + " |", "|" + "---|" * len(ROUTING_HEADER)]
         lines += ["| " + " | ".join(row) + " |" for row in routing_rows(r)]
@@ -324,13 +487,16 @@ def print_report(r: Report, console) -> None:
     t = Table(title=f"upcycle eval: {r.model.path}", title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("metric")
     t.add_column("model", justify="right")
-    if r.parent is not None:
-        t.add_column("parent", justify="right")
-        t.add_column("model vs parent", justify="right")
-    for a, b, c, e in side_rows(r, compact=True):
-        t.add_row(a, b, c, e) if r.parent is not None else t.add_row(a, b)
+    for name, _, _ in others(r):
+        t.add_column(name, justify="right")
+        t.add_column(f"model vs {name}", justify="right")
+    for row in side_rows(r, compact=True):
+        t.add_row(*row)
     console.print(t)
     console.print(verdict_sentence(r))
+    rv = router_verdict(r)
+    if rv:
+        console.print(rv["text"])
     if r.routing:
         rt = Table(box=box.SIMPLE_HEAD, title="routing per MoE layer" + (f" (cosine to {r.drift_reference.replace('_', ' ')})"
                                                     if r.drift else ""), title_justify="left")

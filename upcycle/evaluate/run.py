@@ -55,6 +55,7 @@ class EvalOptions:
     allow_pickle: bool = False
     tasks: tuple[str, ...] = ()
     tasks_limit: int | None = None
+    baseline: str | None = None  # the dense baseline trained the same way: a run of `upcycle train PARENT`, or a model
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -152,7 +153,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     from upcycle.evaluate.cost import model_cost
     from upcycle.evaluate.drift import layer_drift, parent_mlps
     from upcycle.evaluate.lm import score
-    from upcycle.evaluate.runlog import find_metrics, read_run
+    from upcycle.evaluate.provenance import Provenance, check_parent, compare_runs, resolve_baseline, run_of, \
+        trained_tokens, weights_digest
+    from upcycle.evaluate.runlog import read_run
     from upcycle.evaluate.stats import paired_comparison
     from upcycle.core.loading import load_causal_lm, load_tokenizer
     from upcycle.convert.card import read_manifest
@@ -169,8 +172,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     # every input checked before any model is loaded
     files = resolve_data_files(data)
     domain_files = resolve_data_files(domain) if domain else None
-    if run is None and Path(model_spec).is_dir() and find_metrics(model_spec):
-        run = model_spec  # a run folder that also holds the final checkpoint
+    if run is None:
+        run = run_of(model_spec)  # a run folder holding the final checkpoint, or RUN/final, RUN/checkpoint-N
     runlog = read_run(run) if run is not None else None
     tok = load_tokenizer(model_spec)
     manifest = read_manifest(model_spec) if Path(model_spec).is_dir() else None
@@ -181,6 +184,29 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     elif manifest is not None:
         notes.append(f"made by upcycle convert from {manifest.parent}; pass --parent {manifest.parent} to compare "
                      "with it and to measure expert drift from the parent MLP")
+    baseline = None
+    if opt.baseline is not None:
+        baseline = resolve_baseline(opt.baseline)
+        same_tokenizer(tok, load_tokenizer(str(baseline.model)), ("MODEL", "--baseline"))
+
+    # where the models came from: decides which verdicts may be spoken (upcycle.evaluate.provenance)
+    prov = Provenance(model_tokens=trained_tokens(model_spec, runlog))
+    if manifest is not None:
+        prov.recorded_parent = manifest.parent
+        if parent is not None:
+            check_parent(prov, manifest, parent, opt.allow_pickle)
+            if prov.parent_match is None:
+                notes.append(f"could not confirm that --parent {parent} is the recorded parent {manifest.parent} "
+                             "(upcycle.json holds no parent digest and the paths differ)")
+        if manifest.weights_digest:
+            digest = weights_digest(model_spec)
+            prov.untrained = None if digest is None else digest == manifest.weights_digest
+        elif runlog is None:
+            notes.append("upcycle.json records no weights digest (converted by an older upcycle) and no training "
+                         "run was given (--run): whether the model was trained since conversion is unknown")
+    if baseline is not None:
+        prov.baseline_tokens = baseline.tokens
+        compare_runs(prov, runlog.path.parent if runlog else None, baseline.run)
 
     blocks = heldout_blocks(tok, files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split=opt.split,
                             heldout_fraction=opt.heldout_fraction, seed=opt.seed, text_field=opt.text_field)
@@ -222,11 +248,25 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                                model_cost(pm, [g.group for g in pmoe], opt.seq_len), pdomain)
             if pmoe:
                 notes.append("the --parent is itself an MoE: drift is measured against the mean expert")
+            elif prov.parent_match is False:
+                notes.append("--parent is not the recorded parent: drift is measured against the mean expert")
             else:
                 parent_mlp = parent_mlps(pm)
             if opt.tasks:
                 tasks["parent"] = collect.run_tasks(pm, ptok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
             del pm
+            _release_memory()
+
+        baseline_side = None
+        if baseline is not None:
+            if not quiet:
+                ui.info(f"loading the baseline {baseline.model}")
+            bm = load_causal_lm(str(baseline.model), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
+            bscores = score(bm, blocks, batch_size=opt.batch_size, progress=prog, description="scoring the baseline")
+            bmoe = collect.moe_info(bm)
+            baseline_side = Side(str(baseline.model), _model_type(bm), bool(bmoe), bscores,
+                                 model_cost(bm, [g.group for g in bmoe], opt.seq_len))
+            del bm
             _release_memory()
 
         if not quiet:
@@ -288,7 +328,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     report = Report(model=model_side, parent=parent_side, comparison=comparison, data=data_info, routing=routing,
                     drift=drift, drift_note=drift_note, specialisation=specialisation, domain=domain_layers,
                     domain_comparison=domain_comparison, training=runlog.summary() if runlog else None,
-                    tasks=tasks or None, notes=notes, out=out_dir)
+                    tasks=tasks or None, notes=notes, out=out_dir, baseline=baseline_side,
+                    baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol)
+                                         if baseline_side is not None else None), provenance=prov)
     write_report_folder(report, out_dir, runlog, with_plots=opt.plots, quiet=quiet)
     return report
 

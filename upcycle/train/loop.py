@@ -100,6 +100,8 @@ def _fmt_stats(row: dict) -> str:
     parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
     if "load_cv" in row:
         parts += [f"aux {row['aux_loss']:.3f}", f"z {row['z_loss']:.3f}", f"imb {row['load_imbalance']:.2f}"]
+    if row.get("router_grad_lm_share") is not None:
+        parts.append(f"router grad from LM {row['router_grad_lm_share']:.0%}")
     if "val_loss" in row:
         parts.append(f"val {row['val_loss']:.4f}")
     return "  ".join(parts)
@@ -112,7 +114,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from upcycle.core.loading import load_tokenizer
     from upcycle.core.routing import RoutingRecorder, moe_layers
     from upcycle.train.freeze import apply_selection, param_groups
-    from upcycle.train.losses import RoutingStats, router_losses
+    from upcycle.train.losses import ROUTER_CHECK_STEPS, RouterGradients, RoutingStats, dead_router_warning, router_losses
     from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
 
@@ -248,6 +250,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     last_loss = None
     step = start
     recorder = RoutingRecorder(unwrapped, detach=False, layers=layers)
+    # the router gradient split needs each process's full router gradient; FSDP and DeepSpeed shard it
+    split_router_grads = accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED")
+    recent: list[dict] = []  # the last rows, for the dead-router check
+    router_checked = not layers
     progress = ui.progress(*_progress_columns()) if main else contextlib.nullcontext()
     try:
         with recorder, progress:
@@ -256,6 +262,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             for step in range(start + 1, total + 1):
                 t0 = time.perf_counter()
                 stats = RoutingStats(layers)
+                router_grads = RouterGradients(layers) if split_router_grads else None
                 sums = torch.zeros(3, dtype=torch.float64)
                 for micro in range(cfg.grad_accum):
                     batch = pending if pending is not None else next(batches)
@@ -268,6 +275,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                         aux, z = router_losses(layers, records)
                         aux, z = aux.to(out_.loss.device), z.to(out_.loss.device)
                         loss = out_.loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+                        if router_grads is not None and (cfg.aux_loss_coef or cfg.z_loss_coef):
+                            with recorder.pause():
+                                router_grads.add(records, (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z)
+                                                 / cfg.grad_accum)
                         with recorder.pause():  # activation checkpointing re-runs forwards in backward
                             accelerator.backward(loss / cfg.grad_accum)
                     stats.update(records)
@@ -282,6 +293,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if not all(math.isfinite(v) for v in (lm, aux_v, z_v)):
                     _stop(f"the loss is {lm if not math.isfinite(lm) else (aux_v if not math.isfinite(aux_v) else z_v)} "
                           f"at step {step}", last_good)
+                router_row = (router_grads.summary(
+                    (lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
+                    if router_grads is not None else {})
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
                 if not math.isfinite(grad_norm):
                     _stop(f"the gradient norm is {grad_norm} at step {step}", last_good)
@@ -298,6 +312,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.router_lr_mult != 1.0:
                     row["router_lr"] = lr_now * cfg.router_lr_mult
                 row.update(stats.summary())
+                row.update(router_row)
                 last_loss = lm
                 if val is not None and eval_every and (step % eval_every == 0 or step == total):
                     row["val_loss"] = evaluate()
@@ -306,6 +321,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if cfg.report_to != "none":
                         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
                     progress.update(task, completed=step, stats=_fmt_stats(row))
+                recent = (recent + [row])[-5:]
+                if not router_checked and step >= min(ROUTER_CHECK_STEPS, total):
+                    router_checked = True
+                    warning = dead_router_warning(recent)
+                    if warning and main:
+                        ui.warn(warning)
                 if cfg.save_every and step % cfg.save_every == 0:
                     last_good = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src)
                     if main:

@@ -130,3 +130,99 @@ class RoutingStats:
             "layer_router_entropy": [round(x, 6) for x in entropy],
             "expert_load": loads,
         }
+
+
+class RouterGradients:
+    """The routers' gradient of one optimizer step, split by where it comes from.
+
+    A router's weight W receives gradient only through its logits, and its logits have two consumers: the routing
+    weights (so the model's output, the LM loss) and the layer's own load-balancing and z losses. The second part is
+    local and cheap: the router losses' gradient at the logits (a [T, E] tensor), then back through the router's
+    own matmul only (one autograd call per layer, whose graph stops at W). The LM part is the step's total router
+    gradient minus it, exactly (gradients add). The LM part so also holds whatever the router losses of later
+    layers send back through the hidden states and this layer's routing weights: it is everything that reaches the
+    router through what the router does to the model's output.
+
+    Nothing here writes a .grad or draws a random number, so the training step is unchanged. With gradient
+    checkpointing the autograd call re-runs each layer's checkpointed forward once more.
+    """
+
+    def __init__(self, layers: list[MoELayer]):
+        self.layers = [m for m in layers if m.router.weight.requires_grad]
+        self.direct: list = [None] * len(self.layers)
+
+    def add(self, records: dict[int, RouterRecord], router_loss: "torch.Tensor") -> None:
+        """Before backward, per micro-batch: router_loss is the weighted aux + z term exactly as it enters the
+        backward (divided by the gradient accumulation steps)."""
+        import torch
+
+        pairs = [(j, records[m.index].logits) for j, m in enumerate(self.layers)
+                 if m.index in records and records[m.index].logits is not None]
+        pairs = [(j, lg) for j, lg in pairs if lg.requires_grad]
+        if not pairs or not router_loss.requires_grad:
+            return
+        at_logits = torch.autograd.grad(router_loss, [lg for _, lg in pairs], retain_graph=True, allow_unused=True)
+        for (j, lg), g in zip(pairs, at_logits):
+            if g is None:
+                continue
+            (w,) = torch.autograd.grad(lg, self.layers[j].router.weight, grad_outputs=g, retain_graph=True)
+            w = w.detach().double()
+            self.direct[j] = w if self.direct[j] is None else self.direct[j] + w
+
+    def summary(self, reduce_mean=None) -> dict:
+        """After backward and before clipping: norms of the total, LM and router-loss parts (all routers
+        together). reduce_mean averages a tensor over processes (DDP averages the gradients the same way)."""
+        import math
+
+        import torch
+
+        totals = [m.router.weight.grad for m in self.layers]
+        if not self.layers or any(t is None for t in totals):
+            return {}
+        direct = [torch.zeros(t.shape, dtype=torch.float64, device=t.device) if d is None else d.to(t.device)
+                  for t, d in zip(totals, self.direct)]
+        if reduce_mean is not None:
+            flat = reduce_mean(torch.cat([d.reshape(-1) for d in direct]))
+            direct = [x.view_as(d) for x, d in zip(flat.split([d.numel() for d in direct]), direct)]
+        total = math.sqrt(sum(float(t.double().square().sum()) for t in totals))
+        aux = math.sqrt(sum(float(d.square().sum()) for d in direct))
+        lm = math.sqrt(sum(float((t.double() - d).square().sum()) for t, d in zip(totals, direct)))
+        return {"router_grad_norm": total, "router_grad_norm_lm": lm, "router_grad_norm_aux": aux,
+                "router_grad_lm_share": lm / (lm + aux) if lm + aux > 0 else None}
+
+
+# The dead-router check of the progress line: routers this close to uniform, or with this little LM gradient,
+# after this many steps (or at the end of a shorter run) are not learning to route.
+ROUTER_CHECK_STEPS = 20
+UNIFORM_ENTROPY = 0.98  # mean router entropy / log E above this: near uniform
+LM_SHARE_DEAD = 0.01  # LM part / (LM + router-loss parts) below this: the LM loss hardly reaches the routers
+LM_NORM_DEAD = 1e-7  # or, with no router losses, an LM router gradient norm below this
+
+
+def dead_router_warning(rows: list[dict]) -> str | None:
+    """One line for the progress display when the routers are not learning, from the last few metrics rows."""
+    rows = [r for r in rows if r.get("router_entropy_max")]
+    if not rows:
+        return None
+    ratio = sum(r["router_entropy"] / r["router_entropy_max"] for r in rows) / len(rows)
+    shares = [r["router_grad_lm_share"] for r in rows if r.get("router_grad_lm_share") is not None]
+    lm_norms = [r["router_grad_norm_lm"] for r in rows if "router_grad_norm_lm" in r]
+    share = sum(shares) / len(shares) if shares else None
+    lm_norm = max(lm_norms) if lm_norms else None
+    uniform = ratio > UNIFORM_ENTROPY
+    no_lm = (share is not None and share < LM_SHARE_DEAD) or (share is None and lm_norm is not None
+                                                            and lm_norm < LM_NORM_DEAD)
+    if not (uniform or no_lm):
+        return None
+    step = rows[-1]["step"]
+    found = []
+    if uniform:
+        found.append(f"the routers are still near uniform after {step} steps (mean entropy {ratio:.3f} of log E, "
+                     f"above {UNIFORM_ENTROPY})")
+    if no_lm:
+        what = (f"{share:.1%} of their gradient, below {LM_SHARE_DEAD:.0%}" if share is not None
+                else f"norm {lm_norm:.1e}")
+        found.append(f"the LM loss sends them almost no gradient ({what}; router_grad_* in metrics.jsonl)")
+    return ("; ".join(found) + ": the experts will not specialise. Convert with a routing rule that does not "
+            "renormalise the top-k weights, and/or break the symmetry between the expert copies "
+            "(upcycle convert --expert-init drop:0.5, or --router-init kmeans:TEXT); see docs/study.md")
