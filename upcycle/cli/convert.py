@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-FORMATS = "auto|mixtral|qwen2_moe|qwen3_moe|glm4_moe|dots1|granitemoe|granitemoeshared|flex_olmo"
+from upcycle.families.moe import format_names
+
+FORMATS = "|".join(format_names())
 
 
 def convert_command(

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.core.errors import UsageError
+from upcycle.families.moe import format_names
 
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "granitemoe", "granitemoeshared", "flex_olmo")
+FORMATS = format_names()
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
