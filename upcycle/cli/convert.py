@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from upcycle.families.moe import format_names
+from upcycle.families.moe import ROUTINGS, format_names
 
 FORMATS = "|".join(format_names())
 
@@ -21,7 +21,8 @@ def convert_command(
     format: str = typer.Option("auto", "--format", "-f", help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly."),
     moe_layers: str = typer.Option("all", "--moe-layers", help="Layers that become MoE: all, every:N, or a list like 0,2,4-7 (others stay dense where the format allows)."),
     router_init: str = typer.Option("random", "--router-init", help="random (fp32, small std, virtual groups tied) or kmeans:TEXT_FILE (centroids of the parent's hidden states)."),
-    router_std: float = typer.Option(0.02, "--router-std", help="Standard deviation of the random router weights."),
+    router_std: float = typer.Option(0.02, "--router-std", help="Standard deviation of the random router weights; 0: a zero router (softmax/sigmoid routing: an exact start, every token ties)."),
+    routing: str = typer.Option("renorm", "--routing", help=f"Routing weights: {'|'.join(ROUTINGS)}. renorm: top-k renormalised (exact with any router); softmax (qwen*/flex_olmo) and sigmoid (glm4_moe/dots1): not renormalised, so the router learns from step 0, exact only with --router-std 0."),
     expert_init: str = typer.Option("copy", "--expert-init", help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise)."),
     slice_order: str = typer.Option("contiguous", "--slice-order", help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation)."),
     seed: int = typer.Option(0, "--seed", help="Seed for every random choice; the same command writes the same bytes."),
@@ -57,6 +58,7 @@ def convert_command(
         moe_layers=moe_layers,
         router_init=router_init,
         router_std=router_std,
+        routing=routing,
         expert_init=expert_init,
         slice_order=slice_order,
         seed=seed,

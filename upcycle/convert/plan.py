@@ -6,6 +6,7 @@ first, then tensors are produced and written one by one. The plan also gives --d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -14,7 +15,7 @@ import numpy as np
 from upcycle.families.parents import ParentSpec
 from upcycle.families.moe import MoEType, TensorSpec
 from upcycle.convert.recipe import Recipe
-from upcycle.core.tensors import nbytes
+from upcycle.core.tensors import NAME_OF, nbytes
 from upcycle.convert.weights import LayerLayout, ParentReader, WeightFactory, layer_layout
 
 
@@ -63,6 +64,20 @@ class Plan:
         per_expert = 3 * self.parent.hidden_size * (self.parent.intermediate_size // self.recipe.granularity)
         idle = (self.recipe.experts - self.recipe.top_k) * per_expert * len(self.moe_layers)
         return self.total_params - idle
+
+    @property
+    def inexact_reason(self) -> str | None:
+        """Why the converted model will not reproduce the parent (None: it will, to float32 noise)."""
+        if self.recipe.inexact_reason:
+            return self.recipe.inexact_reason
+        if self.out_dtype == "F32":
+            return None
+        # a scale in config.json (routed_scaling_factor) stays a float32 number; one on down_proj is rounded
+        scales = {o.down_scale for lay in self.layouts for o in lay.experts + ([lay.shared] if lay.shared else [])}
+        bad = sorted(s for s in scales if not (s > 0 and math.frexp(s)[0] == 0.5))
+        if bad:
+            return f"the non-power-of-two scale {bad[0]:g} on down_proj is rounded in {NAME_OF[self.out_dtype]}"
+        return None
 
     @property
     def parent_params(self) -> int:

@@ -8,7 +8,6 @@ the folder into place.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from upcycle.core import ui
 from upcycle.core.errors import InputError, UsageError
-from upcycle.families.moe import choose_format, portability_notes
+from upcycle.families.moe import ROUTINGS, choose_format, portability_notes
 from upcycle.convert.card import manifest_dict, model_card, write_manifest
 from upcycle.convert.parent import ParentCheckpoint, open_parent
 from upcycle.convert.plan import Plan, make_plan
@@ -34,18 +33,9 @@ class ConvertResult:
     seconds: float
 
 
-def _is_pow2(x: float) -> bool:
-    return x > 0 and math.frexp(x)[0] == 0.5
-
-
 def exact_claim(plan: Plan) -> bool:
     """Exact by construction, and not undone by storing a non-power-of-two scale in 16 bits."""
-    if not plan.recipe.exact:
-        return False
-    if plan.out_dtype == "F32":
-        return True
-    scales = {o.down_scale for lay in plan.layouts for o in lay.experts + ([lay.shared] if lay.shared else [])}
-    return all(_is_pow2(s) for s in scales)
+    return plan.inexact_reason is None
 
 
 def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:
@@ -99,7 +89,6 @@ def describe(plan: Plan, out: Path | None, max_shard_bytes: int) -> None:
             t.add_row(str(lay.index), "dense", f"MLP {p.intermediate_size}")
     ui.out.print(t)
     shards = len(assign_shards(plan.tensors, max_shard_bytes))
-    mode, value = r.expert_init_mode
     lines = [
         f"format        {plan.fmt.model_type} ({plan.fmt.architecture})",
         f"experts       {r.experts} routed of {width} neurons (1/{r.granularity} of {p.intermediate_size}), top-{r.top_k}, "
@@ -107,7 +96,8 @@ def describe(plan: Plan, out: Path | None, max_shard_bytes: int) -> None:
         f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
         f"(parent {human_count(plan.parent_params)})",
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
-        f"exact         {'yes' if exact_claim(plan) else 'no: ' + ('expert init ' + r.expert_init + ' perturbs experts on purpose' if mode != 'copy' else 'a non-power-of-two scale is rounded in ' + NAME_OF[plan.out_dtype])}",
+        f"routing       {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else ""),
+        f"exact         {'yes' if exact_claim(plan) else 'no: ' + plan.inexact_reason}",
     ]
     for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
         lines.append(f"note          {note}")
@@ -116,13 +106,13 @@ def describe(plan: Plan, out: Path | None, max_shard_bytes: int) -> None:
 
 def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int = 2, granularity: int = 1,
             shared_experts: int = 0, format: str = "auto", moe_layers: str = "all", router_init: str = "random",
-            router_std: float = 0.02, expert_init: str = "copy", slice_order: str = "contiguous", seed: int = 0,
+            router_std: float = 0.02, routing: str = "renorm", expert_init: str = "copy", slice_order: str = "contiguous", seed: int = 0,
             dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False, dry_run: bool = False,
             verify: bool = True, allow_pickle: bool = False, command: list[str] | None = None,
             quiet: bool = False) -> ConvertResult:
     start = time.perf_counter()
     recipe = Recipe(experts=experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts, format=format,
-                    moe_layers=moe_layers, router_init=router_init, router_std=router_std, expert_init=expert_init,
+                    moe_layers=moe_layers, router_init=router_init, router_std=router_std, routing=routing, expert_init=expert_init,
                     slice_order=slice_order, seed=seed, dtype=dtype)
     try:
         max_shard_bytes = parse_size(max_shard_size)

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from upcycle.convert.recipe import Recipe
     from upcycle.families.parents import ParentSpec
 
-# Routing-weight rules, i.e. how the k chosen experts' weights follow from the router logits.
+# Routing-weight rules, i.e. how the k chosen experts' weights follow from the router logits. What each rule
+# gives one chosen expert when all router logits are equal (a zero router, or a tied virtual group) decides the
+# factor that makes the upcycled start reproduce the parent; see Recipe.routed_scale and docs/convert.md.
 ROUTINGS: dict[str, str] = {
     "renorm": "top-k of the softmax, the k weights renormalised to sum to 1",
     "softmax": "softmax over all experts, top-k, weights not renormalised",
@@ -139,6 +141,13 @@ class MoEType:
                 why.append(f"{t} makes every layer MoE (asked for dense layers {ranges(dense)})")
             elif self.dense_layers == "prefix" and dense != list(range(len(dense))):
                 why.append(f"{t} can keep only the first layers dense (asked for dense layers {ranges(dense)})")
+        if recipe.routing not in self.routings:
+            why.append(f"{t} cannot store --routing {recipe.routing} ({ROUTINGS[recipe.routing]}); "
+                       f"it stores --routing {' or '.join(self.routings)}")
+        elif recipe.zero_router and recipe.group_size > 1 and not self.whole_groups:
+            why.append(f"with a zero router (--router-std 0) every expert ties and {t}'s top-k may split a virtual "
+                       f"group of {recipe.group_size} slices; use a positive --router-std (not exact, measured by "
+                       f"--verify) or --granularity 1")
         return why if explain else not why
 
     def portability_notes(self, parent: ParentSpec, recipe: Recipe) -> list[str]:

@@ -34,7 +34,7 @@ class DeepSeekStyle(MoEType):
         return dict(n_routed_experts=recipe.experts, num_local_experts=recipe.experts, moe_intermediate_size=width,
                     intermediate_size=parent.intermediate_size, n_shared_experts=recipe.shared_experts,
                     first_k_dense_replace=len(dense), n_group=n_group, topk_group=topk_group,
-                    norm_topk_prob=True, routed_scaling_factor=recipe.routed_down_scale,
+                    norm_topk_prob=recipe.routing == "renorm", routed_scaling_factor=recipe.routed_scale,
                     attention_bias=parent.qkv_bias, scoring_func="sigmoid", topk_method="noaux_tc")
 
 

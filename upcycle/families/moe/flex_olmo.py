@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class FlexOlmo(MoEType):
     def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
         return dict(num_experts=recipe.experts, intermediate_size=expert_width(parent, recipe),
-                    norm_topk_prob=True, attention_bias=parent.qkv_bias)
+                    norm_topk_prob=recipe.routing == "renorm", attention_bias=parent.qkv_bias)
 
 
 FLEX_OLMO = FlexOlmo(model_type="flex_olmo", architecture="FlexOlmoForCausalLM", scoring="softmax",

@@ -22,7 +22,7 @@ class Qwen2Moe(MoEType):
         window, layer_types, first_sliding = sliding(parent)
         width = expert_width(parent, recipe)
         return dict(num_experts=recipe.experts, moe_intermediate_size=width, intermediate_size=parent.intermediate_size,
-                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=dense,
+                    norm_topk_prob=recipe.routing == "renorm", decoder_sparse_step=1, mlp_only_layers=dense,
                     use_sliding_window=window is not None, sliding_window=window, max_window_layers=first_sliding,
                     layer_types=layer_types, shared_expert_intermediate_size=recipe.shared_experts * width, qkv_bias=True)
 
