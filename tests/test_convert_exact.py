@@ -1,7 +1,9 @@
 """Exactness: every combination the converter accepts as exact reproduces the parent's logits.
 
-The expected support matrix is written out here (from docs/background.md section 1) rather than read
-from upcycle.families.moe, so that a wrong entry in the format table fails in one direction or the other.
+The expected support matrix is written out here, one row per MoE type, from transformers' modeling code and
+tests on tiny parents, rather than read from the registry in upcycle.families.moe, so that a wrong entry in the
+registry fails in one direction or the other. Adding an MoE type = one module in upcycle/families/moe/ + one
+row in TYPES.
 """
 
 from __future__ import annotations
@@ -14,19 +16,33 @@ from upcycle.convert import convert
 from upcycle.core.errors import UnsupportedError
 from tests.tiny import assert_same_logits
 
-SUPPORT = {
-    "llama": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
-    "mistral": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
-    "qwen2": {"qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
-    "qwen3": {"qwen3_moe", "dots1", "glm4_moe"},
-    "phi3": {"mixtral", "qwen2_moe", "granitemoe", "granitemoeshared", "glm4_moe"},
-    "olmo2": {"flex_olmo"},
-    "granite": {"granitemoe", "granitemoeshared"},
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"]
+_LLAMA_LIKE = {"llama", "mistral", "phi3"}
+# parents: dense families it holds exactly; shared: has shared experts; dense: which layers may stay dense
+# (None, "any", "prefix"); routings: the routing-weight rules (--routing) its router can compute.
+TYPES = {
+    "mixtral": dict(parents=_LLAMA_LIKE, shared=False, dense=None, routings={"renorm"}),
+    "qwen2_moe": dict(parents=_LLAMA_LIKE | {"qwen2"}, shared=True, dense="any", routings={"renorm", "softmax"}),
+    "qwen3_moe": dict(parents={"qwen3"}, shared=False, dense="any", routings={"renorm", "softmax"}),
+    "granitemoe": dict(parents=_LLAMA_LIKE | {"qwen2", "granite"}, shared=False, dense=None, routings={"renorm"}),
+    "granitemoeshared": dict(parents=_LLAMA_LIKE | {"qwen2", "granite"}, shared=True, dense=None, routings={"renorm"}),
+    "dots1": dict(parents={"qwen3"}, shared=True, dense="prefix", routings={"renorm", "sigmoid"}),
+    "glm4_moe": dict(parents=_LLAMA_LIKE | {"qwen2", "qwen3"}, shared=True, dense="prefix", routings={"renorm", "sigmoid"}),
+    "flex_olmo": dict(parents={"olmo2"}, shared=False, dense=None, routings={"renorm", "softmax"}),
 }
-ALL_FORMATS = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "dots1", "glm4_moe", "flex_olmo"]
-SHARED = {"qwen2_moe", "granitemoeshared", "glm4_moe", "dots1"}
-DENSE_ANY = {"qwen2_moe", "qwen3_moe"}
-DENSE_PREFIX = {"glm4_moe", "dots1"}
+SUPPORT = {fam: {t for t, row in TYPES.items() if fam in row["parents"]} for fam in FAMILIES}
+ALL_FORMATS = list(TYPES)
+SHARED = {t for t, row in TYPES.items() if row["shared"]}
+DENSE_ANY = {t for t, row in TYPES.items() if row["dense"] == "any"}
+DENSE_PREFIX = {t for t, row in TYPES.items() if row["dense"] == "prefix"}
+
+
+def test_every_registered_type_has_a_row():
+    """A type module without a row here (or a row without a module) is caught before anything else."""
+    from upcycle.families.moe import MOE_TYPES, format_names
+
+    assert set(MOE_TYPES) == set(TYPES)
+    assert set(format_names()) == {"auto", *TYPES}
 
 # (name, options, which formats can take it)
 RECIPES = [

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from upcycle.cli.options import EXPERTS, OUTPUT, AllowPickle, Dtype, Experts, Overwrite, Seed, TopK
+from upcycle.families.moe import ROUTINGS, format_names
 
-FORMATS = "auto, mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1, granitemoe, granitemoeshared, flex_olmo"
+FORMATS = ", ".join(format_names())
 ROUTER = "Router"
 VERIFICATION = "Verification"
 
@@ -25,7 +26,8 @@ def convert_command(
     expert_init: Annotated[str, typer.Option("--expert-init", rich_help_panel=EXPERTS, help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise).")] = "copy",
     slice_order: Annotated[str, typer.Option("--slice-order", rich_help_panel=EXPERTS, help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation).")] = "contiguous",
     router_init: Annotated[str, typer.Option("--router-init", rich_help_panel=ROUTER, help="random (fp32, small std, virtual groups tied) or kmeans:TEXT_FILE (centroids of the parent's hidden states).")] = "random",
-    router_std: Annotated[float, typer.Option("--router-std", rich_help_panel=ROUTER, help="Standard deviation of the random router weights.")] = 0.02,
+    router_std: Annotated[float, typer.Option("--router-std", rich_help_panel=ROUTER, help="Standard deviation of the random router weights; 0: a zero router (softmax/sigmoid routing: an exact start, every token ties).")] = 0.02,
+    routing: Annotated[str, typer.Option("--routing", rich_help_panel=ROUTER, help=f"Routing weights: {', '.join(ROUTINGS)}. renorm: top-k renormalised (exact with any router); softmax (qwen*/flex_olmo) and sigmoid (glm4_moe/dots1): not renormalised, so the router learns from step 0, exact only with --router-std 0.")] = "renorm",
     format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly.")] = "auto",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", rich_help_panel=OUTPUT, help="Largest output shard, e.g. 500MB, 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel=OUTPUT, help="Print the plan (layout, sizes, parameters) and write nothing.")] = False,

@@ -15,6 +15,7 @@ import numpy as np
 
 from upcycle import __version__
 from upcycle.core.tensors import NAME_OF, human_bytes, human_count
+from upcycle.families.moe import ROUTINGS
 
 MANIFEST = "upcycle.json"
 
@@ -104,6 +105,8 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
         # glm4_moe / dots1 apply the group scale through routed_scaling_factor instead of down_proj
         "routed_scaling_factor": plan.config.get("routed_scaling_factor", 1.0),
         "exact_by_construction": r.exact,
+        # why the start is not the parent's function (None: it is, to float32 noise); verification has the measure
+        "not_exact_because": plan.inexact_reason,
         "parameters": {"total": plan.total_params, "active_per_token": plan.active_params, "parent": plan.parent_params},
         "verification": verification,
         "layers": layers,
@@ -169,6 +172,12 @@ def read_manifest(folder: str | Path) -> Manifest | None:
     return Manifest(data) if data.get("tool") == "upcycle" else None
 
 
+def _why_close(r) -> str:
+    if r.expert_init_mode[0] != "copy":
+        return "the recipe perturbs the experts on purpose"
+    return r.inexact_reason
+
+
 def model_card(plan, parent_label: str, command: list[str] | None, verification: dict | None) -> str:
     r, p, fmt = plan.recipe, plan.parent, plan.fmt
     dense = [i for i in range(p.num_layers) if i not in set(plan.moe_layers)]
@@ -192,7 +201,7 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         "",
         f"Made by [upcycle](https://pypi.org/project/upcycle/) {__version__} from a dense {p.model_type} parent. "
         "It loads with `AutoModelForCausalLM.from_pretrained` (no remote code) and, until trained, computes "
-        f"{'what the parent computes' if r.exact else 'close to what the parent computes (the recipe perturbs the experts on purpose)'}.",
+        f"{'what the parent computes' if r.exact else 'close to what the parent computes (' + _why_close(r) + ')'}.",
         "",
         "| | |",
         "|---|---|",
@@ -202,6 +211,8 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         f"| MoE layers | {len(plan.moe_layers)} of {p.num_layers}" + (f" (dense: {dense})" if dense else "") + " |",
         f"| expert init | {init} |",
         f"| router init | {r.router_init} (virtual groups of {r.group_size} tied) |",
+        *([f"| routing | {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else f", router std {r.router_std:g}")
+           + " |"] if r.routing != "renorm" else []),
         f"| parameters | {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token (parent: {human_count(plan.parent_params)}) |",
         f"| dtype, size | {NAME_OF[plan.out_dtype]}, {human_bytes(plan.output_bytes)} |",
         f"| check against the parent | {check} |",

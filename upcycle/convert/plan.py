@@ -6,16 +6,16 @@ first, then tensors are produced and written one by one. The plan also gives --d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
 from upcycle.families.parents import ParentSpec
-from upcycle.families.moe.config import build_config
-from upcycle.families.moe import MoEFormat
+from upcycle.families.moe import MoEType, TensorSpec
 from upcycle.convert.recipe import Recipe
-from upcycle.core.tensors import nbytes
+from upcycle.core.tensors import NAME_OF, nbytes
 from upcycle.convert.weights import LayerLayout, ParentReader, WeightFactory, layer_layout
 
 
@@ -43,7 +43,7 @@ class OutTensor:
 class Plan:
     parent: ParentSpec
     recipe: Recipe
-    fmt: MoEFormat
+    fmt: MoEType
     moe_layers: list[int]
     out_dtype: str  # safetensors code
     config: dict
@@ -66,6 +66,20 @@ class Plan:
         return self.total_params - idle
 
     @property
+    def inexact_reason(self) -> str | None:
+        """Why the converted model will not reproduce the parent (None: it will, to float32 noise)."""
+        if self.recipe.inexact_reason:
+            return self.recipe.inexact_reason
+        if self.out_dtype == "F32":
+            return None
+        # a scale in config.json (routed_scaling_factor) stays a float32 number; one on down_proj is rounded
+        scales = {o.down_scale for lay in self.layouts for o in lay.experts + ([lay.shared] if lay.shared else [])}
+        bad = sorted(s for s in scales if not (s > 0 and math.frexp(s)[0] == 0.5))
+        if bad:
+            return f"the non-power-of-two scale {bad[0]:g} on down_proj is rounded in {NAME_OF[self.out_dtype]}"
+        return None
+
+    @property
     def parent_params(self) -> int:
         p = self.parent
         attn = p.hidden_size * p.head_dim * (2 * p.num_heads + 2 * p.num_kv_heads)
@@ -80,17 +94,15 @@ def _one(f: Callable[[], np.ndarray]) -> Callable[[], Iterator[np.ndarray]]:
     return lambda: iter((f(),))
 
 
-def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoEFormat, moe_layers: list[int],
+def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoEType, moe_layers: list[int],
               out_dtype: str, router_bases: dict | None = None) -> Plan:
     p = parent
     from upcycle.core.tensors import NAME_OF
 
-    config = build_config(fmt, p, recipe, moe_layers, NAME_OF[out_dtype])
+    config = fmt.build_config(p, recipe, moe_layers, NAME_OF[out_dtype])
     moe = set(moe_layers)
-    # qwen2_moe scales its shared expert by sigmoid(gate); a zero gate gives 0.5, undone on down_proj.
-    gate_factor = 2.0 if fmt.shared == "gated" else 1.0
-    in_config = fmt.scoring == "sigmoid"  # glm4_moe / dots1 have routed_scaling_factor
-    layouts = [layer_layout(p, recipe, i, i in moe, gate_factor, in_config) for i in range(p.num_layers)]
+    layouts = [layer_layout(p, recipe, i, i in moe, fmt.shared_gate_factor, fmt.routed_scale_in_config)
+               for i in range(p.num_layers)]
     plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts)
     wf = WeightFactory(reader, recipe, out_dtype, router_bases)
     T = plan.tensors
@@ -141,57 +153,31 @@ def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoE
 
 
 def _moe_tensors(T: list, plan: Plan, wf: WeightFactory, lay: LayerLayout, pre: str, out: str, H: int) -> None:
-    fmt, r, i = plan.fmt, plan.recipe, lay.index
+    """The MoE layer's tensors, named and laid out by its MoE type, filled from the layout's expert origins."""
+    fmt, r = plan.fmt, plan.recipe
     width = plan.parent.intermediate_size // r.granularity
-    moe = f"{pre}{fmt.moe_prefix}."
-    T.append(OutTensor(moe + fmt.router_key, out, (r.experts, H), _one(lambda: wf.router(i, H)), "router", i))
-    if fmt.selection_bias:
-        # transformers keeps this buffer in fp32 whatever the model dtype (_keep_in_fp32_modules_strict)
-        T.append(OutTensor(moe + "gate.e_score_correction_bias", "F32", (r.experts,),
-                           _one(lambda: wf.zeros((r.experts,), "F32")), "buffer", i))
-    shapes = {"gate": (width, H), "up": (width, H), "down": (H, width)}
-    if fmt.expert_names is None:
-        # granitemoe stores experts fused: input_linear (E, 2I, H) = [gate; up] per expert, output_linear (E, H, I).
-        def gate_up():
-            for e, o in enumerate(lay.experts):
-                yield wf.expert(i, o, "gate", e)
-                yield wf.expert(i, o, "up", e)
+    specs = fmt.moe_tensors(r.experts, width, r.shared_experts * width, H, lay.shared is not None)
+    for spec in specs:
+        T.append(_out_tensor(spec, wf, lay, pre + spec.name, out, H))
 
-        def down():
-            for e, o in enumerate(lay.experts):
-                yield wf.expert(i, o, "down", e)
 
-        T.append(OutTensor(moe + "input_linear.weight", out, (r.experts, 2 * width, H), gate_up, "expert", i))
-        T.append(OutTensor(moe + "output_linear.weight", out, (r.experts, H, width), down, "expert", i))
-    else:
-        for e, o in enumerate(lay.experts):
-            for which, disk in zip(("gate", "up", "down"), fmt.expert_names):
-                T.append(OutTensor(f"{moe}experts.{e}.{disk}.weight", out, shapes[which],
-                                   _one(lambda o=o, which=which, e=e: wf.expert(i, o, which, e)), "expert", i,
-                                   None if o.reinit is not None else wf.expert_range(i, o, which)))
-    if fmt.shared is None:
-        return
-    s = lay.shared
-    sw = r.shared_experts * width
-    sp = f"{pre}{fmt.shared_prefix}."
-    empty_origin = s is None
-    if fmt.model_type == "granitemoeshared":
-        def shared_in():
-            if not empty_origin:
-                yield wf.expert(i, s, "gate", -1)
-                yield wf.expert(i, s, "up", -1)
+def _out_tensor(spec: TensorSpec, wf: WeightFactory, lay: LayerLayout, name: str, out: str, H: int) -> OutTensor:
+    i, code = lay.index, spec.dtype or out
+    if spec.source == "router":
+        return OutTensor(name, code, spec.shape, _one(lambda: wf.router(i, H)), spec.kind, i)
+    if spec.source == "zeros":
+        return OutTensor(name, code, spec.shape, _one(lambda: wf.zeros(spec.shape, spec.dtype)), spec.kind, i)
 
-        T.append(OutTensor(sp + "input_linear.weight", out, (2 * sw, H), shared_in, "shared", i))
-        T.append(OutTensor(sp + "output_linear.weight", out, (H, sw),
-                           lambda: iter(() if empty_origin else (wf.expert(i, s, "down", -1),)), "shared", i))
-    else:
-        for which in ("gate", "up", "down"):
-            shape = (H, sw) if which == "down" else (sw, H)
-            if empty_origin:
-                # a type that always builds a shared expert gets a zero-width one when none is asked for
-                T.append(OutTensor(f"{sp}{which}_proj.weight", out, shape, lambda: iter(()), "shared", i))
-            else:
-                T.append(OutTensor(f"{sp}{which}_proj.weight", out, shape,
-                                   _one(lambda which=which: wf.expert(i, s, which, -1)), "shared", i))
-    if fmt.shared == "gated":
-        T.append(OutTensor(f"{pre}mlp.shared_expert_gate.weight", out, (1, H), _one(lambda: wf.zeros((1, H))), "shared", i))
+    def origin(part):
+        return lay.shared if part.expert < 0 else lay.experts[part.expert]
+
+    def produce():
+        for part in spec.parts:
+            yield wf.expert(i, origin(part), part.which, part.expert)
+
+    copy_from = None
+    if spec.kind == "expert" and len(spec.parts) == 1:
+        # an unscaled, unperturbed expert that is a run of whole parent rows is copied byte for byte
+        part = spec.parts[0]
+        copy_from = None if origin(part).reinit is not None else wf.expert_range(i, origin(part), part.which)
+    return OutTensor(name, code, spec.shape, produce, spec.kind, i, copy_from)

@@ -5,19 +5,27 @@ S shared experts, E routed experts, top-k K. The MLP's neurons are cut into G sl
 "virtual groups" of v slices that together rebuild the part of the MLP the shared experts do not hold; the
 router rows of a group are tied, so a token always picks whole groups and the sum of what it picks is exactly
 the parent's MLP (times the group's scale, undone on down_proj).
+
+The routing rule (`--routing`, see upcycle.families.moe.ROUTINGS) decides what weight each chosen expert gets at
+the start, and so the factor that makes the start reproduce the parent (`routed_scale`): renormalised weights
+are exact with any router; softmax and sigmoid weights without renormalisation are exact only with a zero
+router (every expert then gets exactly 1/E, or sigmoid(0) = 1/2), which is what gives the router a gradient
+from the language-modelling loss at step 0.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from upcycle.core.errors import UsageError
 from upcycle.core.layers import parse_layers
 from upcycle.core.tensors import FLOAT_DTYPES
+from upcycle.families.moe import ROUTINGS, format_names
 
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "granitemoe", "granitemoeshared", "flex_olmo")
+FORMATS = format_names()
 DTYPES = ("auto", *FLOAT_DTYPES)
 
 
@@ -31,6 +39,7 @@ class Recipe:
     moe_layers: str = "all"
     router_init: str = "random"
     router_std: float = 0.02
+    routing: str = "renorm"
     expert_init: str = "copy"
     slice_order: str = "contiguous"
     seed: int = 0
@@ -50,10 +59,18 @@ class Recipe:
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.slice_order not in ("contiguous", "random"):
             raise UsageError(f"unknown --slice-order {self.slice_order!r}; choose contiguous or random")
-        if self.router_std <= 0:
-            raise UsageError("--router-std must be positive")
+        if self.routing not in ROUTINGS:
+            raise UsageError(f"unknown --routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
+        if not self.router_std >= 0:
+            raise UsageError("--router-std must be 0 (a zero router) or positive")
         self.expert_init_mode  # noqa: B018 - parse now so errors come before any work
         self.router_init_mode  # noqa: B018
+        if self.router_std == 0 and self.routing == "renorm":
+            raise UsageError("--router-std 0 with --routing renorm: identical experts then give the zero router no "
+                             "gradient, so it never leaves zero; use --routing softmax or sigmoid, or a positive --router-std")
+        if self.router_std == 0 and self.router_init_mode[0] != "random":
+            raise UsageError("--router-std 0 asks for a zero router, --router-init kmeans sets it from centroids; "
+                             "drop one of them")
         v = self.group_size
         if self.shared_experts >= self.granularity and self.shared_experts % self.granularity:
             raise UsageError(
@@ -96,9 +113,25 @@ class Recipe:
         raise UsageError(f"--router-init {s!r}: use random or kmeans:TEXT_FILE")
 
     @property
+    def zero_router(self) -> bool:
+        """A router of zeros: every expert ties, softmax gives each exactly 1/E and sigmoid exactly 1/2."""
+        return self.router_std == 0 and self.router_init_mode[0] == "random"
+
+    @property
     def exact(self) -> bool:
         """Whether this recipe is function-preserving by construction (before dtype rounding)."""
-        return self.expert_init_mode[0] == "copy"
+        return self.inexact_reason is None
+
+    @property
+    def inexact_reason(self) -> str | None:
+        """Why the start is not the parent's function by construction (None: it is, up to dtype rounding)."""
+        if self.expert_init_mode[0] != "copy":
+            return f"expert init {self.expert_init} perturbs experts on purpose"
+        if self.routing != "renorm" and not self.zero_router:
+            router = "k-means router" if self.router_init_mode[0] == "kmeans" else f"router std {self.router_std:g}"
+            return (f"--routing {self.routing} reproduces the parent only with a zero router (--router-std 0); "
+                    f"with a {router} the chosen weights vary per token")
+        return None
 
     # ------------------------------------------------------------------ layout
 
@@ -127,6 +160,20 @@ class Recipe:
         """Factor on routed down_proj: the selected weights sum to 1 over v slices of each picked group."""
         c = self.shared_full_copies
         return self.group_size / (c + 1) if c else float(self.group_size)
+
+    @property
+    def routed_scale(self) -> float:
+        """Factor on each routed expert's output that makes the start reproduce the parent under the routing rule.
+
+        A token picks k/v whole groups; each chosen expert gets the weight w0 of a tied router (renorm: 1/k,
+        softmax with a zero router: 1/E, sigmoid: 1/2), so the routed part is (k/v) * w0 * scale * (routed MLP
+        share); that must equal the routed share 1/(c+1): scale = routed_down_scale / (k * w0).
+        """
+        if self.routing == "renorm":
+            return self.routed_down_scale
+        per_expert = {"softmax": Fraction(1, self.experts), "sigmoid": Fraction(1, 2)}[self.routing]
+        c = self.shared_full_copies
+        return float(Fraction(self.group_size, c + 1) / (self.top_k * per_expert))
 
     @property
     def shared_down_scale(self) -> float:

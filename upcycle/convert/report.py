@@ -9,7 +9,7 @@ from rich.console import Console
 
 from upcycle.convert.run import ConvertResult, exact_claim
 from upcycle.core.tensors import NAME_OF, human_bytes, human_count
-from upcycle.families.moe import portability_notes
+from upcycle.families.moe import ROUTINGS, portability_notes
 
 
 def print_plan(result: ConvertResult, console: Console) -> None:
@@ -33,7 +33,6 @@ def print_plan(result: ConvertResult, console: Console) -> None:
             t.add_row(str(lay.index), "dense", f"MLP {p.intermediate_size}")
     console.print(t)
     shards = len(assign_shards(plan.tensors, result.options.max_shard_bytes))
-    mode, _ = r.expert_init_mode
     lines = [
         f"format        {plan.fmt.model_type} ({plan.fmt.architecture})",
         f"experts       {r.experts} routed of {width} neurons (1/{r.granularity} of {p.intermediate_size}), top-{r.top_k}, "
@@ -41,7 +40,8 @@ def print_plan(result: ConvertResult, console: Console) -> None:
         f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
         f"(parent {human_count(plan.parent_params)})",
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
-        f"exact         {'yes' if exact_claim(plan) else 'no: ' + ('expert init ' + r.expert_init + ' perturbs experts on purpose' if mode != 'copy' else 'a non-power-of-two scale is rounded in ' + NAME_OF[plan.out_dtype])}",
+        f"routing       {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else ""),
+        f"exact         {'yes' if exact_claim(plan) else 'no: ' + plan.inexact_reason}",
     ]
     for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
         lines.append(f"note          {note}")

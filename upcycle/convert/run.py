@@ -9,7 +9,6 @@ returned ConvertResult (upcycle.convert.report).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -82,18 +81,9 @@ class ConvertResult:
         return None if self.options.dry_run else self.options.out
 
 
-def _is_pow2(x: float) -> bool:
-    return x > 0 and math.frexp(x)[0] == 0.5
-
-
 def exact_claim(plan: Plan) -> bool:
     """Exact by construction, and not undone by storing a non-power-of-two scale in 16 bits."""
-    if not plan.recipe.exact:
-        return False
-    if plan.out_dtype == "F32":
-        return True
-    scales = {o.down_scale for lay in plan.layouts for o in lay.experts + ([lay.shared] if lay.shared else [])}
-    return all(_is_pow2(s) for s in scales)
+    return plan.inexact_reason is None
 
 
 def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:

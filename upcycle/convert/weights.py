@@ -4,8 +4,9 @@
 projections, and keeps only the current layer's MLP in memory. `WeightFactory` turns them into expert,
 shared-expert and router weights following the recipe:
 
-* experts are neuron slices of the MLP (rows of gate/up, columns of down); down_proj carries the group scale
-  so that the renormalised routing weights of a picked group add back up to exactly one MLP;
+* experts are neuron slices of the MLP (rows of gate/up, columns of down); down_proj carries the routed scale
+  (Recipe.routed_scale) so that the routing weights of the picked groups add back up to exactly one MLP, unless
+  the MoE type carries it in its config (routed_scaling_factor);
 * Drop-Upcycling re-draws a ratio R of each expert's neurons from a normal with the mean and std of the
   parent matrix it replaces (Nakamura et al. 2025); noise adds N(0, STD) to every expert weight;
 * every random draw comes from its own generator seeded by (seed, layer, expert, purpose), so the bytes
@@ -148,7 +149,7 @@ def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared
         if mode == "drop":
             k = int(round(ratio * width))
             reinit = np.sort(rng(recipe.seed, layer, e, _DROP).choice(width, size=k, replace=False))
-        scale = 1.0 if routed_scale_in_config else recipe.routed_down_scale
+        scale = 1.0 if routed_scale_in_config else recipe.routed_scale
         experts.append(ExpertOrigin(neurons, scale, reinit, slice_key=first_routed + e % v))
     shared = None
     if s:
@@ -260,7 +261,9 @@ class WeightFactory:
         """(E, H): one base row per copy, repeated over its virtual group so that groups are picked whole."""
         r = self.recipe
         base = self.router_bases.get(layer)
-        if base is None:
+        if base is None and r.zero_router:
+            base = np.zeros((r.copies, hidden), np.float32)
+        elif base is None:
             base = rng(r.seed, layer, _ROUTER).normal(0.0, r.router_std, size=(r.copies, hidden)).astype(np.float32)
         rows = np.repeat(base, r.group_size, axis=0)
         return from_f32(rows, self.out)

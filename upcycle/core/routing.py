@@ -4,7 +4,7 @@ Shared by training (losses, routing controls, metrics) and evaluation (diagnosti
 transformers class: `moe_layers` only looks, `RoutingRecorder` only listens (forward hooks), and the fp32 routing
 maths in `select_experts` is a plain function that the training-time router (upcycle.train.router) calls.
 
-Scoring families (docs/background.md, section 1):
+Scoring families (each MoE type's `scoring` in upcycle.families.moe):
 
 - "softmax": softmax over all experts in fp32, then top-k (mixtral always renormalises the k weights; qwen2_moe,
   qwen3_moe and flex_olmo when norm_topk_prob).
@@ -19,21 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from upcycle.families.moe import MOE_TYPES, moe_type
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-SCORING = {
-    "mixtral": "softmax",
-    "qwen2_moe": "softmax",
-    "qwen3_moe": "softmax",
-    "flex_olmo": "softmax",
-    "glm4_moe": "sigmoid",
-    "dots1": "sigmoid",
-    "granitemoe": "topk_softmax",
-    "granitemoeshared": "topk_softmax",
-}
-SUPPORTED_MOE = tuple(SCORING)
+SUPPORTED_MOE = tuple(MOE_TYPES)
 
 
 @dataclass
@@ -63,8 +55,9 @@ def _decoder_layers(model) -> list:
 
 
 def _scoring(model_type: str, router) -> str:
-    if model_type in SCORING:
-        return SCORING[model_type]
+    known = moe_type(model_type)
+    if known is not None:
+        return known.scoring
     # An MoE type this table does not name: recognise the router family by what it holds.
     if hasattr(router, "e_score_correction_bias"):
         return "sigmoid"

@@ -277,8 +277,11 @@ class TrainConfig:
                 raise UsageError(f"{', '.join(used)} only apply to a Mixture-of-Experts model; {self.model} is a "
                                  f"dense {model_type} model")
         if self.aux_free_bias and not has_selection_bias:
+            from upcycle.families.moe import MOE_TYPES
+
+            biased = ", ".join(t for t, entry in MOE_TYPES.items() if entry.selection_bias)
             raise UsageError(f"--aux-free-bias needs a model type that stores a selection bias "
-                             f"(glm4_moe, dots1); {self.model} is {model_type}")
+                             f"({biased}); {self.model} is {model_type}")
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from upcycle.core.errors import InputError, UnsupportedError, UsageError
 from upcycle.core.routing import SUPPORTED_MOE
+from upcycle.families.moe import moe_type
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def inspect_model(spec: str) -> ModelInfo | None:
 def classify(cfg: dict, spec: str, folder: Path | None) -> ModelInfo:
     model_type = cfg.get("model_type") or "(no model_type)"
     if model_type in SUPPORTED_MOE:
-        return ModelInfo(model_type, True, model_type in ("glm4_moe", "dots1"), folder, cfg)
+        return ModelInfo(model_type, True, moe_type(model_type).selection_bias, folder, cfg)
     if model_type in _dense_types():
         return ModelInfo(model_type, False, False, folder, cfg)
     raise UnsupportedError(
