@@ -11,9 +11,10 @@ names, config.json, what it can hold exactly); no other module branches on an Mo
     flex_olmo.py  flex_olmo
 
 Adding an MoE type: write one module here (subclass MoEType, override `moe_config()` and where the layout differs
-`expert_tensors()` / `shared_tensors()`; export TYPES), add it to `_MODULES` (and to PREFERENCE if auto may pick
-it), and add one row to the independent support matrix in tests/test_convert_exact.py, which converts tiny random
-parents of every family into it and compares logits.
+`expert_tensors()` / `shared_tensors()`; export TYPES), list it in `_MODULES` and give it its place in auto's
+`PREFERENCE` (both below), and add one row to the independent support matrix in tests/test_convert_exact.py,
+which converts tiny random parents of every family into it and compares logits (and, per routing rule, in
+tests/test_routing_rules.py).
 """
 
 from __future__ import annotations
