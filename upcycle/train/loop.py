@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from upcycle.core.data import PackedBlocks, heldout_blocks, resolve_data_files
     from upcycle.core.loading import load_tokenizer
     from upcycle.core.routing import RoutingRecorder, moe_layers
-    from upcycle.train.freeze import apply_selection, param_groups
+    from upcycle.train.freeze import adamw, apply_selection, param_groups
     from upcycle.train.losses import RoutingStats, router_losses
     from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
@@ -189,7 +189,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:  # pragma: no cover - transformers before the rename
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    optimizer, optimizer_impl = adamw(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                      device=accelerator.device.type)
     warmup = cfg.warmup(total)
     schedule = lr_lambda(total, warmup, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -215,7 +216,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         run = {"config": cfg.to_json(), "world_size": world, "model_type": info.model_type,
                "moe_layers": [m.index for m in layers], "experts_impl": experts_impl,
                "trainable": {k: int(v) for k, v in plan.counts.items()}, "total_steps": total,
-               "warmup_steps": warmup, "tokens_per_step": tokens_per_step}
+               "warmup_steps": warmup, "tokens_per_step": tokens_per_step, "optimizer": f"AdamW ({optimizer_impl})"}
         if resume_dir is not None and (out / ck.RUN_FILE).is_file():
             import json
 
