@@ -13,7 +13,7 @@ from upcycle.convert import convert
 from upcycle.core.kernels import register_experts_kernel
 from upcycle.core.routing import moe_layers
 from upcycle.train.config import parse_train
-from upcycle.train.freeze import adamw, apply_selection, param_groups
+from upcycle.train.freeze import adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw, param_groups
 from upcycle.train.model import load_for_training
 
 
@@ -110,3 +110,33 @@ def test_fused_state_continues_like_the_reference(tiny_moe):
     b = _apply(model_b, opt_b, grads)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0], ids=["clipping", "under-the-limit", "off"])
+def test_clip_folded_into_the_fused_kernel_equals_clip_then_reference_step(tiny_moe, max_norm):
+    """`clip_into_fused_adamw` (the clip done by the fused kernel's gradient divisor) gives the norm and the
+    updates of torch's clip_grad_norm_ followed by the for-loop AdamW."""
+    model_ref, opt_ref, _ = _setup(tiny_moe, [], "for-loop")
+    model_fused, opt_fused, _ = _setup(tiny_moe, [], "fused")
+    before = [p.detach().clone() for p in model_fused.parameters()]
+    grads = _gradients(model_ref, 3)
+    norms_ref, norms_fused = [], []
+    for step in grads:
+        for model, opt, norms in ((model_ref, opt_ref, norms_ref), (model_fused, opt_fused, norms_fused)):
+            params = list(model.parameters())
+            for p, gr in zip(params, step):
+                p.grad = None if gr is None else gr.clone()
+            if opt is opt_ref:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))))
+            else:
+                norms.append(float(clip_into_fused_adamw(opt, params, max_norm)))
+                assert (opt.grad_scale is not None) == (max_norm > 0)  # a divisor of 1 is exact
+            opt.step()
+            if opt is opt_fused:
+                clear_fused_clip(opt)
+                assert opt.grad_scale is None
+            opt.zero_grad(set_to_none=True)
+    assert norms_fused == pytest.approx(norms_ref, rel=1e-6)
+    for (name, p), r, b in zip(model_fused.named_parameters(), model_ref.parameters(), before):
+        torch.testing.assert_close(p.detach() - b, r.detach() - b, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")

@@ -175,3 +175,41 @@ def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: flo
         impl = "fused" if fusable else ("foreach" if device == "cuda" else "for-loop")
     kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw), impl
+
+
+def clip_into_fused_adamw(optimizer: "torch.optim.Optimizer", params: list, max_norm: float) -> "torch.Tensor":
+    """The global L2 norm of the gradients (before clipping); the clip itself is left to the fused AdamW kernel.
+
+    `torch.nn.utils.clip_grad_norm_` reads every gradient for the norm and then reads and writes every gradient
+    again to scale it (even when the factor is 1). The fused kernel takes a divisor for the gradients it reads
+    anyway (its `grad_scale` input, which torch's GradScaler uses to unscale fp16 gradients), so the clip costs
+    no pass of its own: 692M fp32 gradients are 5.5 GB of memory traffic saved per step. The divisor is
+    1 / min(1, max_norm / (norm + 1e-6)), torch's clip factor, and is set for the next `step()` only (`max_norm`
+    <= 0: no clip). Only for a fused optimizer whose parameters hold whole gradients (one process or DDP; FSDP
+    and DeepSpeed shard them and clip through accelerate).
+    """
+    import torch
+
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    inner.grad_scale = None
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        inner.grad_scale = (1.0 / coef).to(torch.float32)
+    return norm
+
+
+def clear_fused_clip(optimizer: "torch.optim.Optimizer") -> None:
+    """Remove the divisor `clip_into_fused_adamw` set (call after the optimizer step)."""
+    import torch
+
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    if getattr(inner, "grad_scale", None) is not None:
+        inner.grad_scale = None

@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from upcycle.core.data import PackedBlocks, heldout_blocks, resolve_data_files
     from upcycle.core.loading import load_tokenizer
     from upcycle.core.routing import RoutingRecorder, moe_layers
-    from upcycle.train.freeze import adamw, apply_selection, param_groups
+    from upcycle.train.freeze import adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw, param_groups
     from upcycle.train.losses import RoutingStats, router_losses
     from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
@@ -195,6 +195,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     schedule = lr_lambda(total, warmup, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP and DeepSpeed shard the gradients: their norm and clip stay accelerate's
+    from accelerate.utils import DistributedType
+
+    fold_clip = optimizer_impl == "fused" and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once per
     # process); it is registered only so that save_state/load_state carry it.
     accelerator.register_for_checkpointing(scheduler)
@@ -255,7 +260,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             for step in range(start + 1, total + 1):
                 t0 = time.perf_counter()
                 stats = RoutingStats(layers)
-                sums = torch.zeros(3, dtype=torch.float64)
+                sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
                 for micro in range(cfg.grad_accum):
                     batch = pending if pending is not None else next(batches)
                     pending = None
@@ -270,10 +275,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                         with recorder.pause():  # activation checkpointing re-runs forwards in backward
                             accelerator.backward(loss / cfg.grad_accum)
                     stats.update(records)
-                    sums += torch.tensor([float(out_.loss.detach()), float(aux.detach()), float(z.detach())],
-                                         dtype=torch.float64)
+                    # no host sync per micro-batch: the step reads losses and statistics back once, below
+                    sums = sums + torch.stack([out_.loss.detach(), aux.detach(), z.detach()]).to(sums)
                     del out_, loss, records
-                packed = accelerator.reduce(torch.cat([sums, stats.tensor()]).to(accelerator.device), reduction="sum")
+                packed = accelerator.reduce(torch.cat([sums, stats.tensor().to(sums)]), reduction="sum")
                 packed = packed.double().cpu()
                 n = cfg.grad_accum * world
                 lm, aux_v, z_v = (float(x) / n for x in packed[:3])
@@ -281,11 +286,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if not all(math.isfinite(v) for v in (lm, aux_v, z_v)):
                     _stop(f"the loss is {lm if not math.isfinite(lm) else (aux_v if not math.isfinite(aux_v) else z_v)} "
                           f"at step {step}", last_good)
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                if fold_clip:
+                    grad_norm = float(clip_into_fused_adamw(optimizer, params, cfg.grad_clip))
+                else:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
                 if not math.isfinite(grad_norm):
                     _stop(f"the gradient norm is {grad_norm} at step {step}", last_good)
                 lr_now = cfg.lr * schedule(step - 1)
                 optimizer.step()
+                if fold_clip:
+                    clear_fused_clip(optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.aux_free_bias:
