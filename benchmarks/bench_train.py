@@ -7,8 +7,11 @@ Each case runs `upcycle.train.train()` in a fresh child process (so that peak me
 --warmup + --steps optimizer steps on Python standard-library sources and reports tokens per second over the last
 --steps steps, from the step times the run writes to metrics.jsonl (forward, backward, router losses, clipping,
 AdamW and the all-reduce of statistics: a whole optimizer step). The final model save is skipped (not training
-throughput). "x dense" divides by the dense parent's tokens/s at the same precision. "load" is the machine's
-5-minute load average at the end of the case: above the case's own thread count, other work shared the cores.
+throughput). "x dense" divides by the dense parent's tokens/s at the same precision. "optimizer" is the AdamW
+implementation `upcycle train` picked (run.json). "load" is the machine's 1-minute load average before and after
+the case: above the case's own thread count, other work shared the cores and the numbers are not worth keeping.
+The header names the machine: CPU model, the ISA that matters for bf16 (avx512_bf16, amx_bf16) and torch's CPU
+capability.
 
     python benchmarks/bench_train.py [--steps 3] [--warmup 2] [--seq-len 256] [--batch-size 2]
                                      [--precisions bf16,fp32] [--impls grouped_mm,upcycle] [--json PATH] [--work DIR]
@@ -44,10 +47,11 @@ def _child(spec: dict) -> dict:
                       steps=spec["warmup"] + spec["steps"], seq_len=spec["seq_len"], batch_size=spec["batch_size"],
                       precision=spec["precision"], experts_impl=spec["impl"] or "auto", save_every=0, eval_every=0,
                       seed=0)
+    load_before = os.getloadavg()[0]  # on a shared machine: how many cores others were using
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
-    load = os.getloadavg()[1]  # 5-minute load average: on a shared machine, how many cores others were using
+    load = os.getloadavg()[0]
     rows = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[spec["warmup"]:]
     run = json.loads((Path(spec["out"]) / "run.json").read_text())
@@ -58,12 +62,30 @@ def _child(spec: dict) -> dict:
         "step_s_all": [round(r["step_time"], 3) for r in rows],
         "losses": [round(r["loss"], 4) for r in rows],
         "experts_impl": run["experts_impl"],
+        "optimizer": run.get("optimizer", "AdamW"),
         "trainable_params": sum(run["trainable"].values()),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "wall_s": wall,
         "threads": torch.get_num_threads(),
-        "load_avg_5min": load,
+        "load_avg_1min_before": load_before,
+        "load_avg_1min_after": load,
     }
+
+
+def _machine() -> dict:
+    """What the numbers depend on: the CPU, whether it runs bf16 natively, torch."""
+    import torch
+
+    from bench_experts import cpu_isa, cpu_name
+
+    try:
+        from upcycle.core.hardware import bf16_is_fast
+
+        native = bf16_is_fast("cpu")
+    except ImportError:  # pragma: no cover
+        native = None
+    return {"cpu": cpu_name(), "isa": cpu_isa(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": native, "torch": torch.__version__}
 
 
 def _run_child(spec: dict) -> dict:
@@ -141,22 +163,29 @@ def main() -> None:
 
     dense_tps = {r["precision"]: r["tokens_per_s"] for r in results if r["model"] == "dense parent"}
     parent_name = args.parent.name if args.parent else "SmolLM2-135M"
+    machine = _machine()
     header = (f"upcycle train throughput, {parent_name} dense vs 8x top-2 upcycle; seq-len {args.seq_len} x batch "
               f"{args.batch_size} = {args.seq_len * args.batch_size} tokens/step; {args.steps} timed steps after "
-              f"{args.warmup}; {platform.processor() or platform.machine()}, {results[0]['threads']} threads")
+              f"{args.warmup}; {machine['cpu']} ({machine['isa']}; torch CPU capability {machine['capability']}), "
+              f"torch {machine['torch']}, {results[0]['threads']} threads")
     lines = [header, "",
-             "| model | experts impl | precision | tokens/s | s/step | x dense | trainable params | peak RSS GB | load |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | experts impl | precision | optimizer | tokens/s | s/step | x dense | trainable params "
+             "| peak RSS GB | load before/after |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rel = r["tokens_per_s"] / dense_tps[r["precision"]] if r["precision"] in dense_tps else float("nan")
+        r["x_dense"] = rel
         lines.append(f"| {r['model']} | {r['experts_impl'] if r['model'] != 'dense parent' else '-'} | {r['precision']} "
-                     f"| {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {rel:.2f} | {r['trainable_params'] / 1e6:,.1f}M "
-                     f"| {r['peak_rss_gb']:.1f} | {r['load_avg_5min']:.1f} |")
+                     f"| {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {rel:.2f} "
+                     f"| {r['trainable_params'] / 1e6:,.1f}M | {r['peak_rss_gb']:.1f} "
+                     f"| {r['load_avg_1min_before']:.1f} / {r['load_avg_1min_after']:.1f} |")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-                                         "warmup": args.warmup, "machine": platform.platform(),
-                                         "cpu_count": os.cpu_count(), "results": results}, indent=2) + "\n")
+                                         "warmup": args.warmup, "machine": {**machine, "os": platform.platform()},
+                                         "cpu_count": os.cpu_count(),
+                                         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                                         "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

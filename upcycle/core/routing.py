@@ -130,9 +130,14 @@ def router_probs(layer: MoELayer, logits: "torch.Tensor") -> "torch.Tensor":
 
 def entropy_sum(probs: "torch.Tensor") -> float:
     """Sum over rows of the entropy (nats) of each row's distribution; 0 log 0 counts as 0."""
+    return float(entropy_sum_tensor(probs))
+
+
+def entropy_sum_tensor(probs: "torch.Tensor") -> "torch.Tensor":
+    """entropy_sum as a 0-d tensor on the probabilities' device: no host sync (the training loop's per-step stats)."""
     import torch
 
-    return float(-torch.special.xlogy(probs, probs).sum())
+    return -torch.special.xlogy(probs, probs).sum()
 
 
 def select_experts(layer: MoELayer, logits: "torch.Tensor", bias: "torch.Tensor | None" = None

@@ -151,3 +151,65 @@ def param_groups(model, layers: list[MoELayer], *, lr: float, weight_decay: floa
         wd = weight_decay if p.dim() >= 2 and id(p) not in masked_ids else 0.0
         groups.setdefault((g_lr, wd), []).append(p)
     return [{"params": ps, "lr": k[0], "weight_decay": k[1]} for k, ps in groups.items()]
+
+
+def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float, device: str = "cpu",
+          impl: str = "auto") -> tuple["torch.optim.AdamW", str]:
+    """(AdamW over `groups`, the implementation used: "fused", "foreach" or "for-loop").
+
+    auto: torch's fused kernel wherever torch has one for the device (CPU included) and every parameter is a
+    floating-point tensor; it reads and writes each parameter and its two moments once per step, where the
+    for-loop implementation makes about ten passes (on a 2-core CPU, 100M fp32 parameters: 0.07-0.08 s fused
+    against 0.2-0.3 s for-loop and 0.4 s foreach). Otherwise torch's own default (foreach on CUDA). The fused
+    kernel computes the same update in a different order of operations: the same within float32 round-off
+    (tests/test_optimizer.py); its state dict has the same keys, so a checkpoint of either loads into either.
+    """
+    import torch
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if impl not in ("auto", "fused", "foreach", "for-loop"):
+        raise ValueError(f"unknown AdamW implementation {impl!r}")
+    params = [p for g in groups for p in g["params"]]
+    if impl == "auto":
+        fusable = device in _get_fused_kernels_supported_devices() and all(p.is_floating_point() for p in params)
+        impl = "fused" if fusable else ("foreach" if device == "cuda" else "for-loop")
+    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw), impl
+
+
+def clip_into_fused_adamw(optimizer: "torch.optim.Optimizer", params: list, max_norm: float) -> "torch.Tensor":
+    """The global L2 norm of the gradients (before clipping); the clip itself is left to the fused AdamW kernel.
+
+    `torch.nn.utils.clip_grad_norm_` reads every gradient for the norm and then reads and writes every gradient
+    again to scale it (even when the factor is 1). The fused kernel takes a divisor for the gradients it reads
+    anyway (its `grad_scale` input, which torch's GradScaler uses to unscale fp16 gradients), so the clip costs
+    no pass of its own: 692M fp32 gradients are 5.5 GB of memory traffic saved per step. The divisor is
+    1 / min(1, max_norm / (norm + 1e-6)), torch's clip factor, and is set for the next `step()` only (`max_norm`
+    <= 0: no clip). Only for a fused optimizer whose parameters hold whole gradients (one process or DDP; FSDP
+    and DeepSpeed shard them and clip through accelerate).
+    """
+    import torch
+
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    inner.grad_scale = None
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        inner.grad_scale = (1.0 / coef).to(torch.float32)
+    return norm
+
+
+def clear_fused_clip(optimizer: "torch.optim.Optimizer") -> None:
+    """Remove the divisor `clip_into_fused_adamw` set (call after the optimizer step)."""
+    import torch
+
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    if getattr(inner, "grad_scale", None) is not None:
+        inner.grad_scale = None

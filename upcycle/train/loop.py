@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from upcycle.core.data import PackedBlocks, heldout_blocks, resolve_data_files
     from upcycle.core.loading import load_tokenizer
     from upcycle.core.routing import RoutingRecorder, moe_layers
-    from upcycle.train.freeze import apply_selection, param_groups
+    from upcycle.train.freeze import adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw, param_groups
     from upcycle.train.losses import ROUTER_CHECK_STEPS, RouterGradients, RoutingStats, dead_router_warning, router_losses
     from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
@@ -193,11 +193,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:  # pragma: no cover - transformers before the rename
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    optimizer, optimizer_impl = adamw(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                      device=accelerator.device.type)
     warmup = cfg.warmup(total)
     schedule = lr_lambda(total, warmup, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP and DeepSpeed shard the gradients: their norm and clip stay accelerate's
+    from accelerate.utils import DistributedType
+
+    fold_clip = optimizer_impl == "fused" and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once per
     # process); it is registered only so that save_state/load_state carry it.
     accelerator.register_for_checkpointing(scheduler)
@@ -219,7 +225,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         run = {"config": cfg.to_json(), "world_size": world, "model_type": info.model_type,
                "moe_layers": [m.index for m in layers], "experts_impl": experts_impl,
                "trainable": {k: int(v) for k, v in plan.counts.items()}, "total_steps": total,
-               "warmup_steps": warmup, "tokens_per_step": tokens_per_step}
+               "warmup_steps": warmup, "tokens_per_step": tokens_per_step, "optimizer": f"AdamW ({optimizer_impl})"}
         if resume_dir is not None and (out / ck.RUN_FILE).is_file():
             import json
 
@@ -263,7 +269,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 t0 = time.perf_counter()
                 stats = RoutingStats(layers)
                 router_grads = RouterGradients(layers) if split_router_grads else None
-                sums = torch.zeros(3, dtype=torch.float64)
+                sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
                 for micro in range(cfg.grad_accum):
                     batch = pending if pending is not None else next(batches)
                     pending = None
@@ -282,10 +288,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                         with recorder.pause():  # activation checkpointing re-runs forwards in backward
                             accelerator.backward(loss / cfg.grad_accum)
                     stats.update(records)
-                    sums += torch.tensor([float(out_.loss.detach()), float(aux.detach()), float(z.detach())],
-                                         dtype=torch.float64)
+                    # no host sync per micro-batch: the step reads losses and statistics back once, below
+                    sums = sums + torch.stack([out_.loss.detach(), aux.detach(), z.detach()]).to(sums)
                     del out_, loss, records
-                packed = accelerator.reduce(torch.cat([sums, stats.tensor()]).to(accelerator.device), reduction="sum")
+                packed = accelerator.reduce(torch.cat([sums, stats.tensor().to(sums)]), reduction="sum")
                 packed = packed.double().cpu()
                 n = cfg.grad_accum * world
                 lm, aux_v, z_v = (float(x) / n for x in packed[:3])
@@ -296,11 +302,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 router_row = (router_grads.summary(
                     (lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
                     if router_grads is not None else {})
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                if fold_clip:
+                    grad_norm = float(clip_into_fused_adamw(optimizer, params, cfg.grad_clip))
+                else:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
                 if not math.isfinite(grad_norm):
                     _stop(f"the gradient norm is {grad_norm} at step {step}", last_good)
                 lr_now = cfg.lr * schedule(step - 1)
                 optimizer.step()
+                if fold_clip:
+                    clear_fused_clip(optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.aux_free_bias:

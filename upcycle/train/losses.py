@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from upcycle.core.routing import MoELayer, RouterRecord, entropy_sum, expert_counts, router_probs
+from upcycle.core.routing import MoELayer, RouterRecord, entropy_sum_tensor, expert_counts, router_probs
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,12 @@ def router_losses(layers: list[MoELayer], records: dict[int, RouterRecord]) -> t
 
 
 class RoutingStats:
-    """Per-step routing statistics, summed over micro-batches; `tensor()` packs them for one all-reduce."""
+    """Per-step routing statistics, summed over micro-batches; `tensor()` packs them for one all-reduce.
+
+    `update` only queues tensor operations on the records' device (no `float()`, `.cpu()` or `.item()`), so on
+    an accelerator the step never waits for them; the loop reads everything back once per optimizer step, in
+    the same transfer as the losses.
+    """
 
     def __init__(self, layers: list[MoELayer]):
         import torch
@@ -65,6 +70,14 @@ class RoutingStats:
         self.entropy = torch.zeros(L, dtype=torch.float64)  # sum over tokens, nats
         self.tokens = torch.zeros(L, dtype=torch.float64)
 
+    def _to(self, device) -> None:
+        import torch
+
+        if self.counts.device != device:  # once per step: accumulate where the records are
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+            for name in ("counts", "dropped", "entropy", "tokens"):
+                setattr(self, name, getattr(self, name).to(device, dtype))
+
     def update(self, records: dict[int, RouterRecord]) -> None:
         import torch
 
@@ -73,12 +86,13 @@ class RoutingStats:
                 rec = records.get(m.index)
                 if rec is None:
                     continue
-                self.counts[j, : m.num_experts] += expert_counts(rec, m.num_experts).double().cpu()
+                self._to(rec.indices.device)
+                self.counts[j, : m.num_experts] += expert_counts(rec, m.num_experts)
                 if rec.kept is not None:
-                    self.dropped[j] += float((~rec.kept).sum())
+                    self.dropped[j] += (~rec.kept).sum()
                 if rec.logits is not None:
                     p = router_probs(m, rec.logits.detach())
-                    self.entropy[j] += entropy_sum(p)
+                    self.entropy[j] += entropy_sum_tensor(p)
                 else:
                     self.entropy[j] += rec.entropy_sum
                 self.tokens[j] += rec.tokens
@@ -101,8 +115,11 @@ class RoutingStats:
         dropped-token fraction, router entropy (nats) and per-layer load fractions."""
         import math
 
+        import torch
+
         if not self.layers:
             return {}
+        self._to(torch.device("cpu"))
         cvs, imbalance, entropy, drop, loads = [], [], [], [], {}
         for j, m in enumerate(self.layers):
             c = self.counts[j, : m.num_experts]

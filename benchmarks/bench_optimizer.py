@@ -1,0 +1,98 @@
+"""The per-parameter part of a training step: AdamW implementations and gradient clipping, per 100M parameters.
+
+`upcycle train` pays these once per optimizer step for every trainable parameter, whatever the batch: 692M for
+the SmolLM2 8 x top-2 upcycle against 134.5M for its dense parent, so at small batches they decide much of the
+MoE / dense throughput ratio (benchmarks/bench_train.py). Cases, on --params fp32 parameters in tensors of
+--tensor-size elements with random gradients (AdamW betas 0.9, 0.95, weight decay 0.1, as `upcycle train`):
+
+- AdamW for-loop / foreach / fused: `optimizer.step()` of torch's three implementations.
+- clip_grad_norm_: torch's norm + scale (what accelerate runs on one process or DDP).
+- fused AdamW + folded clip: upcycle's path, the global norm then the fused step with the clip divisor
+  (upcycle.train.freeze.clip_into_fused_adamw).
+
+Each case: one untimed step, then the median of --repeats timed steps.
+
+    python benchmarks/bench_optimizer.py [--params 100M] [--tensor-size 2000000] [--repeats 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=100e6)
+    ap.add_argument("--tensor-size", type=int, default=2_000_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import torch
+
+    from bench_experts import cpu_isa, cpu_name
+    from upcycle.train.freeze import adamw, clear_fused_clip, clip_into_fused_adamw
+
+    n = max(1, int(args.params) // args.tensor_size)
+    total = n * args.tensor_size
+    g = torch.Generator().manual_seed(0)
+
+    def fresh():
+        ps = [torch.nn.Parameter(torch.randn(args.tensor_size, generator=g)) for _ in range(n)]
+        for p in ps:
+            p.grad = torch.randn(args.tensor_size, generator=g)
+        return ps
+
+    def timed(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    rows = []
+    for impl in ("for-loop", "foreach", "fused"):
+        ps = fresh()
+        opt, _ = adamw([{"params": ps, "weight_decay": 0.1}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, impl=impl)
+        rows.append(("AdamW " + impl, timed(opt.step)))
+        del opt, ps
+    ps = fresh()
+    rows.append(("clip_grad_norm_", timed(lambda: torch.nn.utils.clip_grad_norm_(ps, 1.0))))
+    opt, _ = adamw([{"params": ps, "weight_decay": 0.1}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, impl="fused")
+
+    def folded():
+        clip_into_fused_adamw(opt, ps, 1.0)
+        opt.step()
+        clear_fused_clip(opt)
+
+    rows.append(("fused AdamW + folded clip", timed(folded)))
+    per = 100e6 / total
+    head = (f"{cpu_name()} ({cpu_isa()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"{total / 1e6:.0f}M fp32 parameters in {n} tensors; median of {args.repeats}; "
+            f"1-min load {os.getloadavg()[0]:.1f}")
+    print(head)
+    print("| case | s per step | s per 100M params |")
+    print("|---|---:|---:|")
+    for name, t in rows:
+        print(f"| {name} | {t:.3f} | {t * per:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": {"cpu": cpu_name(), "isa": cpu_isa(), "torch": torch.__version__,
+                                                     "threads": torch.get_num_threads()},
+                                         "params": total, "tensors": n, "repeats": args.repeats,
+                                         "load_avg_1min_after": os.getloadavg()[0],
+                                         "rows": [{"case": a, "s": t, "s_per_100M": t * per} for a, t in rows]},
+                                        indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
