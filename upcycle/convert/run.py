@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.core import ui
+from upcycle.core import memory, ui
 from upcycle.core.errors import InputError, UsageError
 from upcycle.families.moe import choose_format, portability_notes
 from upcycle.convert.card import manifest_dict, model_card, write_manifest
@@ -119,7 +119,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
             router_std: float = 0.02, expert_init: str = "copy", slice_order: str = "contiguous", seed: int = 0,
             dtype: str = "auto", max_shard_size: str = "5GB", overwrite: bool = False, dry_run: bool = False,
             verify: bool = True, allow_pickle: bool = False, command: list[str] | None = None,
-            quiet: bool = False) -> ConvertResult:
+            quiet: bool = False, full_check: str = "auto") -> ConvertResult:
     start = time.perf_counter()
     recipe = Recipe(experts=experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts, format=format,
                     moe_layers=moe_layers, router_init=router_init, router_std=router_std, expert_init=expert_init,
@@ -128,6 +128,8 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
+    if full_check not in FULL_CHECKS:
+        raise UsageError(f"--full-check {full_check!r}: use {', '.join(FULL_CHECKS)}")
     out = Path(out).expanduser()
     if not dry_run:
         check_output(out, overwrite)
@@ -141,10 +143,14 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
             ckpt = open_parent(parent, allow_pickle=allow_pickle)
     try:
         plan, _ = build_plan(ckpt, recipe)
+        estimate = memory.convert_estimate(plan, verify=verify)
         if dry_run:
             describe(plan, None, max_shard_bytes)
+            ui.out.print(f"memory        about {human_bytes(estimate.total)} ({estimate.describe()})")
             return ConvertResult(None, plan, None, time.perf_counter() - start)
         check_space(out, plan.output_bytes + (64 << 20))
+        have = memory.require(estimate)
+        whole, whole_note = whole_model_decision(plan, verify, full_check, have)
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
 
@@ -163,12 +169,7 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
                 gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             if verify:
-                from upcycle.convert.verify import verify_conversion
-
-                if not quiet:
-                    ui.info("verifying against the parent (logits and greedy decoding)")
-                verification = verify_conversion(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype],
-                                                 exact=exact_claim(plan), allow_pickle=allow_pickle)
+                verification = _verify(ckpt, plan, tmp, whole, whole_note, allow_pickle, quiet)
             write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification))
             (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification))
     finally:
@@ -177,6 +178,53 @@ def convert(parent: str | Path, out: str | Path, *, experts: int = 8, top_k: int
     if not quiet:
         _summary(plan, out, verification, seconds)
     return ConvertResult(out, plan, verification, seconds)
+
+
+FULL_CHECKS = ("auto", "always", "never")
+FULL_CHECK_AUTO_BUDGET = 1 << 30  # auto keeps the default convert light: the layer-wise check is the exact one
+
+
+def whole_model_decision(plan: Plan, verify: bool, full_check: str, have: int) -> tuple[bool, str | None]:
+    """Whether to also run the whole-model check through transformers, and the one line that says why not."""
+    if not verify:
+        return False, None
+    if full_check == "never":
+        return False, "whole-model check skipped (--full-check never)"
+    est = memory.whole_model_estimate(plan)
+    if full_check == "always":
+        if est.total > have:
+            _, where = memory.available()
+            raise memory.InsufficientMemory(est.refusal(have, where))
+        return True, None
+    budget = min(have // 2, FULL_CHECK_AUTO_BUDGET)
+    if est.total <= budget:
+        return True, None
+    return False, (f"whole-model check skipped: it needs about {human_bytes(est.total)} (parent and MoE in float32), "
+                   f"over the {human_bytes(budget)} --full-check auto allows (the smaller of 1 GiB and half the "
+                   f"available memory); --full-check always runs it")
+
+
+def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_note: str | None, allow_pickle: bool,
+            quiet: bool) -> dict:
+    from upcycle.convert.verify import verify_layers, verify_whole_model
+
+    exact = exact_claim(plan)
+    if quiet:
+        report = verify_layers(ckpt, plan, tmp, exact=exact)
+    else:
+        with ui.progress(transient=True) as prog:
+            task = prog.add_task("verifying layer by layer (float64)", total=plan.parent.num_layers)
+            report = verify_layers(ckpt, plan, tmp, exact=exact, on_layer=lambda i: prog.advance(task))
+    report["whole_model"], report["whole_model_note"] = None, whole_note
+    if whole:
+        if not quiet:
+            ui.info("whole-model check: parent and MoE through transformers (logits and greedy decoding)")
+        w = verify_whole_model(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype], exact=exact,
+                               allow_pickle=allow_pickle)
+        report["whole_model"] = w
+        for key in ("max_abs_diff", "greedy_agree", "greedy_total"):  # the headline numbers, as before
+            report[key] = w[key]
+    return report
 
 
 def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool) -> None:
@@ -205,7 +253,17 @@ def _summary(plan: Plan, out: Path, verification: dict | None, seconds: float) -
     if verification is not None:
         v = verification
         verdict = "exact" if v["exact_expected"] else "not exact by design"
-        ui.console.print(f"verified ({verdict}): max |logits diff| {v['max_abs_diff']:.3g}, greedy decoding agrees on "
-                         f"{v['greedy_agree']}/{v['greedy_total']} tokens")
+        moe = len(v["layers"])
+        ui.console.print(
+            f"verified ({verdict}) layer by layer in float64 on {v['tokens']} tokens of text: {moe} MoE block(s) vs the "
+            f"parent's MLP, max relative difference {v['max_rel_diff']:.3g} (bound {v['function_rtol']:g}"
+            f"{'' if v['exact_expected'] else ', not applied'}); {v['expert_tensors']} expert tensors hold their parent "
+            f"neurons" + ("" if v["exact_expected"] else f" (max relative difference {v['expert_max_rel_diff']:.3g})")
+            + f"; {v['copied_tensors']} copied tensors are byte-identical")
+        if v["whole_model"] is not None:
+            ui.console.print(f"whole model through transformers: max |logits diff| {v['max_abs_diff']:.3g}, greedy "
+                             f"decoding agrees on {v['greedy_agree']}/{v['greedy_total']} tokens")
+        elif v["whole_model_note"]:
+            ui.console.print(v["whole_model_note"])
     elif not exact_claim(plan):
         ui.warn("this recipe is not exact; run with --verify to measure how far it is from the parent")
