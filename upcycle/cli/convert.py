@@ -27,7 +27,8 @@ def convert_command(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (layout, sizes, parameters) and write nothing."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Load parent and result, compare logits and greedy decoding; fail if an exact recipe is not exact."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the written folder against the parent: copied tensors by bytes, experts against their parent neurons, every MoE block against the parent's MLP layer by layer in float64 (about one layer of memory); fail if an exact recipe is not exact."),
+    full_check: str = typer.Option("auto", "--full-check", help="Also load parent and MoE whole through transformers (float32 logits, greedy decoding): auto (only when that needs under 1 GiB and half the free memory), always, or never. The layer-by-layer float64 check runs whenever --verify does."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow reading a parent stored as PyTorch pickle (.bin); only for files you trust."),
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint that computes what the parent computed.
@@ -64,4 +65,5 @@ def convert_command(
         dry_run=dry_run,
         verify=verify,
         allow_pickle=allow_pickle,
+        full_check=full_check,
     )

@@ -251,19 +251,9 @@ def _summary(plan: Plan, out: Path, verification: dict | None, seconds: float) -
            f"{human_bytes(plan.output_bytes)} in {seconds:.1f}s")
     ui.console.print(msg)
     if verification is not None:
-        v = verification
-        verdict = "exact" if v["exact_expected"] else "not exact by design"
-        moe = len(v["layers"])
-        ui.console.print(
-            f"verified ({verdict}) layer by layer in float64 on {v['tokens']} tokens of text: {moe} MoE block(s) vs the "
-            f"parent's MLP, max relative difference {v['max_rel_diff']:.3g} (bound {v['function_rtol']:g}"
-            f"{'' if v['exact_expected'] else ', not applied'}); {v['expert_tensors']} expert tensors hold their parent "
-            f"neurons" + ("" if v["exact_expected"] else f" (max relative difference {v['expert_max_rel_diff']:.3g})")
-            + f"; {v['copied_tensors']} copied tensors are byte-identical")
-        if v["whole_model"] is not None:
-            ui.console.print(f"whole model through transformers: max |logits diff| {v['max_abs_diff']:.3g}, greedy "
-                             f"decoding agrees on {v['greedy_agree']}/{v['greedy_total']} tokens")
-        elif v["whole_model_note"]:
-            ui.console.print(v["whole_model_note"])
+        from upcycle.convert.verify import summary
+
+        verdict = "exact" if verification["exact_expected"] else "not exact by design"
+        ui.console.print(f"verified ({verdict}): {summary(verification)}", soft_wrap=True)
     elif not exact_claim(plan):
         ui.warn("this recipe is not exact; run with --verify to measure how far it is from the parent")

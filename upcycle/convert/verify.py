@@ -52,7 +52,7 @@ COPIED_KINDS = ("embed", "attention", "norm", "dense_mlp")
 def _f64(raw: np.ndarray, code: str):
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(to_f32(raw, code))).double()
+    return torch.from_numpy(to_f32(raw, code).astype(np.float64))  # a fresh, writable float64 array
 
 
 def _rows(source, name: str, lo: int, hi: int) -> np.ndarray:
@@ -472,3 +472,22 @@ def verify_whole_model(parent_spec: str, out: Path, *, out_dtype: str, exact: bo
         )
     return report
 
+
+
+def summary(v: dict) -> str:
+    """One or two sentences on what a verification report found (model card, convert's last lines)."""
+    exact = v["exact_expected"]
+    bound = max((e.get("bound", v["function_rtol"]) for e in v["layers"]), default=v["function_rtol"])
+    text = (f"layer by layer in float64 on {v['tokens']} tokens of text: {len(v['layers'])} MoE block(s) against the "
+            f"parent's MLP, max relative difference {v['max_rel_diff']:.3g} "
+            + (f"(bound {bound:.3g})" if exact else "(not exact by design: measured, not bounded)")
+            + f"; {v['expert_tensors']} expert tensors hold their parent neurons"
+            + ("" if exact else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}")
+            + f"; {v['copied_tensors']} copied tensors are byte-identical")
+    w = v.get("whole_model")
+    if w is not None:
+        text += (f". Whole model through transformers (float32): max |logits diff| {w['max_abs_diff']:.3g}, greedy "
+                 f"decoding agrees on {w['greedy_agree']}/{w['greedy_total']} tokens")
+    elif v.get("whole_model_note"):
+        text += f". {v['whole_model_note'][0].upper()}{v['whole_model_note'][1:]}"
+    return text
