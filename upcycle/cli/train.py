@@ -44,6 +44,7 @@ def train_command(
     report_to: str = typer.Option("none", "--report-to", help="Tracker through accelerate: none, tensorboard or wandb (must be installed)."),
     save_dtype: str = typer.Option("auto", "--save-dtype", help="dtype of final/: auto (the input's), float32, bfloat16, float16. Checkpoints stay fp32 so --resume is exact."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a MODEL stored as PyTorch pickle (.bin); only for files you trust."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory estimate and the trainable parameters per group; load no weights, write nothing."),
 ) -> None:
     """Continued pretraining of an upcycled MoE (or of the dense parent, for a fair baseline).
 
@@ -74,6 +75,6 @@ def train_command(
         router_lr_mult=router_lr_mult, train=list(train) if train else ["all"], precision=precision,
         gradient_checkpointing=gradient_checkpointing, experts_impl=experts_impl, text_field=text_field,
         heldout_fraction=heldout_fraction, eval_every=eval_every, eval_blocks=eval_blocks, report_to=report_to,
-        save_dtype=save_dtype, allow_pickle=allow_pickle,
+        save_dtype=save_dtype, allow_pickle=allow_pickle, dry_run=dry_run,
     )
     run_training(cfg)

@@ -177,3 +177,127 @@ def whole_model_estimate(plan) -> Estimate:
     return Estimate("the whole-model check", (("runtime", TORCH_RUNTIME), ("parent float32", plan.parent_params * 4),
                                               ("MoE float32", plan.total_params * 4), ("activations", act)),
                     ("--full-check never skips it (the layer-by-layer check still runs)",))
+
+
+# ------------------------------------------------------------------------------------------------ train / eval
+
+# Bytes of saved activations per token and layer, in units of the hidden size and of the routed intermediate
+# width (float32). Measured on tiny and SmolLM2-sized models with transformers 5 on CPU (tests/test_memory.py
+# checks the whole estimate against peak RSS); attention uses sdpa, so no seq x seq score matrix is kept.
+ACT_PER_HIDDEN = 18
+ACT_PER_INTER = 5
+TRAIN_RUNTIME = 480 << 20  # torch, transformers, accelerate, the tokenizer and the data pipeline
+
+
+def parameter_counts(spec: str, *, allow_pickle: bool = False) -> tuple[dict[str, int], dict]:
+    """({tensor name: parameters}, config) of a model folder or .gguf file, from file headers only."""
+    import json
+
+    p = Path(spec)
+    if p.suffix.lower() == ".gguf":
+        from upcycle.convert.parent import open_parent
+
+        ckpt = open_parent(p)
+        try:
+            counts = {n: _numel(ckpt.source.meta(n).shape) for n in ckpt.source.names()}
+            return counts, dict(ckpt.spec.raw)
+        finally:
+            ckpt.close()
+    from upcycle.convert.sources import PickleSource, SafetensorsSource
+
+    if not (p / "config.json").is_file():  # a hub id: nothing to read before it is fetched
+        return {}, {}
+    cfg = json.loads((p / "config.json").read_text())
+    source = SafetensorsSource(p) if any(p.glob("*.safetensors")) else PickleSource(p) if allow_pickle else None
+    if source is None:
+        return {}, cfg
+    try:
+        return {n: _numel(source.meta(n).shape) for n in source.names()}, cfg
+    finally:
+        source.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _role(name: str) -> str:
+    """--train group of an on-disk tensor name (the names upcycle convert writes; see train.freeze)."""
+    from upcycle.train.freeze import parameter_role
+
+    moe = "block_sparse_moe." in name or ".mlp." in name
+    router = moe and (name.endswith((".gate.weight", ".router.layer.weight")))
+    experts = moe and (".experts." in name or (("input_linear" in name or "output_linear" in name) and "shared" not in name))
+    return parameter_role(name, {name} if router else set(), {name} if experts else set())
+
+
+def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False) -> tuple[Estimate, dict[str, int], dict[str, int]]:
+    """(estimate, trainable parameters per group, all parameters per group) for `upcycle train`, from headers."""
+    counts, mcfg = parameter_counts(spec, allow_pickle=allow_pickle)
+    sel = cfg.selection
+    total: dict[str, int] = {}
+    trainable: dict[str, int] = {}
+    n_experts = int(mcfg.get("num_local_experts") or mcfg.get("num_experts") or mcfg.get("n_routed_experts") or 1)
+    for name, n in counts.items():
+        if name.endswith("e_score_correction_bias"):
+            continue  # a buffer, not a parameter
+        role = _role(name)
+        total[role] = total.get(role, 0) + n
+        if sel.everything or role in sel.groups:
+            trainable[role] = trainable.get(role, 0) + n
+        elif role == "experts" and sel.some_experts:
+            # a fraction of the layer's experts trains (frozen ones still carry gradients in the fused tensor)
+            trainable[role] = trainable.get(role, 0) + n
+    if mcfg.get("tie_word_embeddings") and "lm_head.weight" not in counts:
+        pass  # tied: the head is the embedding, counted once
+    P, T = sum(total.values()), sum(trainable.values())
+    H = int(mcfg.get("hidden_size") or 0)
+    L = int(mcfg.get("num_hidden_layers") or 0)
+    V = int(mcfg.get("vocab_size") or 0)
+    k = int(mcfg.get("num_experts_per_tok") or 1)
+    inter = int(mcfg.get("moe_intermediate_size") or mcfg.get("intermediate_size") or 0)
+    if "shared_expert_intermediate_size" in mcfg or "shared_intermediate_size" in mcfg:
+        inter_shared = int(mcfg.get("shared_expert_intermediate_size") or mcfg.get("shared_intermediate_size") or 0)
+    else:
+        inter_shared = int(mcfg.get("n_shared_experts") or 0) * inter
+    tokens = cfg.batch_size * cfg.seq_len
+    per_layer = tokens * 4 * (ACT_PER_HIDDEN * H + ACT_PER_INTER * (k * inter + inter_shared))
+    if cfg.gradient_checkpointing:
+        acts = tokens * 4 * H * L + per_layer
+    else:
+        acts = per_layer * L
+    logits = tokens * V * 4 * 3  # logits, their log-softmax and its gradient
+    parts = [("runtime", TRAIN_RUNTIME), ("weights fp32", P * 4), ("gradients", T * 4), ("AdamW states", T * 8)]
+    if precision == "bf16":
+        parts.append(("bf16 weight copies", P * 2))
+    parts += [("activations", acts), ("logits", logits)]
+    reduce = []
+    if cfg.batch_size > 1:
+        reduce.append(f"a smaller --batch-size (with --grad-accum {cfg.grad_accum * 2} for the same tokens per step)")
+    if not cfg.gradient_checkpointing:
+        reduce.append("--gradient-checkpointing")
+    if sel.everything:
+        reduce.append("--train with fewer groups (e.g. router,shared,attention,norms)")
+    if cfg.seq_len > 256:
+        reduce.append("a shorter --seq-len")
+    return Estimate("train", tuple(parts), tuple(reduce)), trainable, total
+
+
+def eval_estimate(model: str, parent: str | None, *, dtype: str, batch_tokens: int, allow_pickle: bool = False) -> Estimate:
+    """`upcycle eval`: the parent first (then only its MLPs kept for drift), then the model; no gradients."""
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    counts, cfg = parameter_counts(model, allow_pickle=allow_pickle)
+    m = sum(counts.values()) * size
+    p_all = p_mlp = 0
+    if parent is not None:
+        pc, _ = parameter_counts(parent, allow_pickle=allow_pickle)
+        p_all = sum(pc.values()) * size
+        p_mlp = sum(n for name, n in pc.items() if ".mlp." in name) * 4
+    H, V = int(cfg.get("hidden_size") or 0), int(cfg.get("vocab_size") or 0)
+    acts = batch_tokens * (H * 4 * 16 + V * 4 * 3)
+    weights = max(p_all, m + p_mlp)
+    return Estimate("eval", (("runtime", TRAIN_RUNTIME), ("weights", weights), ("activations", acts)),
+                    ("a smaller --batch-size or --seq-len", "--dtype bfloat16"))

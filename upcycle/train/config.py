@@ -172,6 +172,7 @@ class TrainConfig:
     report_to: str = "none"
     save_dtype: str = "auto"
     allow_pickle: bool = False
+    dry_run: bool = False  # print the memory estimate and trainable parameters, load no weights
     selection: TrainSelection | None = field(default=None, repr=False)
 
     def validate(self) -> "TrainConfig":
