@@ -104,10 +104,10 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     ui.info(f"parent: {parent} (from {gguf})")
     summary["seconds"][name] = time.perf_counter() - t
 
-    part = "each MLP" if opt.granularity == 1 else f"1/{opt.granularity} of each MLP"
-    name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of {part}")
     # a top-k that is not a multiple of the granularity falls back to whole-MLP experts (e.g. --top-k 1)
     g = opt.granularity if opt.experts % opt.granularity == 0 and opt.top_k % opt.granularity == 0 else 1
+    part = "each MLP" if g == 1 else f"1/{g} of each MLP"
+    name, t = step("convert", f"2/4 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of {part}")
     convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, granularity=g, seed=opt.seed, verify=True,
             command=["upcycle", "demo", str(out)])
     summary["seconds"][name] = time.perf_counter() - t
