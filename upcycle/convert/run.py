@@ -222,7 +222,7 @@ def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_no
         w = verify_whole_model(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype], exact=exact,
                                allow_pickle=allow_pickle)
         report["whole_model"] = w
-        for key in ("max_abs_diff", "greedy_agree", "greedy_total"):  # the headline numbers, as before
+        for key in ("max_abs_diff", "greedy_agree", "greedy_total", "samples"):  # the headline numbers, as before
             report[key] = w[key]
     return report
 
