@@ -20,15 +20,25 @@ from upcycle.core.errors import OutputError, UsageError
 from upcycle.core.paths import check_output_folder
 
 
+# What the demo trains, chosen to keep its peak memory down: fp32 master weights, gradients and AdamW states cost
+# 16 bytes per trained parameter, which for 8 full-MLP copies (692M parameters) alone is 11 GB. Fine-grained
+# experts (each half an MLP, top-4) keep the per-token compute of 8 x top-2 (214M active) with 373M parameters;
+# attention and embeddings stay the parent's (the experts, routers and norms train; the dense baseline trains its
+# MLPs and norms, the same parts); activations are recomputed in backward, micro-batches of at most 2 blocks.
+DEMO_TRAIN = ("router", "experts", "norms")
+BASELINE_TRAIN = ("dense_mlp", "norms")
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     """The demo's sizes and seeds, checked on construction. One field here plus one option in upcycle/cli/demo.py."""
 
     experts: int = 8
-    top_k: int = 2
+    top_k: int = 4
+    granularity: int = 2
     steps: int = 20
     seq_len: int = 256
-    batch_size: int = 4
+    batch_size: int = 4  # blocks per optimizer step, in micro-batches of at most 2
     lr: float = 5e-5
     eval_blocks: int = 32
     precision: str = "auto"
@@ -43,6 +53,8 @@ class DemoOptions:
                 raise UsageError(f"{name} must be at least {lo}")
         if self.top_k > self.experts:
             raise UsageError(f"--top-k {self.top_k} is more than --experts {self.experts}")
+        if self.granularity < 1:
+            raise UsageError("--granularity must be at least 1")
         from upcycle.train.config import PRECISIONS
 
         if self.precision not in PRECISIONS:
@@ -95,26 +107,32 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     ui.info(f"parent: {parent} (from {gguf})")
     summary["seconds"][name] = time.perf_counter() - t
 
-    name, t = step("convert", f"2/5 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of each MLP")
-    converted = convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, seed=opt.seed, verify=True,
-                        command=["upcycle", "demo", str(out)])
+    # a top-k that is not a multiple of the granularity falls back to whole-MLP experts (e.g. --top-k 1)
+    g = opt.granularity if opt.experts % opt.granularity == 0 and opt.top_k % opt.granularity == 0 else 1
+    part = "each MLP" if g == 1 else f"1/{g} of each MLP"
+    name, t = step("convert", f"2/5 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of {part}")
+    converted = convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, granularity=g, seed=opt.seed,
+                        verify=True, command=["upcycle", "demo", str(out)])
     print_summary(converted, ui.console)
     summary["seconds"][name] = time.perf_counter() - t
 
-    def train_config(model: Path, run: Path) -> TrainConfig:
+    micro = min(opt.batch_size, 2)
+    accum = max(1, -(-opt.batch_size // micro))
+
+    def train_config(model: Path, run: Path, groups: tuple[str, ...]) -> TrainConfig:
         # one definition for both arms: same data, order, steps, batch, schedule and precision
         return TrainConfig(model=str(model), data=[str(p) for p in train_files], out=run, steps=opt.steps,
-                           seq_len=opt.seq_len, batch_size=opt.batch_size, lr=opt.lr, seed=opt.seed, save_every=0,
-                           eval_every=0, precision=precision)
+                           seq_len=opt.seq_len, batch_size=micro, grad_accum=accum, lr=opt.lr, seed=opt.seed,
+                           save_every=0, eval_every=0, precision=precision, train=groups, gradient_checkpointing=True)
 
-    name, t = step("train", f"3/5 train the MoE: {opt.steps} steps of {opt.batch_size} x {opt.seq_len} tokens "
-                            f"({precision})")
-    result = train(train_config(out / "moe", out / "run"))
+    name, t = step("train", f"3/5 train the MoE: {opt.steps} steps of {micro * accum} x {opt.seq_len} tokens "
+                            f"({precision}; trains {', '.join(DEMO_TRAIN)})")
+    result = train(train_config(out / "moe", out / "run", DEMO_TRAIN))
     summary["seconds"][name] = time.perf_counter() - t
     summary["train"] = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss}
 
     name, t = step("baseline", f"4/5 train the dense parent the same way (the baseline): {opt.steps} steps")
-    dense = train(train_config(parent, out / "baseline-run"))
+    dense = train(train_config(parent, out / "baseline-run", BASELINE_TRAIN))
     summary["seconds"][name] = time.perf_counter() - t
     summary["baseline"] = {"steps": dense.steps, "tokens": dense.tokens, "final_loss": dense.final_loss}
 

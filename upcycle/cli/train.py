@@ -71,6 +71,7 @@ def train_command(
     keep_checkpoints: Annotated[int, _opt("--keep-checkpoints", panel=CHECKPOINTS, help="Keep only the N newest checkpoints (0: all).")] = 0,
     resume: Annotated[bool, _opt("--resume", panel=CHECKPOINTS, help="Continue the run in --out from its newest checkpoint, exactly (same data order, RNG, optimizer).")] = False,
     save_dtype: Annotated[str, _opt("--save-dtype", panel=CHECKPOINTS, help="dtype of final/: auto (the input's), float32, bfloat16, float16. Checkpoints stay fp32 so --resume is exact.")] = "auto",
+    dry_run: Annotated[bool, _opt("--dry-run", panel=CHECKPOINTS, help="Print the memory estimate and the trainable parameters per group; load no weights, write nothing.")] = False,
     report_to: Annotated[str, _opt("--report-to", panel=CHECKPOINTS, help="Tracker through accelerate: none, tensorboard or wandb (must be installed).")] = "none",
     # hardware and numerics
     precision: Precision = "auto",

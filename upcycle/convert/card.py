@@ -188,8 +188,9 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
     if verification is None:
         check = "not verified (`--no-verify`)"
     else:
-        check = (f"max |logits - parent logits| = {verification['max_abs_diff']:.3g} on {verification['tokens']} tokens; "
-                 f"greedy decoding agrees on {verification['greedy_agree']}/{verification['greedy_total']} tokens")
+        from upcycle.convert.verify import summary
+
+        check = summary(verification)
     cmd = " ".join(command) if command else f"upcycle convert {parent_label} OUT"
     lines = [
         "---",

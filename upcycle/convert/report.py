@@ -43,6 +43,8 @@ def print_plan(result: ConvertResult, console: Console) -> None:
         f"routing       {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else ""),
         f"exact         {'yes' if exact_claim(plan) else 'no: ' + plan.inexact_reason}",
     ]
+    if result.estimate is not None:
+        lines.append(f"memory        about {human_bytes(result.estimate.total)} ({result.estimate.describe()})")
     for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
         lines.append(f"note          {note}")
     console.print("\n".join(lines))
@@ -55,9 +57,10 @@ def print_summary(result: ConvertResult, console: Console) -> None:
                   f"{human_count(plan.total_params)} params ({human_count(plan.active_params)} active), "
                   f"{human_bytes(plan.output_bytes)} in {result.seconds:.1f}s")
     if v is not None:
+        from upcycle.convert.verify import summary
+
         verdict = "exact" if v["exact_expected"] else "not exact by design"
-        console.print(f"verified ({verdict}): max |logits diff| {v['max_abs_diff']:.3g}, greedy decoding agrees on "
-                      f"{v['greedy_agree']}/{v['greedy_total']} tokens")
+        console.print(f"verified ({verdict}): {summary(v)}", soft_wrap=True)
     elif not exact_claim(plan):
         console.print("[yellow]warning:[/] this recipe is not exact; run with --verify to measure how far it is "
                       "from the parent", soft_wrap=True)

@@ -15,14 +15,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from upcycle.core import ui
+from upcycle.core import memory, ui
 from upcycle.core.errors import InputError, UsageError
 from upcycle.families.moe import choose_format
 from upcycle.convert.card import manifest_dict, model_card, write_manifest
 from upcycle.convert.parent import ParentCheckpoint, open_parent
 from upcycle.convert.plan import Plan, make_plan
 from upcycle.convert.recipe import Recipe
-from upcycle.core.tensors import CODE_OF, NAME_OF, parse_size
+from upcycle.core.tensors import CODE_OF, NAME_OF, parse_size, human_bytes
 from upcycle.convert.weights import ParentReader
 from upcycle.convert.writer import atomic_folder, check_output, check_space, write_shards
 
@@ -39,7 +39,8 @@ class ConvertOptions:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     dry_run: bool = False  # plan only: write nothing
-    verify: bool = True  # compare logits and greedy decoding with the parent before the folder is moved in place
+    verify: bool = True  # check the folder against the parent (layer by layer, float64) before it is moved in place
+    full_check: str = "auto"  # also the whole-model check through transformers: auto (when it fits), always, never
     allow_pickle: bool = False
 
     def __post_init__(self):
@@ -47,6 +48,8 @@ class ConvertOptions:
         if not isinstance(self.recipe, Recipe):
             raise TypeError(f"ConvertOptions.recipe must be a Recipe, not {type(self.recipe).__name__}")
         self.max_shard_bytes  # noqa: B018 - parse now so a bad size fails before any work
+        if self.full_check not in FULL_CHECKS:
+            raise UsageError(f"--full-check {self.full_check!r}: use {', '.join(FULL_CHECKS)}")
 
     @property
     def max_shard_bytes(self) -> int:
@@ -74,6 +77,7 @@ class ConvertResult:
     plan: Plan
     verification: dict | None  # None: not verified (--no-verify or --dry-run)
     seconds: float
+    estimate: "memory.Estimate | None" = None  # the memory estimate made before any work (shown by --dry-run)
 
     @property
     def out(self) -> Path | None:
@@ -134,6 +138,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     start = time.perf_counter()
     recipe, out, allow_pickle = options.recipe, options.out, options.allow_pickle
     dry_run, overwrite, max_shard_bytes = options.dry_run, options.overwrite, options.max_shard_bytes
+    verify, full_check = options.verify, options.full_check
     if not dry_run:
         check_output(out, overwrite)
     mode, kmeans_file = recipe.router_init_mode
@@ -146,9 +151,12 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             ckpt = open_parent(parent, allow_pickle=allow_pickle)
     try:
         plan, _ = build_plan(ckpt, recipe)
+        estimate = memory.convert_estimate(plan, verify=verify)
         if dry_run:
-            return ConvertResult(options, plan, None, time.perf_counter() - start)
+            return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
         check_space(out, plan.output_bytes + (64 << 20))
+        have = memory.require(estimate)
+        whole, whole_note = whole_model_decision(plan, verify, full_check, have)
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
 
@@ -166,13 +174,8 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             if "generation_config.json" not in copied:
                 gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            if options.verify:
-                from upcycle.convert.verify import verify_conversion
-
-                if not quiet:
-                    ui.info("verifying against the parent (logits and greedy decoding)")
-                verification = verify_conversion(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype],
-                                                 exact=exact_claim(plan), allow_pickle=allow_pickle)
+            if verify:
+                verification = _verify(ckpt, plan, tmp, whole, whole_note, allow_pickle, quiet)
             from upcycle.convert.card import folder_digest, tensor_digest
 
             fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
@@ -181,6 +184,53 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     finally:
         ckpt.close()
     return ConvertResult(options, plan, verification, time.perf_counter() - start)
+
+
+FULL_CHECKS = ("auto", "always", "never")
+FULL_CHECK_AUTO_BUDGET = 1 << 30  # auto keeps the default convert light: the layer-wise check is the exact one
+
+
+def whole_model_decision(plan: Plan, verify: bool, full_check: str, have: int) -> tuple[bool, str | None]:
+    """Whether to also run the whole-model check through transformers, and the one line that says why not."""
+    if not verify:
+        return False, None
+    if full_check == "never":
+        return False, "whole-model check skipped (--full-check never)"
+    est = memory.whole_model_estimate(plan)
+    if full_check == "always":
+        if est.total > have:
+            _, where = memory.available()
+            raise memory.InsufficientMemory(est.refusal(have, where))
+        return True, None
+    budget = min(have // 2, FULL_CHECK_AUTO_BUDGET)
+    if est.total <= budget:
+        return True, None
+    return False, (f"whole-model check skipped: it needs about {human_bytes(est.total)} (parent and MoE in float32), "
+                   f"over the {human_bytes(budget)} --full-check auto allows (the smaller of 1 GiB and half the "
+                   f"available memory); --full-check always runs it")
+
+
+def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_note: str | None, allow_pickle: bool,
+            quiet: bool) -> dict:
+    from upcycle.convert.verify import verify_layers, verify_whole_model
+
+    exact = exact_claim(plan)
+    if quiet:
+        report = verify_layers(ckpt, plan, tmp, exact=exact)
+    else:
+        with ui.progress(transient=True) as prog:
+            task = prog.add_task("verifying layer by layer (float64)", total=plan.parent.num_layers)
+            report = verify_layers(ckpt, plan, tmp, exact=exact, on_layer=lambda i: prog.advance(task))
+    report["whole_model"], report["whole_model_note"] = None, whole_note
+    if whole:
+        if not quiet:
+            ui.info("whole-model check: parent and MoE through transformers (logits and greedy decoding)")
+        w = verify_whole_model(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype], exact=exact,
+                               allow_pickle=allow_pickle)
+        report["whole_model"] = w
+        for key in ("max_abs_diff", "greedy_agree", "greedy_total", "samples"):  # the headline numbers, as before
+            report[key] = w[key]
+    return report
 
 
 def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool) -> None:

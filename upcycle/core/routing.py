@@ -146,7 +146,8 @@ def select_experts(layer: MoELayer, logits: "torch.Tensor", bias: "torch.Tensor 
     of the layer's type computes them in fp32. `bias` (sigmoid scoring) shifts the selection, not the weights."""
     import torch
 
-    logits = logits.float()
+    if logits.dtype != torch.float64:  # float64 stays float64: conversion checks run the same maths exactly
+        logits = logits.float()
     k = layer.top_k
     if layer.scoring == "softmax":
         probs = torch.softmax(logits, dim=-1)

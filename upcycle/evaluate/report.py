@@ -114,8 +114,12 @@ class Report:
         })
 
     def write(self, out: Path) -> None:
-        (out / REPORT).write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        (out / SUMMARY).write_text(summary_markdown(self))
+        # each file appears whole or not at all (a kill mid-write leaves a .partial, never a short report), and
+        # report.json, which marks the folder as finished, comes last
+        for name, text in ((SUMMARY, summary_markdown(self)), (REPORT, json.dumps(self.to_json(), indent=1) + "\n")):
+            tmp = out / f".{name}.partial"
+            tmp.write_text(text)
+            tmp.replace(out / name)
 
 
 def _clean(x):

@@ -230,6 +230,11 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
         ui.warn(f"only {blocks.shape[0]} blocks of {opt.seq_len} tokens in the data (asked for up to "
                 f"{opt.max_blocks}): intervals will be wide")
 
+    if device.type == "cpu":  # on an accelerator the weights live in device memory
+        from upcycle.core import memory
+
+        memory.require(memory.eval_estimate(model_spec, str(parent) if parent is not None else None, dtype=opt.dtype,
+                                            batch_tokens=opt.batch_size * opt.seq_len, allow_pickle=opt.allow_pickle))
     prog = ui.progress(transient=True) if not quiet else None
     if prog is not None:
         prog.start()

@@ -176,6 +176,7 @@ class TrainConfig:
     report_to: str = "none"
     save_dtype: str = "auto"
     allow_pickle: bool = False
+    dry_run: bool = False  # print the memory estimate and trainable parameters, load no weights
     selection: TrainSelection = field(init=False, repr=False, compare=False)  # parsed from `train`
 
     def __post_init__(self):

@@ -139,6 +139,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # the caller's config keeps "auto"; this run's copy records what auto chose (run.json, accelerate)
         cfg = dataclasses.replace(cfg, precision=default_precision("cpu" if _cpu_only() else "cuda"))
+    if _memory_check(cfg):
+        return TrainResult(out, 0, 0, None, None)
 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
@@ -351,6 +353,30 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         ui.info(f"trained {step - start} steps ({tokens:,} tokens in all); model in {final}")
     return TrainResult(out, step, tokens, last_loss, final)
+
+
+def _memory_check(cfg: TrainConfig) -> bool:
+    """Estimate memory from file headers (nothing loaded); print it for --dry-run (True: stop), else refuse if it
+    cannot fit. On an accelerator the weights live in device memory, so only CPU runs are refused here."""
+    from upcycle.core import memory
+    from upcycle.core.tensors import human_bytes, human_count
+
+    est, trainable, total = memory.train_estimate(cfg.model, cfg, precision=cfg.precision, allow_pickle=cfg.allow_pickle)
+    if cfg.dry_run:
+        have, where = memory.available()
+        lines = [f"memory     about {human_bytes(est.total)} ({est.describe()}); {human_bytes(have)} available ({where})",
+                 f"batch      {cfg.batch_size} x {cfg.seq_len} tokens, precision {cfg.precision}, gradient checkpointing "
+                 f"{'on' if cfg.gradient_checkpointing else 'off'}",
+                 f"trainable  {human_count(sum(trainable.values()))} of {human_count(sum(total.values()))} parameters"]
+        for role in sorted(total):
+            lines.append(f"  {role:<11}{human_count(trainable.get(role, 0)):>9} of {human_count(total[role])}")
+        if est.total > have:
+            lines.append("would refuse: " + est.refusal(have, where))
+        ui.out.print("\n".join(lines))
+        return True
+    if _cpu_only():
+        memory.require(est)
+    return False
 
 
 def _stop(what: str, last_good: Path | None) -> None:

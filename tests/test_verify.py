@@ -1,0 +1,168 @@
+"""The layer-by-layer float64 verification: exact conversions pass, real errors are caught and named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from upcycle.convert import convert
+from upcycle.convert.parent import open_parent
+from upcycle.convert.recipe import Recipe
+from upcycle.convert.run import build_plan, exact_claim
+from upcycle.convert.verify import FUNCTION_RTOL, verify_layers
+from upcycle.core.errors import VerificationError
+
+# (parent family, convert options): every parent family, every output type, shared experts, bf16, fine-grained
+CASES = [
+    ("llama", {}),
+    ("mistral", dict(experts=4, top_k=2)),
+    ("qwen2", dict(dtype="bfloat16", experts=8, top_k=4, granularity=2)),
+    ("qwen3", {}),
+    ("phi3", {}),
+    ("olmo2", {}),
+    ("granite", {}),
+    ("llama", dict(format="qwen2_moe", experts=6, top_k=3, granularity=4, shared_experts=1)),
+    ("llama", dict(format="glm4_moe", experts=6, top_k=3, granularity=4, shared_experts=1, dtype="bfloat16")),
+    ("qwen3", dict(format="dots1", experts=8, top_k=4, granularity=2, shared_experts=2)),
+    ("llama", dict(format="granitemoeshared", experts=6, top_k=3, granularity=4, shared_experts=1)),
+    ("llama", dict(format="granitemoe", experts=8, top_k=4, granularity=2, slice_order="random")),
+    ("qwen3", dict(moe_layers="1", format="qwen3_moe", experts=4, top_k=2)),
+    ("llama", dict(moe_layers="1", format="glm4_moe", experts=4, top_k=2, dtype="bfloat16")),
+]
+
+
+@pytest.mark.parametrize("family,options", CASES, ids=[f"{f}-{o.get('format', 'auto')}-{i}" for i, (f, o) in enumerate(CASES)])
+def test_exact_conversion_passes(tiny_parent, tmp_path, family, options):
+    res = convert(tiny_parent(family), tmp_path / "m", quiet=True, full_check="never", **options)
+    v = res.verification
+    assert v["exact_expected"] and v["method"] == "layers"
+    moe_layers = [lay.index for lay in res.plan.layouts if lay.moe]
+    assert [entry["layer"] for entry in v["layers"]] == moe_layers
+    assert all(entry["max_rel_diff"] <= entry["bound"] for entry in v["layers"])
+    assert v["copied_tensors"] > 0 and v["expert_tensors"] >= 3 * res.plan.recipe.experts * len(moe_layers)
+    assert v["whole_model"] is None and "never" in v["whole_model_note"]
+
+
+def _convert_then_edit(tiny_parent, tmp_path, edit, family="llama", **options):
+    """Convert without verification, apply `edit(tensors, config)` to the written folder, verify it afresh."""
+    from safetensors.numpy import load_file, save_file
+
+    parent = tiny_parent(family)
+    out = tmp_path / "m"
+    convert(parent, out, verify=False, quiet=True, **options)
+    tensors = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    ckpt = open_parent(parent)
+    recipe_keys = ("experts", "top_k", "granularity", "shared_experts", "format", "moe_layers", "expert_init", "dtype",
+                   "slice_order")
+    plan, _ = build_plan(ckpt, Recipe(**{k: v for k, v in options.items() if k in recipe_keys}))
+    try:
+        return verify_layers(ckpt, plan, out, exact=exact_claim(plan))
+    finally:
+        ckpt.close()
+
+
+def test_unedited_folder_passes(tiny_parent, tmp_path):
+    v = _convert_then_edit(tiny_parent, tmp_path, lambda t, c: None)
+    assert v["max_rel_diff"] < 1e-12
+
+
+def test_error_of_1e6_in_one_expert_is_caught(tiny_parent, tmp_path):
+    name = "model.layers.1.block_sparse_moe.experts.5.w2.weight"
+
+    def edit(t, c):
+        t[name] = (t[name].astype(np.float64) * (1 + 1e-6)).astype(np.float32)
+
+    with pytest.raises(VerificationError, match=r"layer 1: model\.layers\.1\.block_sparse_moe\.experts\.5\.w2\.weight \(expert 5, down_proj\)"):
+        _convert_then_edit(tiny_parent, tmp_path, edit)
+
+
+def test_swapped_experts_are_caught_even_inside_a_group(tiny_parent, tmp_path):
+    """Experts 0 and 1 together rebuild the MLP; swapping them changes no output, but the recipe fixes their order."""
+    pre = "model.layers.0.block_sparse_moe.experts."
+
+    def edit(t, c):
+        for w in ("w1", "w2", "w3"):
+            a, b = f"{pre}0.{w}.weight", f"{pre}1.{w}.weight"
+            t[a], t[b] = t[b].copy(), t[a].copy()
+
+    with pytest.raises(VerificationError, match=r"layer 0: model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight \(expert 0"):
+        _convert_then_edit(tiny_parent, tmp_path, edit, experts=4, top_k=2, granularity=2)
+
+
+def test_wrong_routed_scaling_factor_is_caught_by_the_function_check(tiny_parent, tmp_path):
+    """Every tensor is right; only config.json's routed_scaling_factor (glm4_moe's router scale) is off."""
+    def edit(t, c):
+        c["routed_scaling_factor"] = c["routed_scaling_factor"] * (1 + 1e-6)
+
+    with pytest.raises(VerificationError, match=r"layer 0: the MoE block rebuilt from model\.layers\.0\.mlp\.gate\.weight .*routed_scaling_factor"):
+        _convert_then_edit(tiny_parent, tmp_path, edit, format="glm4_moe", experts=6, top_k=3, granularity=4,
+                           shared_experts=1)
+
+
+def test_scaled_router_rows_are_caught(tiny_parent, tmp_path):
+    name = "model.layers.1.block_sparse_moe.gate.weight"
+
+    def edit(t, c):
+        t[name] = t[name] * np.float32(2.0)
+
+    with pytest.raises(VerificationError, match=r"layer 1: model\.layers\.1\.block_sparse_moe\.gate\.weight"):
+        _convert_then_edit(tiny_parent, tmp_path, edit)
+
+
+def test_copied_tensor_is_checked_by_bytes(tiny_parent, tmp_path):
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def edit(t, c):
+        t[name] = np.nextafter(t[name], np.inf).astype(np.float32)
+
+    with pytest.raises(VerificationError, match=r"layer 1: model\.layers\.1\.self_attn\.o_proj\.weight is not a byte copy"):
+        _convert_then_edit(tiny_parent, tmp_path, edit)
+
+
+def test_function_check_alone_sees_an_error_of_1e6(tiny_parent, tmp_path):
+    """Behind the byte checks, the float64 function check by itself catches one expert off by 1e-6 relative."""
+    from upcycle.convert import verify as v
+
+    parent, out = tiny_parent("llama"), tmp_path / "m"
+    convert(parent, out, experts=8, top_k=8, verify=False, quiet=True)  # every token uses every expert
+    ckpt = open_parent(parent)
+    plan, _ = build_plan(ckpt, Recipe(experts=8, top_k=8))
+    chk = v._Checker(ckpt, plan, out, exact=True)
+    caught = []
+
+    def on_mlp(i, x, y):
+        weights = chk.experts(i, plan.layouts[i])
+        assert chk.moe_function(i, x, y, weights)["max_rel_diff"] < 1e-12
+        weights = dict(weights)
+        weights[(2, "gate")] = weights[(2, "gate")] * (1 + 1e-6)
+        with pytest.raises(VerificationError, match=rf"layer {i}: the MoE block rebuilt from .* \(bound 1e-09\)"):
+            chk.moe_function(i, x, y, weights)
+        caught.append(i)
+
+    try:
+        v.stream_parent(ckpt, v.prompt_ids(out), None, on_mlp)
+    finally:
+        chk.close()
+        ckpt.close()
+    assert caught == [0, 1]
+
+
+def test_not_exact_by_design_reports_instead_of_failing(tiny_parent, tmp_path):
+    res = convert(tiny_parent("llama"), tmp_path / "m", expert_init="noise:0.01", quiet=True, full_check="never")
+    v = res.verification
+    assert not v["exact_expected"]
+    assert v["max_rel_diff"] > 100 * FUNCTION_RTOL and v["expert_max_rel_diff"] > 0
+
+
+def test_gguf_parent_layerwise(smollm2_gguf, tmp_path):
+    """The real SmolLM2 GGUF parent (llama.cpp q/k order undone on the fly): its first layers convert exactly."""
+    pytest.importorskip("gguf")
+    res = convert(smollm2_gguf, tmp_path / "m", quiet=True, moe_layers="0,1", format="qwen2_moe", full_check="never")
+    v = res.verification
+    assert [e["layer"] for e in v["layers"]] == [0, 1] and v["max_rel_diff"] < FUNCTION_RTOL
