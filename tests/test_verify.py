@@ -30,6 +30,13 @@ CASES = [
     ("llama", dict(format="granitemoe", experts=8, top_k=4, granularity=2, slice_order="random")),
     ("qwen3", dict(moe_layers="1", format="qwen3_moe", experts=4, top_k=2)),
     ("llama", dict(moe_layers="1", format="glm4_moe", experts=4, top_k=2, dtype="bfloat16")),
+    # the routing rules whose router learns from step 0, exact with a zero router
+    ("llama", dict(routing="softmax", router_std=0.0, experts=8, top_k=2)),
+    ("qwen3", dict(routing="softmax", router_std=0.0, format="qwen3_moe", experts=4, top_k=1)),
+    ("olmo2", dict(routing="softmax", router_std=0.0, experts=4, top_k=2)),
+    ("llama", dict(routing="sigmoid", router_std=0.0, format="glm4_moe", experts=6, top_k=3, granularity=2,
+                   shared_experts=1)),
+    ("qwen3", dict(routing="sigmoid", router_std=0.0, format="dots1", experts=4, top_k=2, dtype="bfloat16")),
 ]
 
 
@@ -166,3 +173,13 @@ def test_gguf_parent_layerwise(smollm2_gguf, tmp_path):
     res = convert(smollm2_gguf, tmp_path / "m", quiet=True, moe_layers="0,1", format="qwen2_moe", full_check="never")
     v = res.verification
     assert [e["layer"] for e in v["layers"]] == [0, 1] and v["max_rel_diff"] < FUNCTION_RTOL
+
+
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
+def test_random_router_without_renormalisation_is_measured_not_failed(tiny_parent, tmp_path, routing):
+    """A start that is not exact by design (no renormalisation, a random router) reports its difference."""
+    res = convert(tiny_parent("llama"), tmp_path / "m", quiet=True, full_check="never", routing=routing,
+                  router_std=0.02, format="qwen2_moe" if routing == "softmax" else "glm4_moe")
+    v = res.verification
+    assert not v["exact_expected"]
+    assert max(entry["max_rel_diff"] for entry in v["layers"]) > 1e-6  # really not exact, and measured

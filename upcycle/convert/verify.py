@@ -167,24 +167,35 @@ class _Checker:
             part = (part.astype(np.float64) * origin.down_scale).astype(np.float32)
         return from_f32(part, self.code)
 
-    def _expert_names(self, layer: int, e: int) -> dict:
-        """{which: (tensor name, row index into a fused tensor or None, slice of that row or None)}."""
-        fmt = self.plan.fmt
-        moe = f"model.layers.{layer}.{fmt.moe_prefix}."
-        if fmt.expert_names is None:
-            w = self.plan.parent.intermediate_size // self.plan.recipe.granularity
-            return {"gate": (moe + "input_linear.weight", e, slice(0, w)), "up": (moe + "input_linear.weight", e, slice(w, 2 * w)),
-                    "down": (moe + "output_linear.weight", e, None)}
-        return {w: (f"{moe}experts.{e}.{disk}.weight", None, None) for w, disk in zip(("gate", "up", "down"), fmt.expert_names)}
+    def _part_locations(self, layer: int) -> dict:
+        """{(which, expert): (tensor name, row of a fused 3-D tensor or None, slice of that row or None)}, taken
+        from the type's own tensor layout (expert -1: the shared expert), so fused layouts need no special case."""
+        fmt, r, p = self.plan.fmt, self.plan.recipe, self.plan.parent
+        width = p.intermediate_size // r.granularity
+        # has_shared=True even without shared experts: a type that insists on one writes it zero-width, and the
+        # same names and (empty) slices then locate it for the zero-width check
+        specs = fmt.moe_tensors(r.experts, width, r.shared_experts * width, p.hidden_size, True)
+        where: dict = {}
+        for spec in specs:
+            if not spec.parts:
+                continue
+            name = f"model.layers.{layer}.{spec.name}"
+            if len(spec.shape) == 3:  # (experts, rows, cols): each expert's row holds its parts one after another
+                per = len(spec.parts) // spec.shape[0]
+                rows = spec.shape[1] // per
+                for i, part in enumerate(spec.parts):
+                    k = i % per
+                    where[(part.which, part.expert)] = (name, part.expert, slice(k * rows, (k + 1) * rows) if per > 1 else None)
+            elif len(spec.parts) == 1:
+                where[(spec.parts[0].which, spec.parts[0].expert)] = (name, None, None)
+            else:  # a 2-D tensor of stacked parts (a fused shared expert)
+                rows = spec.shape[0] // len(spec.parts)
+                for i, part in enumerate(spec.parts):
+                    where[(part.which, part.expert)] = (name, None, slice(i * rows, (i + 1) * rows))
+        return where
 
-    def _shared_names(self, layer: int) -> dict:
-        fmt = self.plan.fmt
-        sp = f"model.layers.{layer}.{fmt.shared_prefix}."
-        if fmt.model_type == "granitemoeshared":
-            sw = self.plan.recipe.shared_experts * (self.plan.parent.intermediate_size // self.plan.recipe.granularity)
-            return {"gate": (sp + "input_linear.weight", None, slice(0, sw)), "up": (sp + "input_linear.weight", None, slice(sw, 2 * sw)),
-                    "down": (sp + "output_linear.weight", None, None)}
-        return {w: (f"{sp}{w}_proj.weight", None, None) for w in ("gate", "up", "down")}
+    def _expert_names(self, locations: dict, e: int) -> dict:
+        return {w: locations[(w, e)] for w in ("gate", "up", "down")}
 
     def _read_part(self, name: str, row: int | None, part: slice | None) -> np.ndarray:
         self.checked.add(name)
@@ -198,9 +209,10 @@ class _Checker:
         cache: dict = {}
         weights: dict = {}
         worst = 0.0
-        jobs = [(e, o, self._expert_names(layer, e)) for e, o in enumerate(lay.experts)]
+        locations = self._part_locations(layer)
+        jobs = [(e, o, self._expert_names(locations, e)) for e, o in enumerate(lay.experts)]
         if self.plan.fmt.shared is not None:
-            jobs.append((-1, lay.shared, self._shared_names(layer)))
+            jobs.append((-1, lay.shared, self._expert_names(locations, -1)))
         for e, origin, names in jobs:
             label = f"expert {e}" if e >= 0 else "the shared expert"
             for which, (name, row, part) in names.items():
@@ -234,10 +246,10 @@ class _Checker:
     # -------------------------------------------------------------------------------------------- function
 
     def _routing(self, layer: int):
-        from upcycle.core.routing import SCORING, MoELayer
+        from upcycle.core.routing import MoELayer
 
         fmt, cfg, r = self.plan.fmt, self.cfg, self.plan.recipe
-        scoring = SCORING[fmt.model_type]
+        scoring = fmt.scoring
         bias = None
         if fmt.selection_bias:
             bias = _f64(self._read(f"model.layers.{layer}.{fmt.moe_prefix}.gate.e_score_correction_bias"), "F32")
