@@ -115,7 +115,7 @@ def _train_estimate(model_dir, extra):
     from upcycle.train.config import TrainConfig
 
     opts = {k: ([v] if k == "train" else v) for k, v in extra.items()}
-    cfg = TrainConfig(model=str(model_dir), data=[str(DATA)], out="unused", steps=3, **opts).validate()
+    cfg = TrainConfig(model=str(model_dir), data=[str(DATA)], out="unused", steps=3, **opts)
     est, _, _ = memory.train_estimate(str(model_dir), cfg, precision=extra.get("precision", "fp32"))
     return est.total
 
