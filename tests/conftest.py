@@ -72,3 +72,13 @@ def smollm2_gguf():
         if CI:
             pytest.fail(f"CI=true needs the real SmolLM2 parent: {exc}")
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_parent, tmp_path_factory):
+    """A tiny 4 x top-2 mixtral upcycle of the llama parent (modules that need another one define their own)."""
+    from upcycle.convert import convert
+
+    out = tmp_path_factory.mktemp("moe") / "m"
+    convert(tiny_parent("llama"), out, experts=4, top_k=2, verify=False, quiet=True)
+    return out

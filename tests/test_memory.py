@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.tiny import one_line
 from typer.testing import CliRunner
 
 from upcycle.cli import app
@@ -16,17 +18,6 @@ from upcycle.core.assets import stdlib_dir
 
 runner = CliRunner()
 DATA = stdlib_dir() / "json"
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tiny_parent, tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe") / "m"
-    convert(tiny_parent("llama"), out, experts=4, top_k=2, verify=False, quiet=True)
-    return out
 
 
 def test_available_memory_is_probed_and_can_be_overridden(monkeypatch):
@@ -101,10 +92,14 @@ def test_train_refuses_in_one_line_before_loading(tiny_moe, tmp_path, monkeypatc
 
 
 def _peak_child_rss(args: list[str], tmp_path) -> int:
-    """Peak RSS of `python -m upcycle ARGS` in a fresh process, reported by the process itself at exit."""
+    """Peak RSS of `python -m upcycle ARGS` in a fresh process, reported by the process itself at exit.
+
+    VmHWM (this address space's high-water mark), not getrusage's ru_maxrss: Linux carries ru_maxrss across
+    fork and exec, so a child of a large pytest process would report the parent's peak."""
     report = tmp_path / "peak_rss"
-    code = ("import atexit, resource, runpy, sys; "
-            f"atexit.register(lambda: open({str(report)!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
+    hwm = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]"
+    code = ("import atexit, runpy, sys; "
+            f"atexit.register(lambda: open({str(report)!r}, 'w').write(str({hwm}))); "
             f"sys.argv = ['upcycle'] + {args!r}; runpy.run_module('upcycle', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr[-2000:]

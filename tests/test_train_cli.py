@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from tests.tiny import one_line
 from typer.testing import CliRunner
 
 from upcycle.core.assets import stdlib_dir
 from upcycle.cli import app
-from upcycle.convert import convert
 
 runner = CliRunner()
 DATA = stdlib_dir() / "json"
@@ -21,17 +22,6 @@ def run(*args):
     result = runner.invoke(app, ["train", *map(str, args)], env={"COLUMNS": "200"})
     assert "Traceback" not in result.output
     return result
-
-
-def one_line(output: str) -> str:
-    return " ".join(output.split())
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tiny_parent, tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe") / "m"
-    convert(tiny_parent("llama"), out, experts=4, top_k=2, verify=False, quiet=True)
-    return out
 
 
 @pytest.fixture

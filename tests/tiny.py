@@ -98,3 +98,8 @@ def assert_same_logits(got, ref, what: str = "") -> None:
     assert got.shape == ref.shape, f"{what}: shapes {tuple(got.shape)} vs {tuple(ref.shape)}"
     diff, bound = float((got - ref).abs().max()), exact_bound(ref)
     assert diff <= bound, f"{what}: max |diff| {diff:.3g} > {bound:.3g} ({EXACT_RTOL:g} of max |logit|)"
+
+
+def one_line(text: str) -> str:
+    """Rich wraps long messages; tests compare them as one line."""
+    return " ".join(text.split())

@@ -11,6 +11,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from upcycle.cli.options import (
+    opt as _opt,
     DATA,
     HARDWARE,
     OUTPUT,
@@ -26,10 +27,6 @@ from upcycle.cli.options import (
 
 COMPARISON = "Comparison"
 EXPERT_PROFILES = "Expert profiles"
-
-
-def _opt(*names: str, panel: str, help: str):
-    return typer.Option(*names, rich_help_panel=panel, help=help)
 
 
 def eval_command(

@@ -64,3 +64,8 @@ Precision = Annotated[str, typer.Option(
 
 __all__ = ["COMMON", "DATA", "EXPERTS", "HARDWARE", "OPTIMISATION", "OUTPUT", "AllowPickle", "Data", "Dtype",
            "Experts", "HeldoutFraction", "Lr", "Overwrite", "Precision", "Seed", "SeqLen", "TextField", "TopK"]
+
+
+def opt(*names: str, panel: str, help: str):
+    """A typer option shown in a help panel: what every command-specific option is made of."""
+    return typer.Option(*names, rich_help_panel=panel, help=help)

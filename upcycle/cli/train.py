@@ -12,6 +12,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from upcycle.cli.options import (
+    opt as _opt,
     DATA,
     HARDWARE,
     OPTIMISATION,
@@ -29,10 +30,6 @@ BUDGET = "Budget"
 ROUTING = "Routing"
 WHAT_TRAINS = "What trains"
 CHECKPOINTS = "Output and checkpoints"
-
-
-def _opt(*names: str, panel: str, help: str):
-    return typer.Option(*names, rich_help_panel=panel, help=help)
 
 
 def train_command(

@@ -136,10 +136,15 @@ def require(estimate: Estimate) -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size so far, in bytes (Linux ru_maxrss is in KiB)."""
-    import resource
+    """This process's peak resident set size so far, in bytes: VmHWM of its address space (getrusage's ru_maxrss
+    would carry a parent's peak across fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # not Linux: the closest figure there is
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # ------------------------------------------------------------------------------------------------ convert
