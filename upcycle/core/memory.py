@@ -272,7 +272,12 @@ def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False
     else:
         acts = per_layer * L
     logits = tokens * V * 4 * 3  # logits, their log-softmax and its gradient
-    parts = [("runtime", TRAIN_RUNTIME), ("weights fp32", P * 4), ("gradients", T * 4), ("AdamW states", T * 8)]
+    stored = {"bfloat16": 2, "float16": 2}.get(str(mcfg.get("dtype") or mcfg.get("torch_dtype") or "float32"), 4)
+    # Loading reads the checkpoint through a memory map: its pages count in the process's RSS (and a cgroup's
+    # memory) next to the fp32 copy the model keeps, until loading ends (measured on SmolLM2 8 x top-2: the
+    # peak exceeds the other parts by the checkpoint's size).
+    parts = [("runtime", TRAIN_RUNTIME), ("checkpoint pages while loading", P * stored), ("weights fp32", P * 4),
+             ("gradients", T * 4), ("AdamW states", T * 8)]
     if precision == "bf16":
         parts.append(("bf16 weight copies", P * 2))
     parts += [("activations", acts), ("logits", logits)]
