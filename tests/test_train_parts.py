@@ -9,6 +9,8 @@ import json
 import math
 
 import pytest
+
+from tests.tiny import routers_before_and_after_patch
 import torch
 
 from upcycle.convert import convert
@@ -232,14 +234,7 @@ def test_patched_router_matches_transformers(moe, fmt, family):
         if m.selection_bias is not None:  # a non-zero bias: it must shift the choice, not the weights
             m.selection_bias.copy_(torch.randn(m.num_experts) * 0.3)
     model.eval()
-    before = [m.router(h) for m in layers]
-    patch = RouterPatch(layers, RouterControls())
-    after = [m.router(h) for m in layers]
-    for (l0, w0, i0), (l1, w1, i1) in zip(before, after):
-        assert torch.allclose(l0.float(), l1, atol=1e-6)
-        order0, order1 = i0.sort(dim=-1), i1.sort(dim=-1)
-        assert torch.equal(order0.values, order1.values)
-        assert torch.allclose(w0.float().gather(1, order0.indices), w1.float().gather(1, order1.indices), atol=1e-6)
+    _, _, patch = routers_before_and_after_patch(layers, h)
     patch.remove()
     assert "forward" not in vars(layers[0].router)
 

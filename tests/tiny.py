@@ -103,3 +103,22 @@ def assert_same_logits(got, ref, what: str = "") -> None:
 def one_line(text: str) -> str:
     """Rich wraps long messages; tests compare them as one line."""
     return " ".join(text.split())
+
+
+def routers_before_and_after_patch(layers, h):
+    """Router outputs (logits, weights, indices) of every MoE layer on hidden states h, from transformers' router
+    and from upcycle's fp32 RouterPatch; asserts they agree (same logits, same chosen experts, same weights) and
+    returns (before, after, patch) so the caller can check more and remove the patch."""
+    import torch
+
+    from upcycle.train.router import RouterControls, RouterPatch
+
+    before = [m.router(h) for m in layers]
+    patch = RouterPatch(layers, RouterControls())
+    after = [m.router(h) for m in layers]
+    for (l0, w0, i0), (l1, w1, i1) in zip(before, after):
+        assert torch.allclose(l0.float(), l1, atol=1e-6)
+        order0, order1 = i0.sort(dim=-1), i1.sort(dim=-1)
+        assert torch.equal(order0.values, order1.values)
+        assert torch.allclose(w0.float().gather(1, order0.indices), w1.float().gather(1, order1.indices), atol=1e-6)
+    return before, after, patch
