@@ -26,6 +26,7 @@ from pathlib import Path
 
 # name: (convert options, what it tests)
 ARMS: dict[str, tuple[list[str], str]] = {
+    "default": ([], "the tool's default recipe (plain `upcycle convert PARENT OUT`)"),
     "softmax-zero": (["--routing", "softmax", "--router-std", "0"], "qwen2_moe, softmax not renormalised, zero router"),
     "renorm": (["--routing", "renorm"], "today's default: mixtral, top-2 renormalised, router std 0.02"),
     "softmax-1e-3": (["--routing", "softmax", "--router-std", "1e-3"], "as above, router std 1e-3"),
@@ -35,7 +36,18 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "sigmoid-1e-2": (["--routing", "sigmoid", "--router-std", "1e-2"], "as above, router std 1e-2"),
     "softmax-kmeans": (["--routing", "softmax", "--router-init", "kmeans:{kmeans}"],
                        "softmax, router rows = k-means centroids of the parent's hidden states"),
+    "renorm-kmeans": (["--routing", "renorm", "--router-init", "kmeans:{kmeans}"],
+                      "mixtral renormalised (exact for any router), router rows = k-means centroids"),
+    "renorm-drop": (["--routing", "renorm", "--expert-init", "drop:0.5"],
+                    "Drop-Upcycling: half of each expert's neurons re-initialised, router std 0.02"),
+    "renorm-kmeans-drop": (["--routing", "renorm", "--router-init", "kmeans:{kmeans}", "--expert-init", "drop:0.5"],
+                           "k-means router and Drop-Upcycling 0.5"),
 }
+# arm: extra `upcycle train` options (the default optimiser settings otherwise)
+TRAIN: dict[str, list[str]] = {
+    "renorm-kmeans-lr10": ["--router-lr-mult", "10"],
+}
+ARMS["renorm-kmeans-lr10"] = (ARMS["renorm-kmeans"][0], "as renorm-kmeans, router learning rate x 10")
 
 
 def _run(cmd: list[str], lock: str | None, log: Path) -> float:
@@ -79,8 +91,11 @@ def _arm(name: str, args, parent: Path, data: list[str], kmeans: Path) -> dict:
     options = [o.replace("{kmeans}", str(kmeans)) for o in options]
     arm = args.work / name
     moe, run, log = arm / "moe", arm / "run", arm / "log.txt"
+    train_options = TRAIN.get(name, [])
     settings = {"convert": options, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "seed": args.seed}
+    if train_options:
+        settings["train"] = train_options
     done = arm / "result.json"
     if done.is_file():
         old = json.loads(done.read_text())
@@ -98,7 +113,7 @@ def _arm(name: str, args, parent: Path, data: list[str], kmeans: Path) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     t_train = _run(up + ["train", str(moe), *[x for d in data for x in ("--data", d)], "--steps", str(args.steps), "--batch-size",
                          str(args.batch_size), "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--out", str(run),
-                         "--save-every", "0", "--eval-every", "0"], args.lock, log)
+                         "--save-every", "0", "--eval-every", "0", *train_options], args.lock, log)
     manifest = json.loads((moe / "upcycle.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     frac = [r["router_entropy"] / r["router_entropy_max"] for r in rows]
@@ -112,6 +127,8 @@ def _arm(name: str, args, parent: Path, data: list[str], kmeans: Path) -> dict:
         "entropy_frac_first": frac[0], "entropy_frac_last": frac[-1], "entropy_frac_min": min(frac),
         "layer_entropy_frac_last": [round(x / last["router_entropy_max"], 5) for x in last["layer_router_entropy"]],
         "load_cv_last": last["load_cv"], "loss_first": rows[0]["loss"], "loss_last": last["loss"],
+        "router_grad_lm_first": rows[0].get("router_grad_norm_lm"), "router_grad_lm_last": last.get("router_grad_norm_lm"),
+        "router_grad_aux_last": last.get("router_grad_norm_aux"),
         "steps": len(rows), "seconds_convert": round(t_convert, 1), "seconds_train": round(t_train, 1),
     }
     done.write_text(json.dumps(result, indent=1) + "\n")

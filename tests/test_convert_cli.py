@@ -53,7 +53,7 @@ def test_python_dash_m_works(tiny_parent, tmp_path):
     (["--format", "nope"], 2, "unknown --format 'nope'"),
     (["--moe-layers", "0,7"], 2, "layer 7 is outside 0..1"),
     (["--expert-init", "drop:1.5"], 2, "drop:R needs 0 < R <= 1"),
-    (["--router-init", "magic"], 2, "use random or kmeans:TEXT_FILE"),
+    (["--router-init", "magic"], 2, "use auto, random, kmeans (a built-in text sample) or kmeans:TEXT"),
     (["--max-shard-size", "lots"], 2, "not a size"),
     (["--dtype", "int8"], 2, "unknown --dtype"),
 ])

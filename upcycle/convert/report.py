@@ -40,7 +40,8 @@ def print_plan(result: ConvertResult, console: Console) -> None:
         f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
         f"(parent {human_count(plan.parent_params)})",
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
-        f"routing       {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else ""),
+        f"routing       {r.routing}: {ROUTINGS[r.routing]}",
+        f"router        {r.router_description}",
         f"exact         {'yes' if exact_claim(plan) else 'no: ' + plan.inexact_reason}",
     ]
     if result.estimate is not None:

@@ -142,7 +142,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     if not dry_run:
         check_output(out, overwrite)
     mode, kmeans_file = recipe.router_init_mode
-    if mode == "kmeans" and not kmeans_file.exists():
+    if mode == "kmeans" and kmeans_file is not None and not kmeans_file.exists():
         raise InputError(f"--router-init kmeans: no such file or folder {kmeans_file}")
     if quiet:
         ckpt = open_parent(parent, allow_pickle=allow_pickle)
@@ -160,7 +160,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
 
-            bases = kmeans_router_bases(ckpt.load_spec, kmeans_file, plan, quiet=quiet, allow_pickle=allow_pickle)
+            bases = kmeans_router_bases(ckpt, kmeans_file, plan, quiet=quiet)
             plan, _ = build_plan(ckpt, recipe, bases)
         if command is None:
             command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None

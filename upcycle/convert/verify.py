@@ -328,19 +328,21 @@ def _parent_config(spec):
     return AutoConfig.for_model(spec.model_type, **cfg)
 
 
-def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None]) -> None:
-    """Run token ids through the parent, loading one decoder layer at a time in float64.
+def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None], *,
+                  dtype=None) -> None:
+    """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default).
 
-    on_mlp(layer, x, y) gets each layer's MLP input and output ([T, H] float64) after the layer's weights were
+    on_mlp(layer, x, y) gets each layer's MLP input and output ([B*T, H]) after the layer's weights were
     freed. round_code: round every parent weight through this storage type first (the output is narrower).
     """
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float64
     config = _parent_config(ckpt.spec)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     base = model.model
     base.norm = nn.Identity()  # the final norm and head are not needed: nothing reads them here
     base.rotary_emb = type(base.rotary_emb)(config=base.config)  # its buffers are computed, not loaded
@@ -350,15 +352,19 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         meta = source.meta(name)
         raw = source.read(name)
         if round_code is not None:
-            return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code)
-        return _f64(raw, meta.dtype)
+            return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
+        return _f64(raw, meta.dtype).to(dtype)
 
     emb_name = "model.embed_tokens.weight"
+    ids = np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1])
     uniq, inverse = np.unique(ids, return_inverse=True)
-    rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
+    if source.byte_range(emb_name) is None:  # a GGUF table is decoded whole: once, not once per token
+        rows = np.ascontiguousarray(source.read(emb_name)[uniq])
+    else:
+        rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
     code = source.meta(emb_name).dtype
     table = _f64(from_f32(to_f32(rows, code), round_code), round_code) if round_code else _f64(rows, code)
-    embeds = table[torch.from_numpy(inverse.reshape(-1))].unsqueeze(0)
+    embeds = table.to(dtype)[torch.from_numpy(inverse.reshape(ids.shape))]
 
     captured: dict = {}
 
@@ -368,7 +374,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
             mod.load_state_dict(state, assign=True, strict=True)
 
         def mlp_hook(mod, args, output):
-            captured["x"], captured["y"] = args[0].detach()[0].clone(), output.detach()[0].clone()
+            h = args[0].shape[-1]
+            captured["x"], captured["y"] = args[0].detach().reshape(-1, h).clone(), output.detach().reshape(-1, h).clone()
 
         def post(mod, args, kwargs, output):
             mod.to("meta")  # frees this layer's weights before the MoE block is rebuilt
