@@ -55,6 +55,9 @@ def test_python_dash_m_works(tiny_parent, tmp_path):
     (["--expert-init", "drop:1.5"], 2, "drop:R needs 0 < R <= 1"),
     (["--router-init", "magic"], 2, "use auto, random, kmeans (a built-in text sample) or kmeans:TEXT"),
     (["--max-shard-size", "lots"], 2, "not a size"),
+    (["--require-exact", "--routing", "softmax"], 2,
+     "--require-exact: this recipe is not exact (--routing softmax reproduces the parent only with a zero router"),
+    (["--require-exact", "--expert-init", "drop:0.5"], 2, "not exact (expert init drop:0.5 perturbs experts on purpose); use --expert-init copy"),
     (["--dtype", "int8"], 2, "unknown --dtype"),
 ])
 def test_bad_options(tiny_parent, tmp_path, args, code, message):

@@ -33,6 +33,7 @@ def convert_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel=OUTPUT, help="Print the plan (layout, sizes, parameters) and write nothing.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", rich_help_panel=VERIFICATION, help="Check the written folder against the parent: copied tensors by bytes, experts against their parent neurons, every MoE block against the parent's MLP layer by layer in float64 (about one layer of memory); fail if an exact recipe is not exact.")] = True,
     full_check: Annotated[str, typer.Option("--full-check", rich_help_panel=VERIFICATION, help="Also load parent and MoE whole through transformers (float32 logits, greedy decoding): auto (only when that needs under 1 GiB and half the free memory), always, or never.")] = "auto",
+    require_exact: Annotated[bool, typer.Option("--require-exact", rich_help_panel=VERIFICATION, help="Refuse (before any work) a recipe whose start is not the parent's function, e.g. --routing softmax with a random router or --expert-init drop:R.")] = False,
     seed: Seed = 0,
     dtype: Dtype = "auto",
     overwrite: Overwrite = False,

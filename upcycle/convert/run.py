@@ -41,6 +41,7 @@ class ConvertOptions:
     dry_run: bool = False  # plan only: write nothing
     verify: bool = True  # check the folder against the parent (layer by layer, float64) before it is moved in place
     full_check: str = "auto"  # also the whole-model check through transformers: auto (when it fits), always, never
+    require_exact: bool = False  # refuse a recipe that does not reproduce the parent
     allow_pickle: bool = False
 
     def __post_init__(self):
@@ -88,6 +89,14 @@ class ConvertResult:
 def exact_claim(plan: Plan) -> bool:
     """Exact by construction, and not undone by storing a non-power-of-two scale in 16 bits."""
     return plan.inexact_reason is None
+
+
+def _exact_alternative(recipe: Recipe) -> str:
+    if recipe.expert_init_mode[0] != "copy":
+        return "use --expert-init copy"
+    if recipe.routing != "renorm" and not recipe.zero_router:
+        return f"use --router-std 0 (a zero router) with --routing {recipe.routing}, or --routing renorm"
+    return "store it in float32 (--dtype float32), or pick a layout whose scale is a power of two"
 
 
 def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:
@@ -151,6 +160,9 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             ckpt = open_parent(parent, allow_pickle=allow_pickle)
     try:
         plan, _ = build_plan(ckpt, recipe)
+        if options.require_exact and not exact_claim(plan):
+            raise UsageError(f"--require-exact: this recipe is not exact ({plan.inexact_reason}); "
+                             f"{_exact_alternative(recipe)}")
         estimate = memory.convert_estimate(plan, verify=verify)
         if dry_run:
             return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
