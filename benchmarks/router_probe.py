@@ -110,10 +110,15 @@ def _arm(name: str, args, parent: Path, data: list[str], kmeans: Path) -> dict:
         arm.mkdir(parents=True)
         t_convert = _run(up + convert_cmd, args.lock, log)
         marker.write_text(json.dumps(convert_cmd))
-    shutil.rmtree(run, ignore_errors=True)
-    t_train = _run(up + ["train", str(moe), *[x for d in data for x in ("--data", d)], "--steps", str(args.steps), "--batch-size",
-                         str(args.batch_size), "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--out", str(run),
-                         "--save-every", "0", "--eval-every", "0", *train_options], args.lock, log)
+    train_cmd = ["train", str(moe), *[x for d in data for x in ("--data", d)], "--steps", str(args.steps), "--batch-size",
+                 str(args.batch_size), "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--out", str(run),
+                 "--save-every", "0", "--eval-every", "0", *train_options]
+    trained = arm / "trained.json"  # a finished run with this command is reused (the probe may be stopped after it)
+    t_train = None  # None: the run was reused from an earlier call
+    if not (trained.is_file() and json.loads(trained.read_text()) == train_cmd and (run / "final").is_dir()):
+        shutil.rmtree(run, ignore_errors=True)
+        t_train = _run(up + train_cmd, args.lock, log)
+        trained.write_text(json.dumps(train_cmd))
     manifest = json.loads((moe / "upcycle.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     frac = [r["router_entropy"] / r["router_entropy_max"] for r in rows]
@@ -122,14 +127,17 @@ def _arm(name: str, args, parent: Path, data: list[str], kmeans: Path) -> dict:
         "arm": name, "what": what, "settings": settings, "format": manifest["format"],
         "exact_claimed": manifest["exact_by_construction"] and manifest["verification"]["exact_expected"],
         "not_exact_because": manifest.get("not_exact_because"),
-        "start_max_abs_logits_diff": manifest["verification"]["max_abs_diff"],
-        "start_greedy_agree": f"{manifest['verification']['greedy_agree']}/{manifest['verification']['greedy_total']}",
+        # the whole-model numbers exist where convert's --full-check ran it; the layer-wise float64 check always runs
+        "start_max_abs_logits_diff": manifest["verification"].get("max_abs_diff"),
+        "start_greedy_agree": (f"{manifest['verification']['greedy_agree']}/{manifest['verification']['greedy_total']}"
+                               if "greedy_agree" in manifest["verification"] else None),
+        "start_layer_max_rel_diff": manifest["verification"].get("max_rel_diff"),
         "entropy_frac_first": frac[0], "entropy_frac_last": frac[-1], "entropy_frac_min": min(frac),
         "layer_entropy_frac_last": [round(x / last["router_entropy_max"], 5) for x in last["layer_router_entropy"]],
         "load_cv_last": last["load_cv"], "loss_first": rows[0]["loss"], "loss_last": last["loss"],
         "router_grad_lm_first": rows[0].get("router_grad_norm_lm"), "router_grad_lm_last": last.get("router_grad_norm_lm"),
         "router_grad_aux_last": last.get("router_grad_norm_aux"),
-        "steps": len(rows), "seconds_convert": round(t_convert, 1), "seconds_train": round(t_train, 1),
+        "steps": len(rows), "seconds_convert": round(t_convert, 1), "seconds_train": None if t_train is None else round(t_train, 1),
     }
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -160,14 +168,16 @@ def main() -> None:
         if args.json:  # after every arm, so that an interrupted probe keeps what it measured
             _write_json(args, results)
 
-    head = f"{'arm':16} {'format':10} {'exact':6} {'start |dlogits|':>15} {'H/logE step1':>12} {'H/logE last':>11} {'min':>7} {'load CV':>8} {'loss last':>9}"
+    head = f"{'arm':18} {'format':10} {'exact':6} {'start |dlogits|':>15} {'H/logE step1':>12} {'H/logE last':>11} {'min':>7} {'load CV':>8} {'loss last':>9}"
     print(f"\nrouter probe: SmolLM2-135M -> 8 experts top-2, {args.steps} steps of {args.batch_size} x {args.seq_len} "
           "tokens of stdlib text, default optimiser settings")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['arm']:16} {r['format']:10} {'yes' if r['exact_claimed'] else 'no':6} "
-              f"{r['start_max_abs_logits_diff']:15.3g} {r['entropy_frac_first']:12.5f} {r['entropy_frac_last']:11.5f} "
+        start = r["start_max_abs_logits_diff"]
+        start = f"{start:15.3g}" if start is not None else f"{'layer ' + format(r['start_layer_max_rel_diff'], '.1e'):>15}"
+        print(f"{r['arm']:18} {r['format']:10} {'yes' if r['exact_claimed'] else 'no':6} "
+              f"{start} {r['entropy_frac_first']:12.5f} {r['entropy_frac_last']:11.5f} "
               f"{r['entropy_frac_min']:7.4f} {r['load_cv_last']:8.3f} {r['loss_last']:9.4f}")
 
 
