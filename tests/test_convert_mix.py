@@ -172,6 +172,19 @@ def test_manifest_lists_every_source_with_its_hash(sources, tmp_path):
     assert m.mixed and [m.expert_source(0, e) for e in range(6)] == [str(srcs[0])] * 2 + [str(base)] * 2 + [str(srcs[1])] * 2
 
 
+def test_eval_measures_drift_of_mixed_experts_against_the_mean_expert(sources, tmp_path):
+    """The parent's neurons are not where a mixed expert came from: eval says so instead of reporting drift from it."""
+    from upcycle.convert.card import read_manifest
+    from upcycle.evaluate.drift import REFERENCE_MEAN, ExpertWeights, ParentMLP, layer_drift
+
+    base, srcs = sources("llama")
+    convert(base, tmp_path / "m", experts=2, top_k=2, expert_from=[str(srcs[0]), str(base)], verify=False, quiet=True)
+    w = ExpertWeights(0, torch.randn(2, 128, 64), torch.randn(2, 128, 64), torch.randn(2, 64, 128))
+    parent = {0: ParentMLP(torch.randn(128, 64), torch.randn(128, 64), torch.randn(64, 128))}
+    drift, why = layer_drift(w, parent, read_manifest(tmp_path / "m"))
+    assert drift.reference == REFERENCE_MEAN and "several checkpoints (--expert-from)" in why
+
+
 def test_verification_measures_the_distance_and_the_card_says_so(sources, tmp_path):
     """Not the parent's function: not failed, measured end to end; the numbers agree with transformers run in
     float64 on the same tokens, and the card and summary print them."""
