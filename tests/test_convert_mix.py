@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file
 
 from tests.tiny import make_dense_parent
-from upcycle.convert import convert
+from upcycle.convert import ConvertOptions, convert
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "olmo2", "granite"]
 
@@ -230,8 +230,8 @@ def test_a_wrong_expert_byte_fails_verification_naming_its_source(sources, tmp_p
 
     base, srcs = sources("llama")
     out = tmp_path / "m"
-    recipe = Recipe(experts=2, top_k=2, expert_from=(str(srcs[0]), str(srcs[1])))
-    convert(base, out, experts=2, top_k=2, expert_from=[str(srcs[0]), str(srcs[1])], verify=False, quiet=True)
+    recipe = Recipe(experts=2, top_k=2, expert_from=(str(srcs[0]), str(srcs[1])), router_init="random")
+    convert(base, ConvertOptions(out=out, recipe=recipe, verify=False), quiet=True)
     t = _tensors(out)
     name = "model.layers.1.block_sparse_moe.experts.1.w3.weight"
     t[name] = t[name].copy()

@@ -173,3 +173,13 @@ def test_bad_yaml_prompts_file(parents, tmp_path):
             f"prompts:{prompts}")
     assert r.exit_code == 1 and "is not valid YAML" in one_line(r.output)
     assert not (tmp_path / "m").exists()
+
+
+def test_require_exact_refuses_other_checkpoints(parents, tmp_path):
+    r = run(parents["base"], tmp_path / "m", "-e", "2", "--expert-from", parents["a"], "--expert-from", parents["base"],
+            "--require-exact")
+    assert r.exit_code == 2 and "drop --expert-from" in one_line(r.output)
+    assert not (tmp_path / "m").exists()
+    r = run(parents["base"], tmp_path / "m", "-e", "2", "--expert-from", parents["base"], "--expert-from",
+            parents["base"], "--require-exact", "--no-verify")
+    assert r.exit_code == 0, r.output

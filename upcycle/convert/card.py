@@ -283,9 +283,8 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         f"| shared experts | {r.shared_experts} |",
         f"| MoE layers | {len(plan.moe_layers)} of {p.num_layers}" + (f" (dense: {dense})" if dense else "") + " |",
         f"| expert init | {init} |",
-        f"| router init | {r.router_init} (virtual groups of {r.group_size} tied) |",
-        *([f"| routing | {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else f", router std {r.router_std:g}")
-           + " |"] if r.routing != "renorm" else []),
+        f"| router init | {r.router_description} (virtual groups of {r.group_size} tied) |",
+        f"| routing | {r.routing}: {ROUTINGS[r.routing]} |",
         f"| parameters | {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token (parent: {human_count(plan.parent_params)}) |",
         f"| dtype, size | {NAME_OF[plan.out_dtype]}, {human_bytes(plan.output_bytes)} |",
         *(_source_rows(plan, fingerprints) if plan.sources is not None else []),

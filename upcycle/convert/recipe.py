@@ -37,7 +37,7 @@ class Recipe:
     shared_experts: int = 0
     format: str = "auto"
     moe_layers: str = "all"
-    router_init: str = "random"
+    router_init: str = "auto"
     router_std: float = 0.02
     routing: str = "renorm"
     expert_init: str = "copy"
@@ -75,7 +75,7 @@ class Recipe:
         if self.router_std == 0 and self.routing == "renorm":
             raise UsageError("--router-std 0 with --routing renorm: identical experts then give the zero router no "
                              "gradient, so it never leaves zero; use --routing softmax or sigmoid, or a positive --router-std")
-        if self.router_std == 0 and self.router_init_mode[0] != "random":
+        if self.router_std == 0 and self.router_init_mode[0] != "random" and self.router_init != "auto":
             mode = self.router_init_mode[0]
             raise UsageError(f"--router-std 0 asks for a zero router, --router-init {mode} sets it from "
                              f"{'centroids' if mode == 'kmeans' else 'the texts of each source'}; drop one of them")
@@ -147,13 +147,34 @@ class Recipe:
 
     @property
     def router_init_mode(self) -> tuple[str, Path | None]:
+        """("random", None), or ("kmeans", TEXT) where TEXT None is the built-in sample (upcycle.convert.router_init).
+
+        auto: k-means for --routing renorm (exact with any router, and the routers learn; docs/study.md), random
+        for softmax and sigmoid (exact only with a zero router, --router-std 0)."""
         s = self.router_init.strip()
+        if s == "auto":
+            return ("kmeans", None) if self.routing == "renorm" else ("random", None)
         if s == "random":
             return "random", None
+        if s == "kmeans":
+            return "kmeans", None
         for mode in ("kmeans", "prompts"):
             if s.startswith(f"{mode}:") and s[len(mode) + 1:].strip():
                 return mode, Path(s[len(mode) + 1:].strip()).expanduser()
-        raise UsageError(f"--router-init {s!r}: use random or kmeans:TEXT_FILE (or prompts:FILE with --expert-from)")
+        raise UsageError(f"--router-init {s!r}: use auto, random, kmeans (a built-in text sample) or kmeans:TEXT "
+                         "(or prompts:FILE with --expert-from)")
+
+    @property
+    def router_description(self) -> str:
+        """How the router starts, in words (plan, model card)."""
+        mode, text = self.router_init_mode
+        if mode == "kmeans":
+            from upcycle.convert.router_init import describe
+
+            return f"k-means of the parent's hidden states on {describe(text)}"
+        if mode == "prompts":
+            return f"one row per --expert-from source, from the hidden states of its texts in {text}"
+        return "zero router (every expert ties)" if self.zero_router else f"random, std {self.router_std:g}"
 
     @property
     def zero_router(self) -> bool:

@@ -41,7 +41,8 @@ def print_plan(result: ConvertResult, console: Console) -> None:
         f"(parent {human_count(plan.parent_params)})",
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
         *(_source_lines(plan) if plan.sources is not None else []),
-        f"routing       {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else ""),
+        f"routing       {r.routing}: {ROUTINGS[r.routing]}",
+        f"router        {r.router_description}",
         f"exact         {'yes' if exact_claim(plan) else 'no: ' + plan.inexact_reason}",
     ]
     if result.estimate is not None:

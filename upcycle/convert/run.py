@@ -42,6 +42,7 @@ class ConvertOptions:
     dry_run: bool = False  # plan only: write nothing
     verify: bool = True  # check the folder against the parent (layer by layer, float64) before it is moved in place
     full_check: str = "auto"  # also the whole-model check through transformers: auto (when it fits), always, never
+    require_exact: bool = False  # refuse a recipe that does not reproduce the parent
     allow_pickle: bool = False
 
     def __post_init__(self):
@@ -89,6 +90,17 @@ class ConvertResult:
 def exact_claim(plan: Plan) -> bool:
     """Exact by construction, and not undone by storing a non-power-of-two scale in 16 bits."""
     return plan.inexact_reason is None
+
+
+def _exact_alternative(plan: Plan) -> str:
+    recipe = plan.recipe
+    if plan.sources is not None and plan.sources.inexact_reason:
+        return "experts from other checkpoints never compute the parent's function: drop --expert-from"
+    if recipe.expert_init_mode[0] != "copy":
+        return "use --expert-init copy"
+    if recipe.routing != "renorm" and not recipe.zero_router:
+        return f"use --router-std 0 (a zero router) with --routing {recipe.routing}, or --routing renorm"
+    return "store it in float32 (--dtype float32), or pick a layout whose scale is a power of two"
 
 
 def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:
@@ -145,7 +157,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     if not dry_run:
         check_output(out, overwrite)
     mode, init_file = recipe.router_init_mode
-    if mode == "kmeans" and not init_file.exists():
+    if mode == "kmeans" and init_file is not None and not init_file.exists():
         raise InputError(f"--router-init kmeans: no such file or folder {init_file}")
     # the prompts file is read (texts only) before any model is opened: a missing source fails in a second
     prompts = load_prompts(init_file, recipe.expert_from) if mode == "prompts" else None
@@ -159,6 +171,9 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         if recipe.expert_from:
             sources = open_sources(ckpt, recipe.expert_from, average=recipe.average_shared, allow_pickle=allow_pickle)
         plan, _ = build_plan(ckpt, recipe, sources=sources)
+        if options.require_exact and not exact_claim(plan):
+            raise UsageError(f"--require-exact: this recipe is not exact ({plan.inexact_reason}); "
+                             f"{_exact_alternative(plan)}")
         estimate = memory.convert_estimate(plan, verify=verify)
         if dry_run:
             return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
@@ -168,7 +183,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
 
-            bases = kmeans_router_bases(ckpt.load_spec, init_file, plan, quiet=quiet, allow_pickle=allow_pickle)
+            bases = kmeans_router_bases(ckpt, init_file, plan, quiet=quiet)
             plan, _ = build_plan(ckpt, recipe, bases, sources)
         elif mode == "prompts":
             from upcycle.convert.router_init import prompt_router_bases

@@ -358,12 +358,13 @@ def _parent_config(spec):
 
 
 def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None], *,
-                  source=None, replace_mlp: Callable | None = None, replace_layers=None, final_norm: bool = False):
-    """Run token ids through the parent, loading one decoder layer at a time in float64; return the last hidden
-    states ([B*T, H], after the final norm when final_norm).
+                  dtype=None, source=None, replace_mlp: Callable | None = None, replace_layers=None,
+                  final_norm: bool = False):
+    """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default);
+    return the last hidden states ([B*T, H], after the final norm when final_norm).
 
-    ids: [T], or [B, T] (rows of one batch, right-padded: causal attention never lets a token see the padding).
-    on_mlp(layer, x, y) gets each layer's MLP input and output ([B*T, H] float64) after the layer's weights were
+    Rows of a batch may be right-padded: causal attention never lets a token see the padding after it.
+    on_mlp(layer, x, y) gets each layer's MLP input and output ([B*T, H]) after the layer's weights were
     freed. round_code: round every parent weight through this storage type first (the output is narrower).
     source: read the weights from this TensorSource instead of the parent's (e.g. the mean of several
     checkpoints). replace_mlp(layer, x) -> y: run this instead of the MLP of the layers in replace_layers (all
@@ -373,9 +374,10 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     from torch import nn
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float64
     config = _parent_config(ckpt.spec)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     base = model.model
     source = source if source is not None else ckpt.source
 
@@ -383,8 +385,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         meta = source.meta(name)
         raw = source.read(name)
         if round_code is not None:
-            return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code)
-        return _f64(raw, meta.dtype)
+            return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
+        return _f64(raw, meta.dtype).to(dtype)
 
     if final_norm:
         base.norm.load_state_dict({k: tensor(f"model.norm.{k}") for k in base.norm.state_dict()}, assign=True)
@@ -392,17 +394,16 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         base.norm = nn.Identity()  # the final norm and head are not needed: nothing reads them here
     base.rotary_emb = type(base.rotary_emb)(config=base.config)  # its buffers are computed, not loaded
 
-    ids = np.asarray(ids)
-    shape = ids.shape if ids.ndim == 2 else (1, ids.size)
     emb_name = "model.embed_tokens.weight"
+    ids = np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1])
     uniq, inverse = np.unique(ids, return_inverse=True)
-    if source.byte_range(emb_name) is not None:
-        rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
-    else:  # nothing to read row by row (a computed source): read it once
+    if source.byte_range(emb_name) is None:  # a GGUF or averaged table is computed whole: once, not once per token
         rows = np.ascontiguousarray(source.read(emb_name)[uniq])
+    else:
+        rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
     code = source.meta(emb_name).dtype
     table = _f64(from_f32(to_f32(rows, code), round_code), round_code) if round_code else _f64(rows, code)
-    embeds = table[torch.from_numpy(inverse.reshape(-1))].reshape(*shape, -1)
+    embeds = table.to(dtype)[torch.from_numpy(inverse.reshape(ids.shape))]
 
     captured: dict = {}
 
@@ -420,8 +421,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
             mod.load_state_dict(state, assign=True, strict=True)
 
         def mlp_hook(mod, args, output):
-            x, y = args[0].detach(), output.detach()
-            captured["x"], captured["y"] = x.reshape(-1, x.shape[-1]).clone(), y.reshape(-1, y.shape[-1]).clone()
+            h = args[0].shape[-1]
+            captured["x"], captured["y"] = args[0].detach().reshape(-1, h).clone(), output.detach().reshape(-1, h).clone()
 
         def post(mod, args, kwargs, output):
             mod.to("meta")  # frees this layer's weights before the MoE block is rebuilt

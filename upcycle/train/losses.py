@@ -240,6 +240,6 @@ def dead_router_warning(rows: list[dict]) -> str | None:
         what = (f"{share:.1%} of their gradient, below {LM_SHARE_DEAD:.0%}" if share is not None
                 else f"norm {lm_norm:.1e}")
         found.append(f"the LM loss sends them almost no gradient ({what}; router_grad_* in metrics.jsonl)")
-    return ("; ".join(found) + ": the experts will not specialise. Convert with a routing rule that does not "
-            "renormalise the top-k weights, and/or break the symmetry between the expert copies "
-            "(upcycle convert --expert-init drop:0.5, or --router-init kmeans:TEXT); see docs/study.md")
+    return ("; ".join(found) + ": the experts will not specialise. Convert with a router that sends different "
+            "tokens to different copies (upcycle convert's default k-means router, or --router-init kmeans:TEXT on "
+            "your data) and/or break the symmetry between the copies (--expert-init drop:0.5); see docs/study.md")
