@@ -232,7 +232,8 @@ def _source_rows(plan, fingerprints: dict | None) -> list[str]:
     rows = []
     for j, spec in enumerate(src.specs):
         digest = digests.get(spec)
-        rows.append(f"| experts {j * per}-{(j + 1) * per - 1} from | `{spec}`"
+        which = f"expert {j}" if per == 1 else f"experts {j * per}-{(j + 1) * per - 1}"
+        rows.append(f"| {which} from | `{spec}`"
                     + (" (the parent itself)" if src.of_spec[j] < 0 else "")
                     + (f", tensors sha256 `{digest[:16]}...`" if digest else "") + " |")
     rows.append(f"| attention, norms, embeddings{', dense MLPs' if len(plan.moe_layers) < plan.parent.num_layers else ''}"

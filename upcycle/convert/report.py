@@ -55,8 +55,8 @@ def print_plan(result: ConvertResult, console: Console) -> None:
 def _source_lines(plan) -> list[str]:
     r, src = plan.recipe, plan.sources
     per = r.copies_per_source * r.group_size
-    lines = [f"experts from  {spec}: experts {j * per}-{(j + 1) * per - 1}" + (" (the parent itself)" if src.of_spec[j] < 0 else "")
-             for j, spec in enumerate(src.specs)]
+    lines = [f"experts from  {spec}: " + (f"expert {j}" if per == 1 else f"experts {j * per}-{(j + 1) * per - 1}")
+             + (" (the parent itself)" if src.of_spec[j] < 0 else "") for j, spec in enumerate(src.specs)]
     return lines + [f"other weights {src.shared_from}"]
 
 
