@@ -119,3 +119,56 @@ def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> d
     # float32 is plenty for choosing directions, and twice as fast as the float64 the verification uses
     stream_parent(ckpt, ids, None, on_mlp, dtype=torch.float32)
     return bases
+
+
+# ------------------------------------------------------------------------------------------------ prompts:FILE
+
+MAX_PROMPT_TOKENS = 512  # per source: enough for a mean direction, and the float64 pass stays small
+
+
+def prompt_router_bases(ckpt, shared_source, texts: list[list[str]], plan, quiet: bool = False) -> dict[int, np.ndarray]:
+    """{layer: (sources, H) float32 router rows}: one row per --expert-from source, from the hidden states at the
+    input of each MoE layer's MLP on that source's example texts (mergekit-moe's "hidden" gate mode, centred).
+
+    The dense model that gives the hidden states is the one whose attention, norms and embeddings the MoE takes
+    (the parent, or the mean with --average-shared), run one decoder layer at a time in float64
+    (upcycle.convert.verify.stream_parent): each source's texts, joined by blank lines and cut at
+    MAX_PROMPT_TOKENS, form one row of a right-padded batch, so no source's tokens see another's. A source's row
+    is the mean of its tokens' unit-normalised hidden states minus the mean of those means over the sources (what
+    every source shares tells no expert apart), normalised, then all rows scaled as the k-means rows are: the
+    router logits over all the sample's tokens have unit standard deviation.
+    """
+    import torch
+
+    from upcycle.convert.verify import stream_parent
+    from upcycle.core.loading import load_tokenizer
+
+    if not quiet:
+        ui.info(f"router init: the hidden states of {len(texts)} sources' example texts")
+    tok = load_tokenizer(ckpt.load_spec)
+    ids = [tok("\n\n".join(t)).input_ids[:MAX_PROMPT_TOKENS] for t in texts]
+    for spec, row in zip(plan.recipe.expert_from, ids):
+        if not row:
+            raise InputError(f"--router-init prompts: the texts of {spec!r} give no tokens")
+    lengths = [len(r) for r in ids]
+    batch = np.zeros((len(ids), max(lengths)), np.int64)  # right padding: causal attention never looks ahead
+    for j, row in enumerate(ids):
+        batch[j, :len(row)] = row
+    moe_layers = set(plan.moe_layers)
+    bases: dict[int, np.ndarray] = {}
+
+    def on_mlp(i: int, x, y) -> None:
+        if i not in moe_layers:
+            return
+        x = x.reshape(len(ids), batch.shape[1], -1)
+        tokens = [x[j, :n] for j, n in enumerate(lengths)]
+        means = torch.stack([torch.nn.functional.normalize(t, dim=-1).mean(0) for t in tokens])
+        if len(tokens) > 1:
+            means = means - means.mean(0, keepdim=True)
+        rows = torch.nn.functional.normalize(means, dim=-1)
+        logits = torch.cat(tokens) @ rows.T
+        scale = 1.0 / float(logits.std().clamp_min(1e-6))
+        bases[i] = (rows * scale).numpy().astype(np.float32)
+
+    stream_parent(ckpt, batch, None, on_mlp, source=shared_source)
+    return bases

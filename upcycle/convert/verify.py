@@ -99,12 +99,19 @@ class _Checker:
         from upcycle.convert.weights import ParentReader
 
         self.ckpt, self.plan, self.out, self.exact = ckpt, plan, Path(out), exact
-        self.reader = ParentReader(ckpt.source, plan.parent, cache_size=2)
+        sources = plan.sources
+        # copied tensors and shared experts: the parent's, or the mean with --average-shared; routed experts: the
+        # neurons of their own --expert-from source, which are copied exactly even when the function is not
+        self.reader = ParentReader(sources.shared_source if sources else ckpt.source, plan.parent, cache_size=2)
+        self.expert_readers = ([ParentReader(sources.source(j), plan.parent, cache_size=1) for j in range(len(sources.specs))]
+                               if sources else [])
+        self.strict_experts = exact or (sources is not None and plan.layout_inexact_reason is None)
         self.written = SafetensorsSource(self.out)
         self.cfg = json.loads((self.out / "config.json").read_text())
         self.code = plan.out_dtype
         self.checked: set[str] = set()
         self.report: dict = {"method": "layers", "exact_expected": exact, "function_rtol": FUNCTION_RTOL,
+                             "experts_from_sources": bool(sources),
                              "copied_tensors": 0, "expert_tensors": 0, "layers": [], "expert_max_rel_diff": 0.0,
                              "max_rel_diff": 0.0}
         self.by_name = {t.name: t for t in plan.tensors}
@@ -205,7 +212,14 @@ class _Checker:
     def experts(self, layer: int, lay) -> dict:
         """Byte check of every routed and shared expert; returns {origin key: float64 weights} for the function check."""
         pre = f"model.layers.{layer}.mlp."
-        mlp = {w: self.reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
+        mlps: dict = {}
+
+        def mlp_of(origin) -> dict:
+            if origin.source not in mlps:
+                reader = self.reader if origin.source is None else self.expert_readers[origin.source]
+                mlps[origin.source] = {w: reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
+            return mlps[origin.source]
+
         cache: dict = {}
         weights: dict = {}
         worst = 0.0
@@ -224,7 +238,7 @@ class _Checker:
                     continue
                 key = (which, origin.slice_key, origin.down_scale, origin.copies)
                 if key not in cache:
-                    cache[key] = (self._expected(mlp, origin, which), None)
+                    cache[key] = (self._expected(mlp_of(origin), origin, which), None)
                 want, want64 = cache[key]
                 if _same_bytes(got, want):
                     if want64 is None:
@@ -234,9 +248,10 @@ class _Checker:
                 else:
                     rel = _rel(got, want, self.code)
                     worst = max(worst, rel)
-                    if self.exact:
+                    if self.strict_experts:
                         span = origin.neurons
-                        self._fail(f"layer {layer}: {name} ({label}, {which}_proj) differs from the parent neurons "
+                        whose = "parent" if origin.source is None else f"--expert-from {self.plan.sources.specs[origin.source]}"
+                        self._fail(f"layer {layer}: {name} ({label}, {which}_proj) differs from the {whose} neurons "
                                    f"{int(span.min())}..{int(span.max())} it should hold (max relative difference {rel:.3g})")
                     weights[(e, which)] = _f64(got, self.code)
                 self.report["expert_tensors"] += 1
@@ -262,8 +277,8 @@ class _Checker:
             scale=float(cfg.get("routed_scaling_factor") or 1.0) if scoring == "sigmoid" else 1.0,
         )
 
-    def moe_function(self, layer: int, x, y_ref, weights: dict) -> dict:
-        """Run the MoE block rebuilt from the written tensors on the parent MLP's input; compare with its output."""
+    def moe_output(self, layer: int, x, weights: dict):
+        """The MoE block rebuilt from the written tensors, run on x ([T, H] float64): (output, experts used, routing)."""
         import torch
         from transformers.activations import ACT2FN
 
@@ -293,6 +308,12 @@ class _Checker:
                 g = _f64(self._read(f"model.layers.{layer}.mlp.shared_expert_gate.weight"), self.code)
                 shared = torch.sigmoid(x @ g.T) * shared
             y = y + shared
+        return y, used, info
+
+    def moe_function(self, layer: int, x, y_ref, weights: dict) -> dict:
+        """Run the MoE block rebuilt from the written tensors on the parent MLP's input; compare with its output."""
+        y, used, info = self.moe_output(layer, x, weights)
+        router_name = f"model.layers.{layer}.{self.plan.fmt.moe_prefix}.{self.plan.fmt.router_key}"
         scale = float(y_ref.abs().max()) or 1.0
         rel = float((y - y_ref).abs().max()) / scale
         bound = self.function_bound(layer)
@@ -301,6 +322,14 @@ class _Checker:
             self._fail(f"layer {layer}: the MoE block rebuilt from {router_name} and its experts{extra} differs from the "
                        f"parent's MLP by {rel:.3g} relative (bound {bound:.3g}) on {x.shape[0]} tokens")
         return {"layer": layer, "max_rel_diff": rel, "bound": bound, "tokens": int(x.shape[0]), "experts_used": len(used)}
+
+    def written_experts(self, layer: int) -> dict:
+        """{(expert, which): float64 weights} of every routed (and shared) expert, read back from the written files."""
+        weights = {}
+        for (which, e), (name, row, part) in self._part_locations(layer).items():
+            if e >= 0 or self.plan.fmt.shared is not None:
+                weights[(e, which)] = _f64(self._read_part(name, row, part), self.code)
+        return weights
 
     def function_bound(self, layer: int) -> float:
         import math
@@ -329,11 +358,17 @@ def _parent_config(spec):
 
 
 def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None], *,
-                  dtype=None) -> None:
-    """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default).
+                  dtype=None, source=None, replace_mlp: Callable | None = None, replace_layers=None,
+                  final_norm: bool = False):
+    """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default);
+    return the last hidden states ([B*T, H], after the final norm when final_norm).
 
+    Rows of a batch may be right-padded: causal attention never lets a token see the padding after it.
     on_mlp(layer, x, y) gets each layer's MLP input and output ([B*T, H]) after the layer's weights were
     freed. round_code: round every parent weight through this storage type first (the output is narrower).
+    source: read the weights from this TensorSource instead of the parent's (e.g. the mean of several
+    checkpoints). replace_mlp(layer, x) -> y: run this instead of the MLP of the layers in replace_layers (all
+    layers when None); their MLP weights are then not read.
     """
     import torch
     from torch import nn
@@ -344,9 +379,7 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     base = model.model
-    base.norm = nn.Identity()  # the final norm and head are not needed: nothing reads them here
-    base.rotary_emb = type(base.rotary_emb)(config=base.config)  # its buffers are computed, not loaded
-    source = ckpt.source
+    source = source if source is not None else ckpt.source
 
     def tensor(name: str):
         meta = source.meta(name)
@@ -355,10 +388,16 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
             return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
         return _f64(raw, meta.dtype).to(dtype)
 
+    if final_norm:
+        base.norm.load_state_dict({k: tensor(f"model.norm.{k}") for k in base.norm.state_dict()}, assign=True)
+    else:
+        base.norm = nn.Identity()  # the final norm and head are not needed: nothing reads them here
+    base.rotary_emb = type(base.rotary_emb)(config=base.config)  # its buffers are computed, not loaded
+
     emb_name = "model.embed_tokens.weight"
     ids = np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1])
     uniq, inverse = np.unique(ids, return_inverse=True)
-    if source.byte_range(emb_name) is None:  # a GGUF table is decoded whole: once, not once per token
+    if source.byte_range(emb_name) is None:  # a GGUF or averaged table is computed whole: once, not once per token
         rows = np.ascontiguousarray(source.read(emb_name)[uniq])
     else:
         rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
@@ -367,6 +406,14 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     embeds = table.to(dtype)[torch.from_numpy(inverse.reshape(ids.shape))]
 
     captured: dict = {}
+
+    class Replaced(nn.Module):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index = index
+
+        def forward(self, x):
+            return replace_mlp(self.index, x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
     def hooks(i: int, layer):
         def pre(mod, args, kwargs):
@@ -381,6 +428,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
             mod.to("meta")  # frees this layer's weights before the MoE block is rebuilt
             on_mlp(i, captured.pop("x"), captured.pop("y"))
 
+        if replace_mlp is not None and (replace_layers is None or i in replace_layers):
+            layer.mlp = Replaced(i)
         layer.register_forward_pre_hook(pre, with_kwargs=True)
         layer.mlp.register_forward_hook(mlp_hook)
         layer.register_forward_hook(post, with_kwargs=True)
@@ -388,7 +437,9 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     for i, layer in enumerate(base.layers):
         hooks(i, layer)
     with torch.no_grad():
-        base(inputs_embeds=embeds, use_cache=False)
+        out = base(inputs_embeds=embeds, use_cache=False)
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def prompt_ids(folder: Path) -> np.ndarray:
@@ -429,8 +480,13 @@ def verify_layers(ckpt, plan, out: Path, *, exact: bool, on_layer: Callable[[int
             if on_layer:
                 on_layer(i)
 
-        stream_parent(ckpt, ids, round_code, on_mlp)
+        mixed = plan.sources is not None and not plan.sources.all_base
+        parent_hidden = stream_parent(ckpt, ids, round_code, on_mlp, final_norm=mixed)
         chk.report["tokens"] = int(ids.size)
+        if mixed:  # experts from other checkpoints: how far the whole function moved, measured end to end
+            from upcycle.convert.verify_mix import measure_mixed
+
+            chk.report["mixed"] = measure_mixed(chk, ckpt, plan, ids, round_code, parent_hidden)
         return chk.finish()
     finally:
         torch.set_num_threads(threads)
@@ -507,12 +563,22 @@ def summary(v: dict) -> str:
     """One or two sentences on what a verification report found (model card, convert's last lines)."""
     exact = v["exact_expected"]
     bound = max((e.get("bound", v["function_rtol"]) for e in v["layers"]), default=v["function_rtol"])
+    mixed = v.get("mixed")
+    if mixed is not None:
+        experts = (f"{v['expert_tensors']} expert tensors hold the neurons of their --expert-from sources"
+                   + ("" if not v["expert_max_rel_diff"] else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
+    else:
+        experts = (f"{v['expert_tensors']} expert tensors hold their parent neurons"
+                   + ("" if exact else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
     text = (f"layer by layer in float64 on {v['tokens']} tokens of text: {len(v['layers'])} MoE block(s) against the "
             f"parent's MLP, max relative difference {v['max_rel_diff']:.3g} "
             + (f"(bound {bound:.3g})" if exact else "(not exact by design: measured, not bounded)")
-            + f"; {v['expert_tensors']} expert tensors hold their parent neurons"
-            + ("" if exact else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}")
-            + f"; {v['copied_tensors']} copied tensors are byte-identical")
+            + f"; {experts}; {v['copied_tensors']} copied tensors are byte-identical")
+    if mixed is not None:
+        text += (f". NOT the parent's function (experts from other checkpoints); end to end on the same "
+                 f"{mixed['tokens']} tokens: max |logit difference| {mixed['max_abs_logit_diff']:.3g} "
+                 f"({mixed['max_rel_logit_diff']:.3g} of the largest logit), mean KL(parent || MoE) "
+                 f"{mixed['mean_kl']:.3g} nats, same top-1 token at {mixed['top1_agree']}/{mixed['tokens']} positions")
     w = v.get("whole_model")
     if w is not None:
         text += (f". Whole model through transformers (float32): max |logits diff| {w['max_abs_diff']:.3g}, greedy "

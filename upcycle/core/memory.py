@@ -167,12 +167,28 @@ def convert_estimate(plan, *, verify: bool) -> Estimate:
     # writer: the layer's MLP in float32, the distinct expert tensors of the layer in the output type, and the
     # largest tensor in flight in its parent and output types (plus a float32 view when it converts)
     stream = mlp * 4 + (mlp + shared) * out + largest * 2 + emb * 4
+    sources = len(r.expert_from)
+    if sources:
+        # a second source's MLP in float32 and its expert tensors; --average-shared: a float64 sum, one source's
+        # tensor and the float32 mean of the largest tensor
+        stream += mlp * (4 + out) + (largest // out * 16 if r.average_shared else 0)
     parts = [("runtime", NUMPY_RUNTIME), ("streaming", stream)]
     if verify:
         layer64 = _layer_params(p) * 8 * 3 // 2  # weights in float64, plus one tensor being converted
-        moe = mlp * 4 + (mlp + shared) * (out + 8) + largest * 2  # parent MLP, expected experts + float64 copies
+        distinct = max(sources, 1)  # experts of different sources are different tensors
+        moe = mlp * 4 * (distinct + 1) + (mlp * distinct + shared) * (out + 8) + largest * 2
         copied = emb * (2 * out + 4)
-        parts = [("runtime", TORCH_RUNTIME), ("verification", max(layer64, moe, copied, stream))]
+        checks = max(layer64, moe, copied, stream)
+        if sources:  # end to end: every routed expert read back in float64, and logits of the prompts
+            checks = max(checks, layer64 + r.experts * mlp // r.granularity * 8 + 256 * p.vocab_size * 8 * 4)
+        parts = [("runtime", TORCH_RUNTIME), ("verification", checks)]
+    if r.router_init_mode[0] == "prompts":  # one float64 layer, and eager attention over a batch of the sources
+        from upcycle.convert.router_init import MAX_PROMPT_TOKENS
+
+        attention = sources * p.num_heads * MAX_PROMPT_TOKENS ** 2 * 8 * 3
+        init = _layer_params(p) * 8 + attention + emb * 8
+        (label, size) = parts[-1]  # router init runs before writing: the larger of the two phases counts
+        parts = [("runtime", TORCH_RUNTIME), (f"{label} or router init", max(size, init))]
     return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",))
 
 
