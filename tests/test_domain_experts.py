@@ -67,6 +67,8 @@ def changed_experts(before: dict, after: dict) -> tuple[set[tuple[int, int]], se
     (experts.E.w1.weight) and granite's fused input_linear / output_linear [E, ...] are both split per expert."""
     experts, others = set(), set()
     for k, a in before.items():
+        if a.numel() == 0 and k not in after:  # save_pretrained leaves out zero-width tensors (granitemoeshared)
+            continue
         b = after[k]
         parts = k.split(".")
         if ".experts." in k:
