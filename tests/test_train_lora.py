@@ -76,8 +76,11 @@ def test_lora_on_router_and_fused_experts_of_every_type(moe, tmp_path, fmt, fami
 
 
 def test_merged_weights_are_peft_merge(moe):
-    """The merged state dict final/ is written from equals PEFT's own merge_and_unload, bit for bit."""
-    from upcycle.train.lora import apply_lora, merged_state_dict
+    """The merged state dict final/ is written from equals PEFT's own merge_and_unload, bit for bit, under the
+    Hugging Face names, with nothing missing."""
+    import copy
+
+    from upcycle.train.lora import apply_lora, merge_into_base
 
     model = load_for_training(str(moe()), experts_impl="eager", allow_pickle=False)
     layers = moe_layers(model)
@@ -89,9 +92,13 @@ def test_merged_weights_are_peft_merge(moe):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     assert set(setup.modules) == {"attention"} and len(setup.modules["attention"]) == 8  # q, k, v, o x 2 layers
-    mine = merged_state_dict(setup.model, setup.model.state_dict())
-    theirs = setup.model.merge_and_unload().state_dict()
+    twin = copy.deepcopy(setup.model)
+    base = {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    mine = merge_into_base(setup.model, setup.model.state_dict())
+    theirs = twin.merge_and_unload().state_dict()
     assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    adapted = {k for k in theirs if not torch.equal(theirs[k], base[k])}
+    assert len(adapted) == 2 + 4 + 8  # 2 routers, 2 x 2 fused expert tensors, 8 attention projections
 
 
 def test_lora_experts_with_a_full_router(moe, tmp_path):

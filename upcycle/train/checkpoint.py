@@ -155,7 +155,7 @@ def save_model(accelerator, model, tokenizer, folder: Path, src: Path | None, dt
             from upcycle.train import lora as lora_io
 
             if merge:
-                state_dict = lora_io.merged_state_dict(unwrapped, state_dict)
+                state_dict = lora_io.merge_into_base(unwrapped, state_dict)  # the run is over: in place
             else:
                 lora_io.save_adapter(unwrapped, folder / ADAPTER_DIR)
                 state_dict = lora_io.base_state_dict(state_dict)

@@ -14,8 +14,8 @@ its weight and calls the module, whose patched forward reads the adapted weight.
 
 What is written: every checkpoint-STEP/ holds the *base* weights (the input's, with the groups that --train
 trains fully at their current values) as a standard folder, plus checkpoint-STEP/adapter/ (PEFT's format,
-fp32), which is what an exact resume needs. final/ is the merged model, W + scale x B A, a standard Hugging Face
-folder that plain AutoModelForCausalLM loads; RUN/adapter/ is the final adapter. The adapter applies to the input
+fp32), which is what an exact resume needs. final/ is the merged model, W + scale x B A (merged in place at the
+end of the run), a standard Hugging Face folder that plain AutoModelForCausalLM loads; RUN/adapter/ is the final adapter. The adapter applies to the input
 model (its base_model_name_or_path); if --train also trained groups fully, those are only in final/.
 """
 
@@ -127,23 +127,21 @@ def base_state_dict(state_dict: dict) -> dict:
     return {_hf_name(k): v for k, v in state_dict.items() if not _is_adapter_key(k)}
 
 
-def merged_state_dict(peft_model, state_dict: dict) -> dict:
-    """The base model's state dict with every adapter merged in, W + scale x B A, as PEFT's merge computes it
-    (tested equal to merge_and_unload), without changing the model."""
-    import torch
-    from peft.tuners.lora import LoraLayer, ParamWrapper
+def merge_into_base(peft_model, state_dict: dict) -> dict:
+    """Merge every adapter into its base weight in place, W += scale x B A (PEFT's own `merge`, as
+    merge_and_unload does it), and return the base model's state dict, now merged, under the Hugging Face names.
 
-    out = base_state_dict(state_dict)
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
-                continue
-            param = module.parameter_name if isinstance(module, ParamWrapper) else "weight"
-            key = f"{_hf_name(name)}.{param}"
-            base = out[key]
-            delta = module.get_delta_weight(ADAPTER_NAME).to(base.device)
-            out[key] = (base + delta.to(base.dtype)).detach()
-    return out
+    In place because it runs at the end of a run: a copy would hold a second set of the adapted (expert) weights
+    while final/ is written. `state_dict` shares the parameters' storage, so it sees the merged values."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A and not module.merged:
+                module.merge(adapter_names=[ADAPTER_NAME])
+    return base_state_dict(state_dict)
 
 
 def save_adapter(peft_model, folder: Path) -> None:
