@@ -227,3 +227,27 @@ def test_lora_targets_that_match_nothing_after_loading(moe):
     model = load_for_training(str(moe()), experts_impl="eager", allow_pickle=False)
     with pytest.raises(UsageError, match="--lora shared: matches no parameter of m"):
         find_targets(model, moe_layers(model), ("experts", "shared"), "m")
+
+
+@pytest.mark.slow  # two accelerate launches of two processes each
+def test_lora_and_force_route_under_ddp_match_one_process(moe, tmp_path):
+    """2 processes x batch 2 under DDP give the losses and final weights of 1 process x batch 4, with LoRA on the
+    experts, a fully trained router and forced routing (aux loss off: it balances each process's micro-batch)."""
+    from tests.test_train_ddp import launch
+
+    src = moe()
+    opts = ["--steps", "3", "--lora", "experts", "--train", "router", "--force-route", "1", "--aux-loss-coef", "0",
+            "--lr", "1e-2", "--seq-len", "32", "--precision", "fp32", "--experts-impl", "eager", "--eval-every", "0"]
+    ddp = tmp_path / "ddp"
+    res = launch("ddp_cpu.yaml", src, "-d", DATA, "-o", ddp, "-b", "2", "--save-every", "2", *opts)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
+    assert (ddp / "checkpoint-2" / ck.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    one = tmp_path / "one"
+    r = runner.invoke(app, ["train", str(src), "-d", str(DATA), "-o", str(one), "-b", "4", "--save-every", "0", *opts])
+    assert r.exit_code == 0, r.output
+    a, b = metrics(ddp), metrics(one)
+    for key in ("loss", "grad_norm", "router_grad_norm"):
+        assert [x[key] for x in a] == pytest.approx([x[key] for x in b], rel=1e-5), key
+    wa, wb = weights(ddp / "final"), weights(one / "final")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
