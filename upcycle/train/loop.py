@@ -324,9 +324,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 n = cfg.grad_accum * world
                 lm, aux_v, z_v, target_v, on_target_v = (float(x) / n for x in packed[:5])
                 stats.load_tensor(packed[5:])
-                if not all(math.isfinite(v) for v in (lm, aux_v, z_v)):
-                    _stop(f"the loss is {lm if not math.isfinite(lm) else (aux_v if not math.isfinite(aux_v) else z_v)} "
-                          f"at step {step}", last_good)
+                if not all(math.isfinite(v) for v in (lm, aux_v, z_v, target_v)):
+                    bad = next(v for v in (lm, aux_v, z_v, target_v) if not math.isfinite(v))
+                    _stop(f"the loss is {bad} at step {step}", last_good)
                 router_row = (router_grads.summary(
                     (lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
                     if router_grads is not None else {})
