@@ -176,9 +176,11 @@ def test_aux_loss_free_bias_balancing(moe, tmp_path):
     # three steps of +-0.01 (0 for an expert exactly at the mean): multiples of 0.01 within [-0.03, 0.03]
     steps = bias / 0.01
     assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3 + 1e-4
-    # the overloaded experts of the first step were pushed down: the bias anti-correlates with the load
-    load = torch.tensor(metrics(tmp_path / "r")[0]["expert_load"]["0"])
-    assert float(((load - load.mean()) * bias).sum()) < 0
+    # one step: each expert's bias is exactly -0.01 x the sign of its load against the mean (overloaded pushed down)
+    train(config(src, tmp_path / "one", aux_free_bias=True, bias_update_rate=0.01, aux_loss_coef=0.0, steps=1))
+    bias = weights(tmp_path / "one" / "final")["model.layers.0.mlp.gate.e_score_correction_bias"]
+    load = torch.tensor(metrics(tmp_path / "one")[0]["expert_load"]["0"])
+    assert torch.allclose(bias, -0.01 * torch.sign(load - load.mean()), atol=1e-6), (bias, load)
 
 
 def test_dense_parent_baseline(tiny_parent, tmp_path):
@@ -328,3 +330,23 @@ def test_dead_router_warning(moe, tmp_path, monkeypatch):
     assert "almost no gradient" in dead_router_warning([{**alive, "router_grad_lm_share": 1e-6}])
     assert "near uniform" in dead_router_warning([{**alive, "router_entropy": 2.07}])
     assert dead_router_warning([{"step": 3, "loss": 1.0}]) is None  # dense: nothing to say
+
+
+def test_training_keeps_no_map_of_the_checkpoint_and_no_gradient_pool(moe, tmp_path):
+    """Memory a run would otherwise carry: the checkpoint's memory map (its expert pages are stale once loading has
+    fused them) and, after the run, the upcycle kernel's recycled gradient buffers."""
+    import gc
+    import sys
+
+    from upcycle.core import kernels
+    from upcycle.train.model import load_for_training
+
+    folder = moe()
+    model = load_for_training(str(folder), experts_impl="eager", allow_pickle=False)
+    if sys.platform.startswith("linux"):
+        maps = Path("/proc/self/maps").read_text()
+        assert str(folder.resolve()) not in maps and str(folder) not in maps
+    del model
+    gc.collect()
+    train(config(folder, tmp_path / "r", experts_impl="upcycle", grad_accum=2))
+    assert not kernels._GRAD_POOL

@@ -147,6 +147,25 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def release_unused() -> None:
+    """Free what the stage that just ended left behind, so that it does not count in the next stage's RSS.
+
+    Collects reference cycles (a trained model, its optimizer and accelerate's wrappers reference each other, so
+    they outlive the call that made them until the cyclic collector runs, which in a large process can be much
+    later), then asks glibc to hand freed heap pages back to the system (malloc_trim): tensors under its mmap
+    threshold (32 MiB at most) live in the heap, which otherwise keeps its high-water mark.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ convert
 
 def _layer_params(p) -> int:
