@@ -20,6 +20,7 @@ from upcycle.core.tensors import human_bytes, parse_size
 # Linux x86-64 with torch 2.x CPU and transformers 5; allocator slack added).
 TORCH_RUNTIME = 320 << 20
 NUMPY_RUNTIME = 60 << 20
+TOKENIZER_RUNTIME = 64 << 20  # a tokenizer loaded through transformers' AutoTokenizer, on top of TORCH_RUNTIME
 GiB = 1 << 30
 
 
@@ -208,7 +209,17 @@ def convert_estimate(plan, *, verify: bool) -> Estimate:
         init = _layer_params(p) * 8 + attention + emb * 8
         (label, size) = parts[-1]  # router init runs before writing: the larger of the two phases counts
         parts = [("runtime", TORCH_RUNTIME), (f"{label} or router init", max(size, init))]
-    return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",))
+    if r.router_init_mode[0] == "kmeans":  # the parent in float32, one layer at a time, over blocks of text
+        from upcycle.convert.router_init import BLOCK, MAX_TOKENS
+
+        attention = (MAX_TOKENS // BLOCK) * p.num_heads * BLOCK ** 2 * 4 * 3  # eager scores, softmax, mask
+        activations = MAX_TOKENS * (p.hidden_size * 6 + p.intermediate_size * 3) * 4
+        # + the tokenizer through transformers (measured about 60 MB) and a GGUF embedding table decoded whole
+        init = TOKENIZER_RUNTIME + _layer_params(p) * 4 + attention + activations + emb * 4
+        (label, size) = parts[-1]  # router init runs before writing: the larger of the two phases counts
+        parts = [("runtime", TORCH_RUNTIME), (f"{label} or router init", max(size, init))]
+    return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",
+                                              "--router-init random skips the parent run of the k-means router"))
 
 
 def whole_model_estimate(plan) -> Estimate:
