@@ -306,18 +306,22 @@ def test_router_gradient_split_leaves_the_step_unchanged(moe, tmp_path, monkeypa
 
 
 def test_dead_router_warning(moe, tmp_path, monkeypatch):
-    """Mixtral's renormalised top-2 over identical copies: the LM loss sends the routers no gradient at step 1, and
-    the tiny routers stay near uniform; the progress display says so once, with what to do."""
+    """Mixtral's renormalised top-2 over identical copies with a small random router (the old default): the LM loss
+    sends the routers no gradient at step 1, and the tiny routers stay near uniform; the progress display says so
+    once, with what to do. The default k-means router prefers experts from the start: no warning."""
     from upcycle.core import ui
 
     said: list[str] = []
     monkeypatch.setattr(ui, "warn", said.append)
-    train(config(moe(), tmp_path / "r", steps=3))
+    train(config(moe(router_init="random"), tmp_path / "r", steps=3))
     rows = metrics(tmp_path / "r")
     assert rows[0]["router_grad_lm_share"] < 1e-4  # copies + renormalisation: ~0 (rounding only)
     assert len(said) == 1
     assert "near uniform after 3 steps" in said[0] and "--expert-init drop:0.5" in said[0]
-    assert "kmeans" in said[0] and "renormalise" in said[0]
+    assert "k-means router" in said[0] and "--router-init kmeans:TEXT" in said[0]
+    said.clear()
+    train(config(moe(), tmp_path / "kmeans", steps=3))
+    assert said == [], said
     # frozen routers: no router gradient to split; then the check itself
     said.clear()
     train(config(moe(), tmp_path / "frozen", steps=2, train=["experts"]))
