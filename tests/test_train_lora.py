@@ -250,4 +250,11 @@ def test_lora_and_force_route_under_ddp_match_one_process(moe, tmp_path):
     for key in ("loss", "grad_norm", "router_grad_norm"):
         assert [x[key] for x in a] == pytest.approx([x[key] for x in b], rel=1e-5), key
     wa, wb = weights(ddp / "final"), weights(one / "final")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    # Relative to what the three steps changed: AdamW divides each gradient by its own running size, so an element
+    # whose gradient is a near-cancelling sum (the router's, under forced routing) carries the summation order's
+    # rounding into its update at full scale (measured: 7.6e-5 of the router's update in layer 0, 2e-5 absolute).
+    # A process that skipped the all-reduce would be off by the order of the update itself.
+    start = weights(src)
+    for k in wa:
+        update = float((wb[k] - start[k]).norm())
+        assert float((wa[k] - wb[k]).norm()) <= 1e-3 * update + 1e-7, k

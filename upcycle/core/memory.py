@@ -319,14 +319,16 @@ def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False
         acts = per_layer * L
     logits = tokens * V * 4 * 3  # logits, their log-softmax and its gradient
     stored = {"bfloat16": 2, "float16": 2}.get(str(mcfg.get("dtype") or mcfg.get("torch_dtype") or "float32"), 4)
-    # Loading reads the checkpoint through a memory map: its pages count in the process's RSS (and a cgroup's
-    # memory) next to the fp32 copy the model keeps, until loading ends (measured on SmolLM2 8 x top-2: the
-    # peak exceeds the other parts by the checkpoint's size).
-    parts = [("runtime", TRAIN_RUNTIME), ("checkpoint pages while loading", P * stored), ("weights fp32", P * 4),
-             ("gradients", T * 4), ("AdamW states", T * 8)]
+    parts = [("runtime", TRAIN_RUNTIME), ("weights fp32", P * 4), ("gradients", T * 4), ("AdamW states", T * 8)]
     if precision == "bf16":
         parts.append(("bf16 weight copies", P * 2))
     parts += [("activations", acts), ("logits", logits)]
+    # Loading reads the checkpoint through a memory map: its pages count in the process's RSS (and a cgroup's
+    # memory) next to the fp32 copy the model keeps, until loading ends (upcycle.train.model gives every tensor
+    # its own memory so that the map goes before training allocates anything). The peak is the larger of loading
+    # and training, so the pages count only where they exceed what training adds to the weights.
+    training_state = sum(b for label, b in parts if label not in ("runtime", "weights fp32"))
+    parts.insert(2, ("checkpoint pages while loading", max(0, P * stored - training_state)))
     reduce = []
     if cfg.batch_size > 1:
         reduce.append(f"a smaller --batch-size (with --grad-accum {cfg.grad_accum * 2} for the same tokens per step)")
