@@ -7,7 +7,9 @@ the ideal MoE/dense time ratio is 2.0 and "x ideal" is ratio / 2.0 (the target i
 
 What is timed: the experts module alone (transformers' MixtralExperts, dispatched through its
 `experts_implementation`), router excluded: routing is fixed, uniform random top-k (every token k distinct
-experts, so loads are balanced in expectation), routing weights a softmax that requires grad. One step is
+experts, so loads are balanced in expectation), drawn afresh every round as training routes each step anew (a
+CPU's bf16 products cost more at an expert row count they have not seen; --fixed-routing reuses one draw),
+routing weights a softmax that requires grad. One step is
 forward, backward of a fixed random upstream gradient into the input, the routing weights and the expert
 weights (grads set to None before each step, as an optimizer's zero_grad does). bf16 means fp32 weights under
 `torch.autocast(dtype=bfloat16)` (how `upcycle train --bf16` runs), backward outside the autocast.
@@ -38,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HIDDEN, INTERMEDIATE = 576, 1536
 LAYOUTS = {"coarse": (8, 2, 1), "fine": (32, 8, 4)}  # experts, top-k, granularity G (expert = MLP / G)
 IMPLS = ("eager", "batched_mm", "grouped_mm", "upcycle")
+# also accepted by --impls: "upcycle-whole", upcycle's kernel with each expert's rows in one product (ROW_QUANTUM 0)
+WHOLE = "upcycle-whole"
 IDEAL = 2.0
 TARGET = 1.10
 
@@ -93,10 +97,18 @@ def make_inputs(T: int, E: int, k: int, hidden: int, device):
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, hidden, generator=g)
-    idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices  # k distinct experts per token
+    idx = make_routing(T, E, k, device, seed=1)
     w = torch.randn(T, k, generator=g).softmax(-1)
     gout = torch.randn(T, hidden, generator=g)
-    return x.to(device), idx.to(device), w.to(device), gout.to(device)
+    return x.to(device), idx, w.to(device), gout.to(device)
+
+
+def make_routing(T: int, E: int, k: int, device, seed: int):
+    """k distinct uniform-random experts per token."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, E, generator=g).topk(k, dim=-1).indices.to(device)
 
 
 def step_fn(module, x, idx, w, gout, bf16: bool, moe: bool):
@@ -174,18 +186,30 @@ def run_cell(layout, dtype, T, impls, args, device):
                 continue
         steps[impl] = impl
     if args.floor:
-        steps["mm floor"] = mm_floor_fn(experts, idx, bf16, args.hidden)
+        steps["mm floor"] = None  # built per round, for that round's routing
     times = {name: [] for name in steps}
     ratios = {name: [] for name in steps if name != "dense"}
 
-    def run(name):
-        if name in ("dense", "mm floor"):
+    def run(name, idx):
+        if name == "dense":
             return timed(steps[name], device)
+        if name == "mm floor":
+            return timed(mm_floor_fn(experts, idx, bf16, args.hidden), device)
+        from upcycle.core import kernels as K
+
+        quantum = K.ROW_QUANTUM
+        if name == WHOLE:
+            name, K.ROW_QUANTUM = "upcycle", 0
         cfg._experts_implementation = name  # the decorator reads it at every call
-        return timed(step_fn(experts, x, idx, w, gout, bf16, moe=True), device)
+        try:
+            return timed(step_fn(experts, x, idx, w, gout, bf16, moe=True), device)
+        finally:
+            K.ROW_QUANTUM = quantum
 
     for r in range(args.warmup + args.repeats):
-        round_t = {name: run(name) for name in steps}
+        if not args.fixed_routing:
+            idx = make_routing(T, E, k, device, seed=100 + r)
+        round_t = {name: run(name, idx) for name in steps}
         if r < args.warmup:
             continue
         for name, t in round_t.items():
@@ -253,6 +277,8 @@ def main() -> None:
     ap.add_argument("--batched-limit-gb", type=float, default=2.0)
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="leave out the 'mm floor' row (the per-expert matmuls alone)")
+    ap.add_argument("--fixed-routing", action="store_true",
+                    help="one routing for every round (default: a fresh draw per round, as in training)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="smoke run: 512 and 128 tokens, 2 rounds after 1 warm-up")
     args = ap.parse_args()
@@ -287,7 +313,8 @@ def main() -> None:
                     hidden=args.hidden, intermediate=args.intermediate, repeats=args.repeats, warmup=args.warmup,
                     command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), ideal=IDEAL, target=TARGET,
                     bf16_native=bf16_native(device), glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
-                    timed="experts module forward+backward, router excluded")
+                    timed="experts module forward+backward, router excluded", fixed_routing=args.fixed_routing,
+                    row_quantum=__import__("upcycle.core.kernels", fromlist=["ROW_QUANTUM"]).ROW_QUANTUM)
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
 
 

@@ -169,6 +169,27 @@ def test_grouped_mm_backends_agree():
         assert torch.allclose(K.grouped_mm_torch(at, b2, counts), loop2, atol=1e-5)
 
 
+def test_grouped_mm_row_quantum_splits_bf16_groups(monkeypatch):
+    """bf16 on CPU: each group's rows go as a multiple of ROW_QUANTUM plus the rest (one oneDNN kernel per shape);
+    the result equals one product per group, in both layouts and into an fp32 or a bf16 output."""
+    monkeypatch.setattr(K, "ROW_QUANTUM", 4)
+    assert list(K._pieces(10, 9, 4)) == [(10, 8), (18, 1)] and list(K._pieces(0, 8, 4)) == [(0, 8)]
+    assert list(K._pieces(0, 7, 4)) == [(0, 7)] and list(K._pieces(0, 9, 0)) == [(0, 9)]  # under two quanta: whole
+    g = torch.Generator().manual_seed(0)
+    counts = [9, 0, 4, 3]
+    a = torch.randn(16, 32, generator=g).bfloat16()
+    b = torch.randn(4, 32, 8, generator=g).bfloat16()
+    at, b2 = torch.randn(16, 32, generator=g).bfloat16().t(), torch.randn(16, 8, generator=g).bfloat16()
+    whole3 = torch.cat([a[s:s + c].float() @ b[i].float() for i, (s, c) in enumerate(zip([0, 9, 9, 13], counts))])
+    assert torch.allclose(K.grouped_mm_loop(a, b, counts)[:16].float(), whole3, rtol=2e-2, atol=2e-2)
+    ref2 = torch.stack([at[:, s:s + c].float() @ b2[s:s + c].float() for s, c in zip([0, 9, 9, 13], counts)])
+    fp32_out = torch.full((4, 32, 8), float("nan"))
+    K.grouped_mm_loop(at, b2, counts, out=fp32_out)
+    assert torch.allclose(fp32_out, ref2, rtol=2e-2, atol=5e-2) and (fp32_out[1] == 0).all()  # bf16 products
+    bf16_out = K.grouped_mm_loop(at, b2, counts)
+    assert torch.allclose(bf16_out.float(), ref2, rtol=2e-2, atol=5e-2)
+
+
 def test_general_path_gpt_oss_layout():
     """Biases, transposed weights, interleaved gate/up and a custom gate: the general path, same as eager."""
     m, cfg = experts_module("gpt_oss", 8, 32, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
