@@ -143,8 +143,10 @@ def _paired(moe: Path, dense: Path, data: list[str], out: Path, args, layers: st
            "ci95": diff["ci95"], "blocks": diff["n"], "verdict": rep["comparison"]["verdict"]}
     if layers != "none":
         res["routing"] = rep.get("routing")
-        res["drift"] = rep.get("drift")
-        res["drift_reference"] = rep.get("drift_reference")
+        layers_ = (rep.get("routing") or {}).get("layers") or []
+        # per layer, the lowest cosine similarity of an expert to the reference (the mean expert here)
+        res["drift_min_cos"] = [min(lay["drift"]["cos"]) for lay in layers_ if lay.get("drift")]
+        res["drift_reference"] = (rep.get("routing") or {}).get("drift_reference")
     return res
 
 
