@@ -147,6 +147,25 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def release_unused() -> None:
+    """Free what the stage that just ended left behind, so that it does not count in the next stage's RSS.
+
+    Collects reference cycles (a trained model, its optimizer and accelerate's wrappers reference each other, so
+    they outlive the call that made them until the cyclic collector runs, which in a large process can be much
+    later), then asks glibc to hand freed heap pages back to the system (malloc_trim): tensors under its mmap
+    threshold (32 MiB at most) live in the heap, which otherwise keeps its high-water mark.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ convert
 
 def _layer_params(p) -> int:
@@ -154,8 +173,12 @@ def _layer_params(p) -> int:
     return attn + 3 * p.hidden_size * p.intermediate_size + 4 * p.hidden_size
 
 
-def convert_estimate(plan, *, verify: bool) -> Estimate:
-    """Streaming conversion, plus the layer-by-layer float64 verification when asked."""
+# The verification prompts' length in tokens, rounded up (upcycle.convert.verify.PROMPTS: 57 with SmolLM2's tokenizer).
+VERIFY_TOKENS = 96
+
+
+def _convert_parts(plan) -> dict[str, int]:
+    """Bytes of each stage of a conversion (what is in memory at once within it)."""
     from upcycle.core.tensors import itemsize
 
     p, r = plan.parent, plan.recipe
@@ -164,15 +187,47 @@ def convert_estimate(plan, *, verify: bool) -> Estimate:
     shared = mlp * max(r.shared_full_copies, 1) if r.shared_experts else 0
     largest = max((t.nbytes for t in plan.tensors), default=0)
     emb = p.vocab_size * p.hidden_size
-    # writer: the layer's MLP in float32, the distinct expert tensors of the layer in the output type, and the
-    # largest tensor in flight in its parent and output types (plus a float32 view when it converts)
-    stream = mlp * 4 + (mlp + shared) * out + largest * 2 + emb * 4
-    parts = [("runtime", NUMPY_RUNTIME), ("streaming", stream)]
+    moe_layers = sum(1 for lay in plan.layouts if lay.moe)
+    return {
+        # writer: the layer's MLP in float32, the distinct expert tensors of the layer in the output type, and the
+        # largest tensor in flight in its parent and output types (plus a float32 view when it converts)
+        "stream": mlp * 4 + (mlp + shared) * out + largest * 2 + emb * 4,
+        # the parent run: one layer's weights in float64, plus one tensor being converted
+        "layer64": _layer_params(p) * 8 * 3 // 2,
+        # the MLP inputs and outputs it keeps for every MoE layer (float64)
+        "states": moe_layers * VERIFY_TOKENS * p.hidden_size * 8 * 2,
+        # expert checks: parent MLP, expected experts + their float64 copies, the tensor read back
+        "moe": mlp * 4 + (mlp + shared) * (out + 8) + largest * 2,
+        # copied tensors: the parent's and the written embedding, and a float32 view
+        "copied": emb * (2 * out + 4),
+    }
+
+
+def overlap_parent(plan, thread_safe: bool) -> bool:
+    """Whether convert runs verification's float64 parent layers in a thread beside the writer and the byte checks.
+
+    It saves most of the verification's time on small models (the imports and the parent's layers then cost
+    nothing extra), and it costs one parent layer in float64 on top of the writer's memory: done only where that
+    adds at most a quarter to the peak (and where the parent's source can be read by two threads at once)."""
+    c = _convert_parts(plan)
+    return thread_safe and c["layer64"] * 4 <= max(c["stream"], c["moe"], c["copied"])
+
+
+def convert_estimate(plan, *, verify: bool, overlap: bool | None = None) -> Estimate:
+    """Streaming conversion, plus the layer-by-layer float64 verification when asked.
+
+    overlap: whether the parent layers run beside the writer (see overlap_parent; None: decide as convert does,
+    for a source that can be read by two threads)."""
+    c = _convert_parts(plan)
+    parts = [("runtime", NUMPY_RUNTIME), ("streaming", c["stream"])]
     if verify:
-        layer64 = _layer_params(p) * 8 * 3 // 2  # weights in float64, plus one tensor being converted
-        moe = mlp * 4 + (mlp + shared) * (out + 8) + largest * 2  # parent MLP, expected experts + float64 copies
-        copied = emb * (2 * out + 4)
-        parts = [("runtime", TORCH_RUNTIME), ("verification", max(layer64, moe, copied, stream))]
+        if overlap is None:
+            overlap = overlap_parent(plan, True)
+        if overlap:
+            need = max(c["stream"], c["moe"], c["copied"]) + c["layer64"]
+        else:
+            need = max(c["layer64"], c["moe"], c["copied"], c["stream"])
+        parts = [("runtime", TORCH_RUNTIME), ("verification", need + c["states"])]
     return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",))
 
 
@@ -273,14 +328,16 @@ def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False
         acts = per_layer * L
     logits = tokens * V * 4 * 3  # logits, their log-softmax and its gradient
     stored = {"bfloat16": 2, "float16": 2}.get(str(mcfg.get("dtype") or mcfg.get("torch_dtype") or "float32"), 4)
-    # Loading reads the checkpoint through a memory map: its pages count in the process's RSS (and a cgroup's
-    # memory) next to the fp32 copy the model keeps, until loading ends (measured on SmolLM2 8 x top-2: the
-    # peak exceeds the other parts by the checkpoint's size).
-    parts = [("runtime", TRAIN_RUNTIME), ("checkpoint pages while loading", P * stored), ("weights fp32", P * 4),
-             ("gradients", T * 4), ("AdamW states", T * 8)]
+    parts = [("runtime", TRAIN_RUNTIME), ("weights fp32", P * 4), ("gradients", T * 4), ("AdamW states", T * 8)]
     if precision == "bf16":
         parts.append(("bf16 weight copies", P * 2))
     parts += [("activations", acts), ("logits", logits)]
+    # Loading reads the checkpoint through a memory map: its pages count in the process's RSS (and a cgroup's
+    # memory) next to the fp32 copy the model keeps, until loading ends (upcycle.train.model gives every tensor
+    # its own memory so that the map goes). The peak is the larger of loading and training: the pages count only
+    # where they exceed what training adds to the weights.
+    training_state = sum(b for label, b in parts if label not in ("runtime", "weights fp32"))
+    parts.insert(2, ("checkpoint pages while loading", max(0, P * stored - training_state)))
     reduce = []
     if cfg.batch_size > 1:
         reduce.append(f"a smaller --batch-size (with --grad-accum {cfg.grad_accum * 2} for the same tokens per step)")
