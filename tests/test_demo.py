@@ -58,3 +58,13 @@ def test_demo_end_to_end_on_the_real_parent(smollm2_gguf, tmp_path):
     held = (out / "data" / "heldout_files.txt").read_text().split()
     trained = (out / "data" / "train_files.txt").read_text().split()
     assert held and trained and not set(held) & set(trained)
+
+
+def test_demo_trains_in_fp32_on_a_cpu(monkeypatch):
+    """--precision auto: the MoE trains faster and in less memory in fp32 on a CPU, AMX or not."""
+    import torch
+
+    from upcycle.demo import demo_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo_precision() == "fp32"

@@ -328,3 +328,23 @@ def test_dead_router_warning(moe, tmp_path, monkeypatch):
     assert "almost no gradient" in dead_router_warning([{**alive, "router_grad_lm_share": 1e-6}])
     assert "near uniform" in dead_router_warning([{**alive, "router_entropy": 2.07}])
     assert dead_router_warning([{"step": 3, "loss": 1.0}]) is None  # dense: nothing to say
+
+
+def test_training_keeps_no_map_of_the_checkpoint_and_no_gradient_pool(moe, tmp_path):
+    """Memory a run would otherwise carry: the checkpoint's memory map (its expert pages are stale once loading has
+    fused them) and, after the run, the upcycle kernel's recycled gradient buffers."""
+    import gc
+    import sys
+
+    from upcycle.core import kernels
+    from upcycle.train.model import load_for_training
+
+    folder = moe()
+    model = load_for_training(str(folder), experts_impl="eager", allow_pickle=False)
+    if sys.platform.startswith("linux"):
+        maps = Path("/proc/self/maps").read_text()
+        assert str(folder.resolve()) not in maps and str(folder) not in maps
+    del model
+    gc.collect()
+    train(config(folder, tmp_path / "r", experts_impl="upcycle", grad_accum=2))
+    assert not kernels._GRAD_POOL

@@ -143,6 +143,12 @@ def _grad_buffer(shape, dtype, device) -> "torch.Tensor":
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def release_grad_buffers() -> None:
+    """Drop the pool of recycled gradient buffers (the end of a training run): it would otherwise keep a set of
+    expert gradients alive for the rest of the process."""
+    _GRAD_POOL.clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # routing plan
 

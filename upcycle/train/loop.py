@@ -350,6 +350,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics.close()
         if cfg.report_to != "none":
             accelerator.end_training()
+        if experts_impl == "upcycle":
+            from upcycle.core.kernels import release_grad_buffers
+
+            release_grad_buffers()  # recycled within this run only; the next run (or stage) starts without them
     if main:
         ui.info(f"trained {step - start} steps ({tokens:,} tokens in all); model in {final}")
     return TrainResult(out, step, tokens, last_loss, final)

@@ -91,11 +91,31 @@ def resolve_experts_impl(name: str, is_moe: bool) -> str | None:
     return name
 
 
+def _own_memory(model) -> None:
+    """Give every parameter and buffer memory of its own, so that no mapping of the checkpoint file survives loading.
+
+    transformers reads safetensors through a memory map and keeps the tensors that need no conversion as views of
+    it; the map then stays whole in RSS, including the pages of per-expert tensors that loading stacked into the
+    fused expert tensors (copies). For an 8-expert MoE those stale pages are as big as the experts themselves.
+    Copying the few views (embeddings, attention, norms) lets the map go: one tensor at a time, so the peak of
+    loading does not grow."""
+    import torch
+
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for t in list(module._parameters.values()) + list(module._buffers.values()):
+                if t is not None and t.device.type == "cpu" and id(t) not in seen:  # tied weights: once
+                    seen.add(id(t))
+                    t.data = t.data.clone()
+
+
 def load_for_training(spec: str, *, experts_impl: str | None, allow_pickle: bool):
     """The model in fp32 (the optimizer's master weights; bf16 comes from autocast), ready to train."""
     from upcycle.core.loading import load_causal_lm
 
     model = load_causal_lm(spec, dtype="float32", allow_pickle=allow_pickle, experts_implementation=experts_impl)
+    _own_memory(model)
     model.config.use_cache = False
     # The model's own aux loss is added to .loss when this is on; ours comes from the recorded logits instead.
     if getattr(model.config, "output_router_logits", False):
