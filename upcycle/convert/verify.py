@@ -121,7 +121,7 @@ class _Checker:
 
     def _read(self, name: str) -> np.ndarray:
         self.checked.add(name)
-        return self.written.read(name)
+        return self.written.view(name)
 
     # -------------------------------------------------------------------------------------------- bytes
 
@@ -203,7 +203,8 @@ class _Checker:
 
     def _read_part(self, name: str, row: int | None, part: slice | None) -> np.ndarray:
         self.checked.add(name)
-        a = _rows(self.written, name, row, row + 1)[0] if row is not None else self.written.read(name)
+        a = self.written.view(name)
+        a = a[row] if row is not None else a
         return a[part] if part is not None else a
 
     def _expert_jobs(self, layer: int, lay) -> list:
