@@ -163,6 +163,8 @@ class _Checker:
         """The parent neurons an expert should hold, in the output dtype (down_proj times its scale)."""
         w = mlp[which]
         n = origin.neurons
+        if n.size and np.array_equal(n, np.arange(n[0], n[0] + n.size)):
+            n = slice(int(n[0]), int(n[0]) + n.size)  # a contiguous run: a view, not a gathered copy
         part = w[:, n] if which == "down" else w[n]
         if origin.copies > 1:
             part = np.concatenate([part] * origin.copies, axis=1 if which == "down" else 0)
