@@ -103,7 +103,7 @@ class _Checker:
         from upcycle.convert.weights import ParentReader
 
         self.ckpt, self.plan, self.out, self.exact = ckpt, plan, Path(out), exact
-        self.reader = ParentReader(ckpt.source, plan.parent, cache_size=2)
+        self.reader = ParentReader(ckpt.source, plan.parent, cache_size=2, mapped=True)
         self.written = SafetensorsSource(self.out)
         self.cfg = json.loads((self.out / "config.json").read_text())
         self.code = plan.out_dtype
