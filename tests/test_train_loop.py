@@ -176,9 +176,11 @@ def test_aux_loss_free_bias_balancing(moe, tmp_path):
     # three steps of +-0.01 (0 for an expert exactly at the mean): multiples of 0.01 within [-0.03, 0.03]
     steps = bias / 0.01
     assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3 + 1e-4
-    # the overloaded experts of the first step were pushed down: the bias anti-correlates with the load
-    load = torch.tensor(metrics(tmp_path / "r")[0]["expert_load"]["0"])
-    assert float(((load - load.mean()) * bias).sum()) < 0
+    # one step: each expert's bias is exactly -0.01 x the sign of its load against the mean (overloaded pushed down)
+    train(config(src, tmp_path / "one", aux_free_bias=True, bias_update_rate=0.01, aux_loss_coef=0.0, steps=1))
+    bias = weights(tmp_path / "one" / "final")["model.layers.0.mlp.gate.e_score_correction_bias"]
+    load = torch.tensor(metrics(tmp_path / "one")[0]["expert_load"]["0"])
+    assert torch.allclose(bias, -0.01 * torch.sign(load - load.mean()), atol=1e-6), (bias, load)
 
 
 def test_dense_parent_baseline(tiny_parent, tmp_path):
@@ -304,18 +306,22 @@ def test_router_gradient_split_leaves_the_step_unchanged(moe, tmp_path, monkeypa
 
 
 def test_dead_router_warning(moe, tmp_path, monkeypatch):
-    """Mixtral's renormalised top-2 over identical copies: the LM loss sends the routers no gradient at step 1, and
-    the tiny routers stay near uniform; the progress display says so once, with what to do."""
+    """Mixtral's renormalised top-2 over identical copies with a small random router (the old default): the LM loss
+    sends the routers no gradient at step 1, and the tiny routers stay near uniform; the progress display says so
+    once, with what to do. The default k-means router prefers experts from the start: no warning."""
     from upcycle.core import ui
 
     said: list[str] = []
     monkeypatch.setattr(ui, "warn", said.append)
-    train(config(moe(), tmp_path / "r", steps=3))
+    train(config(moe(router_init="random"), tmp_path / "r", steps=3))
     rows = metrics(tmp_path / "r")
     assert rows[0]["router_grad_lm_share"] < 1e-4  # copies + renormalisation: ~0 (rounding only)
     assert len(said) == 1
     assert "near uniform after 3 steps" in said[0] and "--expert-init drop:0.5" in said[0]
-    assert "kmeans" in said[0] and "renormalise" in said[0]
+    assert "k-means router" in said[0] and "--router-init kmeans:TEXT" in said[0]
+    said.clear()
+    train(config(moe(), tmp_path / "kmeans", steps=3))
+    assert said == [], said
     # frozen routers: no router gradient to split; then the check itself
     said.clear()
     train(config(moe(), tmp_path / "frozen", steps=2, train=["experts"]))

@@ -58,6 +58,8 @@ def _convert_then_edit(tiny_parent, tmp_path, edit, family="llama", **options):
 
     parent = tiny_parent(family)
     out = tmp_path / "m"
+    # the re-verification below rebuilds the plan without the parent pass a k-means router needs: a seeded router
+    options.setdefault("router_init", "random")
     convert(parent, out, verify=False, quiet=True, **options)
     tensors = load_file(out / "model.safetensors")
     config = json.loads((out / "config.json").read_text())
@@ -66,7 +68,7 @@ def _convert_then_edit(tiny_parent, tmp_path, edit, family="llama", **options):
     (out / "config.json").write_text(json.dumps(config))
     ckpt = open_parent(parent)
     recipe_keys = ("experts", "top_k", "granularity", "shared_experts", "format", "moe_layers", "expert_init", "dtype",
-                   "slice_order")
+                   "slice_order", "router_init", "routing", "router_std")
     plan, _ = build_plan(ckpt, Recipe(**{k: v for k, v in options.items() if k in recipe_keys}))
     try:
         return verify_layers(ckpt, plan, out, exact=exact_claim(plan))

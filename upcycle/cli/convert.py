@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -12,6 +12,7 @@ from upcycle.families.moe import ROUTINGS, format_names
 
 FORMATS = ", ".join(format_names())
 ROUTER = "Router"
+SOURCES = "Experts from several checkpoints"
 VERIFICATION = "Verification"
 
 
@@ -25,7 +26,9 @@ def convert_command(
     moe_layers: Annotated[str, typer.Option("--moe-layers", rich_help_panel=EXPERTS, help="Layers that become MoE: all, every:N, or a list like 0,2,4-7 (others stay dense where the format allows).")] = "all",
     expert_init: Annotated[str, typer.Option("--expert-init", rich_help_panel=EXPERTS, help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise).")] = "copy",
     slice_order: Annotated[str, typer.Option("--slice-order", rich_help_panel=EXPERTS, help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation).")] = "contiguous",
-    router_init: Annotated[str, typer.Option("--router-init", rich_help_panel=ROUTER, help="random (fp32, small std, virtual groups tied) or kmeans:TEXT_FILE (centroids of the parent's hidden states).")] = "random",
+    expert_from: Annotated[Optional[List[str]], typer.Option("--expert-from", rich_help_panel=SOURCES, help="A dense checkpoint (folder or .gguf) with the parent's architecture whose MLPs become experts; repeat for several (Branch-Train-MiX). --experts must be a multiple of (sources x G): the copies are split evenly, in order; PARENT gives everything else.")] = None,
+    average_shared: Annotated[bool, typer.Option("--average-shared", rich_help_panel=SOURCES, help="With --expert-from: attention, norms, embeddings, dense MLPs and shared experts are the mean over PARENT and the sources instead of PARENT's.")] = False,
+    router_init: Annotated[str, typer.Option("--router-init", rich_help_panel=ROUTER, help="auto (kmeans for --routing renorm, random otherwise), random (--router-std), kmeans (centroids of the parent's hidden states on a built-in sample of standard library text) or kmeans:TEXT (on your files); with --expert-from also prompts:FILE (JSON/YAML {source: [texts]}: each source's row from the hidden states of its texts).")] = "auto",
     router_std: Annotated[float, typer.Option("--router-std", rich_help_panel=ROUTER, help="Standard deviation of the random router weights; 0: a zero router (softmax/sigmoid routing: an exact start, every token ties).")] = 0.02,
     routing: Annotated[str, typer.Option("--routing", rich_help_panel=ROUTER, help=f"Routing weights: {', '.join(ROUTINGS)}. renorm: top-k renormalised (exact with any router); softmax (qwen*/flex_olmo) and sigmoid (glm4_moe/dots1): not renormalised, so the router learns from step 0, exact only with --router-std 0.")] = "renorm",
     format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly.")] = "auto",
@@ -33,6 +36,7 @@ def convert_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel=OUTPUT, help="Print the plan (layout, sizes, parameters) and write nothing.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", rich_help_panel=VERIFICATION, help="Check the written folder against the parent: copied tensors by bytes, experts against their parent neurons, every MoE block against the parent's MLP layer by layer in float64 (about one layer of memory); fail if an exact recipe is not exact.")] = True,
     full_check: Annotated[str, typer.Option("--full-check", rich_help_panel=VERIFICATION, help="Also load parent and MoE whole through transformers (float32 logits, greedy decoding): auto (only when that needs under 1 GiB and half the free memory), always, or never.")] = "auto",
+    require_exact: Annotated[bool, typer.Option("--require-exact", rich_help_panel=VERIFICATION, help="Refuse (before any work) a recipe whose start is not the parent's function, e.g. --routing softmax with a random router or --expert-init drop:R.")] = False,
     seed: Seed = 0,
     dtype: Dtype = "auto",
     overwrite: Overwrite = False,
@@ -53,6 +57,9 @@ def convert_command(
 
     See the plan first:
       upcycle convert ./parent out --moe-layers every:2 --dry-run
+
+    Branch-Train-MiX: experts from fine-tunes of the parent:
+      upcycle convert ./base out -e 2 -k 2 --expert-from ./a --expert-from ./b
     """
     options = {name: value for name, value in locals().items() if name != "parent"}
     from upcycle.convert import ConvertOptions, convert

@@ -60,8 +60,14 @@ def train_command(
     aux_free_bias: Annotated[bool, _opt("--aux-free-bias/--no-aux-free-bias", panel=ROUTING, help="Aux-loss-free balancing (DeepSeek-V3): move each expert's selection bias by +-rate per step towards equal load. glm4_moe and dots1 only (they store the bias).")] = False,
     bias_update_rate: Annotated[float, _opt("--bias-update-rate", panel=ROUTING, help="Step of --aux-free-bias per optimizer step.")] = 1e-3,
     router_lr_mult: Annotated[float, _opt("--router-lr-mult", panel=ROUTING, help="Router learning rate = --lr x this.")] = 1.0,
+    force_route: Annotated[Optional[str], _opt("--force-route", panel=ROUTING, help="Send every training token to these experts (3: expert 3 of every MoE layer; 0=3;1=5: per layer; or a domain_experts.json), filling the top-k with them; fewer than k leave the rest to the router's best others. Weights by the router's own rule. Validation and the saved model route normally.")] = None,
+    route_target: Annotated[Optional[str], _opt("--route-target", panel=ROUTING, help="Steer the router: add a cross-entropy of its distribution toward these experts (same grammar as --force-route) on the run's data. Needs a trained router (--train router or --lora router).")] = None,
+    route_target_coef: Annotated[float, _opt("--route-target-coef", panel=ROUTING, help="Weight of the --route-target loss.")] = 1.0,
     # what trains
-    train: Annotated[Optional[List[str]], _opt("--train", panel=WHAT_TRAINS, help="What trains (repeatable, default all): router, experts, shared, attention, embeddings, norms, dense_mlp; experts:0-3 (those experts of every MoE layer), experts:0=1,2;5=0-3 (per layer), or a domain_experts.json from upcycle eval --domain.")] = None,
+    train: Annotated[Optional[List[str]], _opt("--train", panel=WHAT_TRAINS, help="What trains fully (repeatable; default all, with --lora only what is named here): router, experts, shared, attention, embeddings, norms, dense_mlp; experts:0-3 (those experts of every MoE layer), experts:0=1,2;5=0-3 (per layer), or a domain_experts.json from upcycle eval --domain.")] = None,
+    lora: Annotated[Optional[List[str]], _opt("--lora", panel=WHAT_TRAINS, help="LoRA adapters (PEFT) on these groups: router, experts (the fused expert tensors, one adapter per expert), shared, attention, dense_mlp. Everything else is frozen unless --train names it. Writes RUN/adapter/ and a merged final/.")] = None,
+    lora_rank: Annotated[int, _opt("--lora-rank", panel=WHAT_TRAINS, help="LoRA rank R.")] = 8,
+    lora_alpha: Annotated[float, _opt("--lora-alpha", panel=WHAT_TRAINS, help="LoRA alpha A: the update is (A / R) x B A.")] = 16.0,
     # output and checkpoints
     out: Annotated[Path, _opt("--out", "-o", panel=CHECKPOINTS, help="Run folder: metrics.jsonl, checkpoint-STEP/ and final/ (Hugging Face model folders). Must be new or empty unless --resume.")] = ...,
     save_every: Annotated[int, _opt("--save-every", panel=CHECKPOINTS, help="Write checkpoint-STEP every N steps (0: only final/).")] = 500,
@@ -98,6 +104,16 @@ def train_command(
     Train only the routers, faster:
       upcycle train ./smol-moe -d code/ -o runs/code --steps 500 \\
         --train router --router-lr-mult 10
+
+    Fine-tune expert 3 on a domain, then steer the router to it:
+      upcycle train ./smol-moe -d code/ -o runs/e3 --steps 200 \\
+        --force-route 3 --train experts:3
+      upcycle train runs/e3/final -d code/ -o runs/r3 --steps 100 \\
+        --train router --route-target 3
+
+    LoRA on the experts, full router:
+      upcycle train ./smol-moe -d code/ -o runs/lora --steps 200 \\
+        --lora experts --lora-rank 16 --train router
 
     Several GPUs (DDP):
       accelerate launch --config_file examples/accelerate/ddp_gpu.yaml \\

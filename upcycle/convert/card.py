@@ -115,6 +115,7 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
         if lay.moe:
             entry["experts"] = [
                 {"neurons": _neurons(o.neurons), "down_scale": o.down_scale,
+                 **({"source": o.source} if o.source is not None else {}),
                  **({"reinit": o.reinit.astype(int).tolist()} if o.reinit is not None else {})}
                 for o in lay.experts
             ]
@@ -137,11 +138,13 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
         "virtual_group_size": r.group_size,
         # glm4_moe / dots1 apply the group scale through routed_scaling_factor instead of down_proj
         "routed_scaling_factor": plan.config.get("routed_scaling_factor", 1.0),
-        "exact_by_construction": r.exact,
+        "exact_by_construction": r.exact and (plan.sources is None or plan.sources.all_base),
         # why the start is not the parent's function (None: it is, to float32 noise); verification has the measure
         "not_exact_because": plan.inexact_reason,
         "parameters": {"total": plan.total_params, "active_per_token": plan.active_params, "parent": plan.parent_params},
         "verification": verification,
+        # --expert-from: every source as given (an expert's "source" is its position here) and its tensor digest
+        **({"sources": fp.get("sources"), "shared_from": plan.sources.shared_from} if plan.sources is not None else {}),
         "layers": layers,
     }
 
@@ -189,6 +192,16 @@ class Manifest:
     def expert_reinit(self, layer: int, expert: int) -> list[int]:
         return list(self._layer(layer)["experts"][expert].get("reinit", []))
 
+    def expert_source(self, layer: int, expert: int) -> str | None:
+        """The --expert-from checkpoint an expert's neurons were read from; None: the parent."""
+        j = self._layer(layer)["experts"][expert].get("source")
+        return None if j is None else self.data["sources"][j]["source"]
+
+    @property
+    def mixed(self) -> bool:
+        """Some experts come from checkpoints other than the parent (--expert-from)."""
+        return any(not s.get("is_parent") for s in self.data.get("sources") or [])
+
     def shared_neurons(self, layer: int) -> list[int] | None:
         s = self._layer(layer).get("shared")
         return None if s is None else _expand(s["neurons"]) * int(s.get("copies", 1))
@@ -211,13 +224,33 @@ def _why_close(r) -> str:
     return r.inexact_reason
 
 
-def model_card(plan, parent_label: str, command: list[str] | None, verification: dict | None) -> str:
+def _source_rows(plan, fingerprints: dict | None) -> list[str]:
+    """Table rows for --expert-from: which experts each source gives (with its digest), where the rest comes from."""
+    r, src = plan.recipe, plan.sources
+    per = r.copies_per_source * r.group_size
+    digests = {e["source"]: e["tensors_sha256"] for e in (fingerprints or {}).get("sources") or []}
+    rows = []
+    for j, spec in enumerate(src.specs):
+        digest = digests.get(spec)
+        which = f"expert {j}" if per == 1 else f"experts {j * per}-{(j + 1) * per - 1}"
+        rows.append(f"| {which} from | `{spec}`"
+                    + (" (the parent itself)" if src.of_spec[j] < 0 else "")
+                    + (f", tensors sha256 `{digest[:16]}...`" if digest else "") + " |")
+    rows.append(f"| attention, norms, embeddings{', dense MLPs' if len(plan.moe_layers) < plan.parent.num_layers else ''}"
+                f"{', shared experts' if r.shared_experts else ''} | {src.shared_from} |")
+    return rows
+
+
+def model_card(plan, parent_label: str, command: list[str] | None, verification: dict | None,
+               fingerprints: dict | None = None) -> str:
     r, p, fmt = plan.recipe, plan.parent, plan.fmt
     dense = [i for i in range(p.num_layers) if i not in set(plan.moe_layers)]
     mode, value = r.expert_init_mode
     init = {"copy": "exact copies of the parent MLP",
             "drop": f"Drop-Upcycling: {value:g} of each expert's neurons re-drawn from the parent matrix statistics",
             "noise": f"copies plus Gaussian noise of std {value:g}"}[mode]
+    if plan.sources is not None and not plan.sources.all_base:
+        init = init.replace("the parent MLP", "the MLPs of their --expert-from sources")
     if verification is None:
         check = "not verified (`--no-verify`)"
     else:
@@ -225,6 +258,14 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
 
         check = summary(verification)
     cmd = " ".join(command) if command else f"upcycle convert {parent_label} OUT"
+    mixed = plan.sources is not None and not plan.sources.all_base
+    if mixed:
+        computes = ("does NOT compute what the parent computes: " + plan.sources.inexact_reason
+                    + (" (how far it is, on the verification prompts, is in the check below)" if verification
+                       else " (not measured: converted with `--no-verify`)"))
+    else:
+        computes = ("until trained, computes "
+                    + ('what the parent computes' if r.exact else 'close to what the parent computes (' + _why_close(r) + ')'))
     lines = [
         "---",
         "library_name: transformers",
@@ -234,8 +275,7 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         f"# {fmt.model_type} MoE upcycled from `{parent_label}`",
         "",
         f"Made by [upcycle](https://pypi.org/project/upcycle/) {__version__} from a dense {p.model_type} parent. "
-        "It loads with `AutoModelForCausalLM.from_pretrained` (no remote code) and, until trained, computes "
-        f"{'what the parent computes' if r.exact else 'close to what the parent computes (' + _why_close(r) + ')'}.",
+        f"It loads with `AutoModelForCausalLM.from_pretrained` (no remote code) and {computes}.",
         "",
         "| | |",
         "|---|---|",
@@ -244,11 +284,11 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         f"| shared experts | {r.shared_experts} |",
         f"| MoE layers | {len(plan.moe_layers)} of {p.num_layers}" + (f" (dense: {dense})" if dense else "") + " |",
         f"| expert init | {init} |",
-        f"| router init | {r.router_init} (virtual groups of {r.group_size} tied) |",
-        *([f"| routing | {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else f", router std {r.router_std:g}")
-           + " |"] if r.routing != "renorm" else []),
+        f"| router init | {r.router_description} (virtual groups of {r.group_size} tied) |",
+        f"| routing | {r.routing}: {ROUTINGS[r.routing]} |",
         f"| parameters | {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token (parent: {human_count(plan.parent_params)}) |",
         f"| dtype, size | {NAME_OF[plan.out_dtype]}, {human_bytes(plan.output_bytes)} |",
+        *(_source_rows(plan, fingerprints) if plan.sources is not None else []),
         f"| check against the parent | {check} |",
         "",
         "Reproduce (same bytes):",

@@ -49,6 +49,7 @@ class Plan:
     config: dict
     layouts: list[LayerLayout]
     tensors: list[OutTensor] = field(default_factory=list)
+    sources: object = None  # upcycle.convert.mix.ExpertSources with --expert-from, else None
 
     @property
     def output_bytes(self) -> int:
@@ -68,6 +69,12 @@ class Plan:
     @property
     def inexact_reason(self) -> str | None:
         """Why the converted model will not reproduce the parent (None: it will, to float32 noise)."""
+        mixed = self.sources.inexact_reason if self.sources is not None else None
+        return mixed or self.layout_inexact_reason
+
+    @property
+    def layout_inexact_reason(self) -> str | None:
+        """Why the recipe itself (whatever the experts' sources) would not reproduce the parent it copies."""
         if self.recipe.inexact_reason:
             return self.recipe.inexact_reason
         if self.out_dtype == "F32":
@@ -95,7 +102,8 @@ def _one(f: Callable[[], np.ndarray]) -> Callable[[], Iterator[np.ndarray]]:
 
 
 def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoEType, moe_layers: list[int],
-              out_dtype: str, router_bases: dict | None = None) -> Plan:
+              out_dtype: str, router_bases: dict | None = None, sources=None) -> Plan:
+    """sources: the ExpertSources of --expert-from (reader then reads their shared tensors: BASE or the mean)."""
     p = parent
     from upcycle.core.tensors import NAME_OF
 
@@ -103,8 +111,12 @@ def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoE
     moe = set(moe_layers)
     layouts = [layer_layout(p, recipe, i, i in moe, fmt.shared_gate_factor, fmt.routed_scale_in_config)
                for i in range(p.num_layers)]
-    plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts)
-    wf = WeightFactory(reader, recipe, out_dtype, router_bases)
+    plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts, sources=sources)
+    expert_readers = None
+    if sources is not None:
+        # one small cache per source: an expert's three projections are read one after another
+        expert_readers = [ParentReader(sources.source(j), p, cache_size=1) for j in range(len(sources.specs))]
+    wf = WeightFactory(reader, recipe, out_dtype, router_bases, expert_readers)
     T = plan.tensors
     H = p.hidden_size
 

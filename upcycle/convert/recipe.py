@@ -37,15 +37,22 @@ class Recipe:
     shared_experts: int = 0
     format: str = "auto"
     moe_layers: str = "all"
-    router_init: str = "random"
+    router_init: str = "auto"
     router_std: float = 0.02
     routing: str = "renorm"
     expert_init: str = "copy"
     slice_order: str = "contiguous"
     seed: int = 0
     dtype: str = "auto"
+    expert_from: tuple[str, ...] = ()  # checkpoints whose MLPs become the experts (empty: the parent's)
+    average_shared: bool = False  # non-expert weights: the mean over the parent and the sources (BTX)
 
     def __post_init__(self):
+        sources = () if self.expert_from is None else (self.expert_from,) if isinstance(self.expert_from, (str, Path)) \
+            else self.expert_from
+        object.__setattr__(self, "expert_from", tuple(str(s) for s in sources))
+        if any(not s.strip() for s in self.expert_from):
+            raise UsageError("--expert-from needs a checkpoint (a folder or a .gguf file), not an empty string")
         for name in ("experts", "top_k", "granularity"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -68,9 +75,10 @@ class Recipe:
         if self.router_std == 0 and self.routing == "renorm":
             raise UsageError("--router-std 0 with --routing renorm: identical experts then give the zero router no "
                              "gradient, so it never leaves zero; use --routing softmax or sigmoid, or a positive --router-std")
-        if self.router_std == 0 and self.router_init_mode[0] != "random":
-            raise UsageError("--router-std 0 asks for a zero router, --router-init kmeans sets it from centroids; "
-                             "drop one of them")
+        if self.router_std == 0 and self.router_init_mode[0] != "random" and self.router_init != "auto":
+            mode = self.router_init_mode[0]
+            raise UsageError(f"--router-std 0 asks for a zero router, --router-init {mode} sets it from "
+                             f"{'centroids' if mode == 'kmeans' else 'the texts of each source'}; drop one of them")
         v = self.group_size
         if self.shared_experts >= self.granularity and self.shared_experts % self.granularity:
             raise UsageError(
@@ -84,6 +92,41 @@ class Recipe:
                 f"a token must pick whole groups of slices for the MoE to stay exact; "
                 f"e.g. --experts {max(v, self.experts // v * v)} --top-k {max(v, self.top_k // v * v)}"
             )
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        n, v = len(self.expert_from), self.group_size
+        if self.average_shared and not n:
+            raise UsageError("--average-shared averages the parent with the --expert-from checkpoints: give at least "
+                             "one --expert-from")
+        if n and self.experts % (n * v):
+            unit = f"{n} source(s) x {v} slices per copy" if v > 1 else f"{n} source(s)"
+            raise UsageError(
+                f"--experts {self.experts} with {n} --expert-from source(s): every source gives the same number of "
+                f"whole copies, so --experts must be a multiple of {n * v} ({unit}); e.g. --experts {n * v}")
+        mode = self.router_init_mode[0]
+        if mode == "prompts":
+            if not n:
+                raise UsageError("--router-init prompts:FILE maps --expert-from sources to texts: give --expert-from "
+                                 "(or use kmeans:TEXT_FILE)")
+            if self.copies != n:
+                raise UsageError(f"--router-init prompts gives each source one router row, and --experts "
+                                 f"{self.experts} makes {self.copies // n} copies of each; use --experts {n * v}")
+            dup = next((s for i, s in enumerate(self.expert_from) if s in self.expert_from[:i]), None)
+            if dup is not None:
+                raise UsageError(f"--router-init prompts: {dup} is given twice with --expert-from, and its two "
+                                 "copies would get the same router row; give each source once")
+
+    @property
+    def copies_per_source(self) -> int:
+        """Whole copies each --expert-from source gives (0 without sources)."""
+        return self.copies // len(self.expert_from) if self.expert_from else 0
+
+    def expert_source(self, expert: int) -> int | None:
+        """Which --expert-from source (its position) routed expert `expert` comes from; None: the parent."""
+        if not self.expert_from:
+            return None
+        return expert // self.group_size // self.copies_per_source
 
     # ------------------------------------------------------------------ parsed options
 
@@ -104,13 +147,34 @@ class Recipe:
 
     @property
     def router_init_mode(self) -> tuple[str, Path | None]:
+        """("random", None), or ("kmeans", TEXT) where TEXT None is the built-in sample (upcycle.convert.router_init).
+
+        auto: k-means for --routing renorm (exact with any router, and the routers learn; docs/study.md), random
+        for softmax and sigmoid (exact only with a zero router, --router-std 0)."""
         s = self.router_init.strip()
+        if s == "auto":
+            return ("kmeans", None) if self.routing == "renorm" else ("random", None)
         if s == "random":
             return "random", None
-        if s.startswith("kmeans:"):
-            path = Path(s[len("kmeans:"):]).expanduser()
-            return "kmeans", path
-        raise UsageError(f"--router-init {s!r}: use random or kmeans:TEXT_FILE")
+        if s == "kmeans":
+            return "kmeans", None
+        for mode in ("kmeans", "prompts"):
+            if s.startswith(f"{mode}:") and s[len(mode) + 1:].strip():
+                return mode, Path(s[len(mode) + 1:].strip()).expanduser()
+        raise UsageError(f"--router-init {s!r}: use auto, random, kmeans (a built-in text sample) or kmeans:TEXT "
+                         "(or prompts:FILE with --expert-from)")
+
+    @property
+    def router_description(self) -> str:
+        """How the router starts, in words (plan, model card)."""
+        mode, text = self.router_init_mode
+        if mode == "kmeans":
+            from upcycle.convert.router_init import describe
+
+            return f"k-means of the parent's hidden states on {describe(text)}"
+        if mode == "prompts":
+            return f"one row per --expert-from source, from the hidden states of its texts in {text}"
+        return "zero router (every expert ties)" if self.zero_router else f"random, std {self.router_std:g}"
 
     @property
     def zero_router(self) -> bool:
@@ -128,7 +192,8 @@ class Recipe:
         if self.expert_init_mode[0] != "copy":
             return f"expert init {self.expert_init} perturbs experts on purpose"
         if self.routing != "renorm" and not self.zero_router:
-            router = "k-means router" if self.router_init_mode[0] == "kmeans" else f"router std {self.router_std:g}"
+            router = {"kmeans": "k-means router", "prompts": "router from the sources' texts"}.get(
+                self.router_init_mode[0], f"router std {self.router_std:g}")
             return (f"--routing {self.routing} reproduces the parent only with a zero router (--router-std 0); "
                     f"with a {router} the chosen weights vary per token")
         return None

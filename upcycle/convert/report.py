@@ -40,7 +40,9 @@ def print_plan(result: ConvertResult, console: Console) -> None:
         f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
         f"(parent {human_count(plan.parent_params)})",
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
-        f"routing       {r.routing}: {ROUTINGS[r.routing]}" + (", zero router" if r.zero_router else ""),
+        *(_source_lines(plan) if plan.sources is not None else []),
+        f"routing       {r.routing}: {ROUTINGS[r.routing]}",
+        f"router        {r.router_description}",
         f"exact         {'yes' if exact_claim(plan) else 'no: ' + plan.inexact_reason}",
     ]
     if result.estimate is not None:
@@ -48,6 +50,14 @@ def print_plan(result: ConvertResult, console: Console) -> None:
     for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
         lines.append(f"note          {note}")
     console.print("\n".join(lines))
+
+
+def _source_lines(plan) -> list[str]:
+    r, src = plan.recipe, plan.sources
+    per = r.copies_per_source * r.group_size
+    lines = [f"experts from  {spec}: " + (f"expert {j}" if per == 1 else f"experts {j * per}-{(j + 1) * per - 1}")
+             + (" (the parent itself)" if src.of_spec[j] < 0 else "") for j, spec in enumerate(src.specs)]
+    return lines + [f"other weights {src.shared_from}"]
 
 
 def print_summary(result: ConvertResult, console: Console) -> None:
@@ -60,7 +70,12 @@ def print_summary(result: ConvertResult, console: Console) -> None:
         from upcycle.convert.verify import summary
 
         verdict = "exact" if v["exact_expected"] else "not exact by design"
+        if v.get("mixed") is not None:
+            verdict = "not the parent's function: experts from other checkpoints"
         console.print(f"verified ({verdict}): {summary(v)}", soft_wrap=True)
+    elif plan.sources is not None and not plan.sources.all_base:
+        console.print(f"[yellow]warning:[/] this model is not the parent's function ({plan.inexact_reason}); run "
+                      "with --verify to measure how far it is from the parent", soft_wrap=True)
     elif not exact_claim(plan):
         console.print("[yellow]warning:[/] this recipe is not exact; run with --verify to measure how far it is "
                       "from the parent", soft_wrap=True)

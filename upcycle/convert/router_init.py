@@ -1,11 +1,20 @@
 """Data-driven router initialisation: k-means centroids of the parent's hidden states, per MoE layer.
 
 As in MoEfication and LLaMA-MoE, the router starts from structure in the parent's own activations instead of
-noise: the tokens of a real text are run through the parent, the inputs of each MoE layer's MLP are collected,
-and spherical k-means (cosine, k = number of expert copies) gives one direction per copy. A copy's router row
-is its centroid, scaled so that the router logits over the sample have unit standard deviation (a softmax
-neither flat nor saturated). Rows are then tied within virtual groups as for a random router, so the
-conversion stays exact: only *which* identical copy a token picks depends on the centroids.
+noise: the tokens of a real text are run through the parent (one decoder layer at a time, so memory stays at
+about one layer), the inputs of each MoE layer's MLP are collected, and spherical k-means (cosine, k = number
+of expert copies) gives one direction per copy. A copy's router row is its centroid, scaled so that the router
+logits over the sample have unit standard deviation (a softmax neither flat nor saturated). Rows are then tied
+within virtual groups as for a random router.
+
+With renormalised top-k weights this keeps the conversion exact (only *which* identical copy a token picks
+depends on the centroids), and it is what makes the router learn: different tokens reach different copies from
+the first step, so the copies drift apart, and once they differ the language-modelling loss has a gradient for
+the router (with identical copies and renormalised weights it has none). That is why it is the default for
+--routing renorm; docs/study.md has the measurements.
+
+Without a text of the user's, the sample is taken from this Python's standard library sources (the training
+side of upcycle's own split), which exist on every machine.
 """
 
 from __future__ import annotations
@@ -17,18 +26,33 @@ import numpy as np
 from upcycle.core import ui
 from upcycle.core.errors import InputError
 
-MAX_TOKENS = 8192
+MAX_TOKENS = 2048
+BLOCK = 512  # tokens per sequence: the parent's attention runs on blocks, never on one long sequence
 ITERATIONS = 25
+DEFAULT_FILES = 8  # standard library files sampled for the default text
 
 
-def _texts(path: Path) -> list[str]:
-    try:
-        from upcycle.core.data import iter_texts, resolve_data_files
+def default_texts() -> list[str]:
+    """A fixed sample of real text that exists on every machine: the first part of a few standard library files."""
+    from upcycle.core.assets import stdlib_split
 
-        files = resolve_data_files([str(path)])
-        return list(_take_chars(iter_texts(files), 4 * MAX_TOKENS * 8))
-    except ImportError:  # pragma: no cover - data layer not installed
-        return [path.read_text(errors="replace")]
+    train, _ = stdlib_split()
+    step = max(1, len(train) // DEFAULT_FILES)
+    per_file = 4 * MAX_TOKENS * 4 // DEFAULT_FILES  # characters: ~4 per token, with room to spare
+    return [f.read_text(errors="replace")[:per_file] for f in train[::step][:DEFAULT_FILES]]
+
+
+def describe(text: Path | None) -> str:
+    return str(text) if text is not None else f"{DEFAULT_FILES} standard library sources"
+
+
+def _texts(path: Path | None) -> list[str]:
+    if path is None:
+        return default_texts()
+    from upcycle.core.data import iter_texts, resolve_data_files
+
+    files = resolve_data_files([str(path)])
+    return list(_take_chars(iter_texts(files), 4 * MAX_TOKENS * 8))
 
 
 def _take_chars(texts, limit: int):
@@ -62,38 +86,89 @@ def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
     return c
 
 
-def kmeans_router_bases(parent_spec: str, text: Path, plan, quiet: bool = False, allow_pickle: bool = False) -> dict[int, np.ndarray]:
-    """{layer: (copies, H) float32 router rows} from the parent's activations on `text`."""
+def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> dict[int, np.ndarray]:
+    """{layer: (copies, H) float32 router rows} from the parent's activations on `text` (None: the default sample)."""
     import torch
 
-    from upcycle.core.loading import load_causal_lm, load_tokenizer
+    from upcycle.convert.verify import stream_parent
+    from upcycle.core.loading import load_tokenizer
 
     if not quiet:
-        ui.info(f"router init: k-means of the parent's hidden states on {text}")
-    model = load_causal_lm(parent_spec, dtype="float32", allow_pickle=allow_pickle)
-    tok = load_tokenizer(parent_spec)
+        ui.info(f"router init: k-means of the parent's hidden states on {describe(text)}")
+    tok = load_tokenizer(ckpt.load_spec)
     texts = [t for t in _texts(text) if t.strip()]
     if not texts:
         raise InputError(f"--router-init kmeans: {text} holds no text")
-    ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0][:MAX_TOKENS]
-    if ids.numel() < 4 * plan.recipe.copies:
-        raise InputError(f"--router-init kmeans: {text} gives {ids.numel()} tokens, too few for {plan.recipe.copies} clusters")
-    layers = model.model.layers
-    captured: dict[int, list] = {i: [] for i in plan.moe_layers}
-    hooks = [layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
-             for i in plan.moe_layers]
-    try:
-        with torch.no_grad():
-            for chunk in ids.split(512):
-                model(chunk.unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
-    bases = {}
-    for i in plan.moe_layers:
-        x = torch.cat(captured[i])
+    ids = np.asarray(tok("\n\n".join(texts)).input_ids, dtype=np.int64)[:MAX_TOKENS]
+    if ids.size < 4 * plan.recipe.copies:
+        raise InputError(f"--router-init kmeans: {describe(text)} gives {ids.size} tokens, too few for "
+                         f"{plan.recipe.copies} clusters")
+    block = min(BLOCK, ids.size)
+    ids = ids[: ids.size // block * block].reshape(-1, block)
+    moe_layers = set(plan.moe_layers)
+    bases: dict[int, np.ndarray] = {}
+
+    def on_mlp(i: int, x, y) -> None:
+        if i not in moe_layers:
+            return
         c = spherical_kmeans(x, plan.recipe.copies, seed=plan.recipe.seed * 1000 + i)
         logits = x.float() @ c.T
         scale = 1.0 / float(logits.std().clamp_min(1e-6))
         bases[i] = (c * scale).numpy().astype(np.float32)
+
+    # float32 is plenty for choosing directions, and twice as fast as the float64 the verification uses
+    stream_parent(ckpt, ids, None, on_mlp, dtype=torch.float32)
+    return bases
+
+
+# ------------------------------------------------------------------------------------------------ prompts:FILE
+
+MAX_PROMPT_TOKENS = 512  # per source: enough for a mean direction, and the float64 pass stays small
+
+
+def prompt_router_bases(ckpt, shared_source, texts: list[list[str]], plan, quiet: bool = False) -> dict[int, np.ndarray]:
+    """{layer: (sources, H) float32 router rows}: one row per --expert-from source, from the hidden states at the
+    input of each MoE layer's MLP on that source's example texts (mergekit-moe's "hidden" gate mode, centred).
+
+    The dense model that gives the hidden states is the one whose attention, norms and embeddings the MoE takes
+    (the parent, or the mean with --average-shared), run one decoder layer at a time in float64
+    (upcycle.convert.verify.stream_parent): each source's texts, joined by blank lines and cut at
+    MAX_PROMPT_TOKENS, form one row of a right-padded batch, so no source's tokens see another's. A source's row
+    is the mean of its tokens' unit-normalised hidden states minus the mean of those means over the sources (what
+    every source shares tells no expert apart), normalised, then all rows scaled as the k-means rows are: the
+    router logits over all the sample's tokens have unit standard deviation.
+    """
+    import torch
+
+    from upcycle.convert.verify import stream_parent
+    from upcycle.core.loading import load_tokenizer
+
+    if not quiet:
+        ui.info(f"router init: the hidden states of {len(texts)} sources' example texts")
+    tok = load_tokenizer(ckpt.load_spec)
+    ids = [tok("\n\n".join(t)).input_ids[:MAX_PROMPT_TOKENS] for t in texts]
+    for spec, row in zip(plan.recipe.expert_from, ids):
+        if not row:
+            raise InputError(f"--router-init prompts: the texts of {spec!r} give no tokens")
+    lengths = [len(r) for r in ids]
+    batch = np.zeros((len(ids), max(lengths)), np.int64)  # right padding: causal attention never looks ahead
+    for j, row in enumerate(ids):
+        batch[j, :len(row)] = row
+    moe_layers = set(plan.moe_layers)
+    bases: dict[int, np.ndarray] = {}
+
+    def on_mlp(i: int, x, y) -> None:
+        if i not in moe_layers:
+            return
+        x = x.reshape(len(ids), batch.shape[1], -1)
+        tokens = [x[j, :n] for j, n in enumerate(lengths)]
+        means = torch.stack([torch.nn.functional.normalize(t, dim=-1).mean(0) for t in tokens])
+        if len(tokens) > 1:
+            means = means - means.mean(0, keepdim=True)
+        rows = torch.nn.functional.normalize(means, dim=-1)
+        logits = torch.cat(tokens) @ rows.T
+        scale = 1.0 / float(logits.std().clamp_min(1e-6))
+        bases[i] = (rows * scale).numpy().astype(np.float32)
+
+    stream_parent(ckpt, batch, None, on_mlp, source=shared_source)
     return bases

@@ -19,6 +19,7 @@ from upcycle.core import memory, ui
 from upcycle.core.errors import InputError, UsageError
 from upcycle.families.moe import choose_format
 from upcycle.convert.card import manifest_dict, model_card, write_manifest
+from upcycle.convert.mix import ExpertSources, load_prompts, open_sources, source_entries
 from upcycle.convert.parent import ParentCheckpoint, open_parent
 from upcycle.convert.plan import Plan, make_plan
 from upcycle.convert.recipe import Recipe
@@ -41,6 +42,7 @@ class ConvertOptions:
     dry_run: bool = False  # plan only: write nothing
     verify: bool = True  # check the folder against the parent (layer by layer, float64) before it is moved in place
     full_check: str = "auto"  # also the whole-model check through transformers: auto (when it fits), always, never
+    require_exact: bool = False  # refuse a recipe that does not reproduce the parent
     allow_pickle: bool = False
 
     def __post_init__(self):
@@ -90,6 +92,17 @@ def exact_claim(plan: Plan) -> bool:
     return plan.inexact_reason is None
 
 
+def _exact_alternative(plan: Plan) -> str:
+    recipe = plan.recipe
+    if plan.sources is not None and plan.sources.inexact_reason:
+        return "experts from other checkpoints never compute the parent's function: drop --expert-from"
+    if recipe.expert_init_mode[0] != "copy":
+        return "use --expert-init copy"
+    if recipe.routing != "renorm" and not recipe.zero_router:
+        return f"use --router-std 0 (a zero router) with --routing {recipe.routing}, or --routing renorm"
+    return "store it in float32 (--dtype float32), or pick a layout whose scale is a power of two"
+
+
 def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:
     p = plan.parent
     want = {"gate": (p.intermediate_size, p.hidden_size), "up": (p.intermediate_size, p.hidden_size),
@@ -103,7 +116,9 @@ def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:
                 raise InputError(f"{name} has shape {list(reader.shape(name))}, config.json implies {list(shape)}")
 
 
-def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None = None) -> tuple[Plan, ParentReader]:
+def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None = None,
+               sources: ExpertSources | None = None) -> tuple[Plan, ParentReader]:
+    """sources: the opened --expert-from checkpoints (their experts; the shared tensors from BASE or the mean)."""
     p = ckpt.spec
     if p.intermediate_size % recipe.granularity:
         raise UsageError(
@@ -112,10 +127,10 @@ def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None
         )
     moe_layers = recipe.parse_moe_layers(p.num_layers)
     fmt = choose_format(p, recipe, moe_layers)
-    reader = ParentReader(ckpt.source, p)
+    reader = ParentReader(sources.shared_source if sources is not None else ckpt.source, p)
     out_dtype = ckpt.source.float_dtype() if recipe.dtype == "auto" else CODE_OF[recipe.dtype]
     try:
-        plan = make_plan(p, reader, recipe, fmt, moe_layers, out_dtype, router_bases)
+        plan = make_plan(p, reader, recipe, fmt, moe_layers, out_dtype, router_bases, sources)
     except KeyError as exc:
         raise InputError(f"the parent checkpoint lacks tensor {exc.args[0]}") from None
     _check_parent_tensors(reader, plan)
@@ -141,16 +156,26 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     verify, full_check = options.verify, options.full_check
     if not dry_run:
         check_output(out, overwrite)
-    mode, kmeans_file = recipe.router_init_mode
-    if mode == "kmeans" and not kmeans_file.exists():
-        raise InputError(f"--router-init kmeans: no such file or folder {kmeans_file}")
+    mode, init_file = recipe.router_init_mode
+    if mode == "kmeans" and init_file is not None and not init_file.exists():
+        raise InputError(f"--router-init kmeans: no such file or folder {init_file}")
+    # the prompts file is read (texts only) before any model is opened: a missing source fails in a second
+    prompts = load_prompts(init_file, recipe.expert_from) if mode == "prompts" else None
     if quiet:
         ckpt = open_parent(parent, allow_pickle=allow_pickle)
     else:
         with ui.console.status(f"reading {parent}" + (" (GGUF metadata is slow to parse)" if str(parent).endswith(".gguf") else "")):
             ckpt = open_parent(parent, allow_pickle=allow_pickle)
+    sources = None
     try:
-        plan, _ = build_plan(ckpt, recipe)
+        if recipe.expert_from:
+            sources = open_sources(ckpt, recipe.expert_from, average=recipe.average_shared, allow_pickle=allow_pickle)
+        plan, _ = build_plan(ckpt, recipe, sources=sources)
+        if options.require_exact and not exact_claim(plan):
+            raise UsageError(f"--require-exact: this recipe is not exact ({plan.inexact_reason}); "
+                             f"{_exact_alternative(plan)}")
+        # verification's parent run reads the parent's own source only, with or without --expert-from (the other
+        # checkpoints and the --average-shared mean are read in this thread): its thread safety is what counts
         overlap = verify and memory.overlap_parent(plan, ckpt.source.thread_safe)
         estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap)
         if dry_run:
@@ -161,8 +186,13 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
 
-            bases = kmeans_router_bases(ckpt.load_spec, kmeans_file, plan, quiet=quiet, allow_pickle=allow_pickle)
-            plan, _ = build_plan(ckpt, recipe, bases)
+            bases = kmeans_router_bases(ckpt, init_file, plan, quiet=quiet)
+            plan, _ = build_plan(ckpt, recipe, bases, sources)
+        elif mode == "prompts":
+            from upcycle.convert.router_init import prompt_router_bases
+
+            bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, quiet=quiet)
+            plan, _ = build_plan(ckpt, recipe, bases, sources)
         if command is None:
             command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
         verification = None
@@ -190,9 +220,13 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             from upcycle.convert.card import folder_digest, tensor_digest
 
             fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
+            if sources is not None:
+                fingerprints["sources"] = source_entries(sources, tensor_digest)
             write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification, fingerprints))
-            (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification))
+            (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification, fingerprints))
     finally:
+        if sources is not None:
+            sources.close()
         ckpt.close()
     return ConvertResult(options, plan, verification, time.perf_counter() - start)
 

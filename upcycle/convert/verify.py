@@ -103,12 +103,21 @@ class _Checker:
         from upcycle.convert.weights import ParentReader
 
         self.ckpt, self.plan, self.out, self.exact = ckpt, plan, Path(out), exact
-        self.reader = ParentReader(ckpt.source, plan.parent, cache_size=2, mapped=True)
+        sources = plan.sources
+        # copied tensors and shared experts: the parent's, or the mean with --average-shared; routed experts: the
+        # neurons of their own --expert-from source, which are copied exactly even when the function is not. All
+        # read through one-tensor memory maps where the source has them (no copy: these are only compared)
+        self.reader = ParentReader(sources.shared_source if sources else ckpt.source, plan.parent, cache_size=2,
+                                   mapped=True)
+        self.expert_readers = ([ParentReader(sources.source(j), plan.parent, cache_size=1, mapped=True)
+                                for j in range(len(sources.specs))] if sources else [])
+        self.strict_experts = exact or (sources is not None and plan.layout_inexact_reason is None)
         self.written = SafetensorsSource(self.out)
         self.cfg = json.loads((self.out / "config.json").read_text())
         self.code = plan.out_dtype
         self.checked: set[str] = set()
         self.report: dict = {"method": "layers", "exact_expected": exact, "function_rtol": FUNCTION_RTOL,
+                             "experts_from_sources": bool(sources),
                              "copied_tensors": 0, "expert_tensors": 0, "layers": [], "expert_max_rel_diff": 0.0,
                              "max_rel_diff": 0.0}
         self.by_name = {t.name: t for t in plan.tensors}
@@ -217,17 +226,23 @@ class _Checker:
             jobs.append((-1, lay.shared, self._expert_names(locations, -1)))
         return jobs
 
-    def _parent_mlp(self, layer: int) -> dict:
-        pre = f"model.layers.{layer}.mlp."
-        return {w: self.reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
+    def _mlp_of(self, layer: int, origin, cache: dict) -> dict:
+        """The float32 MLP of `layer` that `origin`'s neurons come from, read once per layer into cache["mlps"]: the
+        parent's (the mean with --average-shared for a shared expert), or its own --expert-from source's."""
+        mlps = cache.setdefault("mlps", {})
+        if origin.source not in mlps:
+            pre = f"model.layers.{layer}.mlp."
+            reader = self.reader if origin.source is None else self.expert_readers[origin.source]
+            mlps[origin.source] = {w: reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
+        return mlps[origin.source]
 
     def expert_bytes(self, layer: int, lay) -> tuple[set, dict]:
-        """Byte check of every routed and shared expert of `layer` against the parent neurons it should hold.
+        """Byte check of every routed and shared expert of `layer` against the neurons it should hold (the parent's,
+        or those of its --expert-from source).
 
         Returns the (expert, which) parts that differ (only where the recipe is not exact by design: otherwise a
         difference fails here) and the cache of expected parts, which `expert_weights` can reuse."""
-        mlp = self._parent_mlp(layer)
-        cache: dict = {"mlp": mlp}
+        cache: dict = {}
         differ: set = set()
         worst = 0.0
         for e, origin, names in self._expert_jobs(layer, lay):
@@ -240,14 +255,15 @@ class _Checker:
                     continue
                 key = (which, origin.slice_key, origin.down_scale, origin.copies)
                 if key not in cache:
-                    cache[key] = self._expected(mlp, origin, which)
+                    cache[key] = self._expected(self._mlp_of(layer, origin, cache), origin, which)
                 want = cache[key]
                 if not _same_bytes(got, want):
                     rel = _rel(got, want, self.code)
                     worst = max(worst, rel)
-                    if self.exact:
+                    if self.strict_experts:
                         span = origin.neurons
-                        self._fail(f"layer {layer}: {name} ({label}, {which}_proj) differs from the parent neurons "
+                        whose = "parent" if origin.source is None else f"--expert-from {self.plan.sources.specs[origin.source]}"
+                        self._fail(f"layer {layer}: {name} ({label}, {which}_proj) differs from the {whose} neurons "
                                    f"{int(span.min())}..{int(span.max())} it should hold (max relative difference {rel:.3g})")
                     differ.add((e, which))
                 self.report["expert_tensors"] += 1
@@ -258,7 +274,7 @@ class _Checker:
         """{(expert, which): float64 weights} for the function check: the written bytes, taken from the expected
         parts where `expert_bytes` found them equal (one float64 copy serves every equal expert) and read back
         from the file where they differ."""
-        cache = cache if cache is not None else {"mlp": self._parent_mlp(layer)}
+        cache = cache if cache is not None else {}
         weights: dict = {}
         for e, origin, names in self._expert_jobs(layer, lay):
             for which, (name, row, part) in names.items():
@@ -269,7 +285,7 @@ class _Checker:
                 if ("f64", key) not in cache:
                     want = cache.get(key)
                     if want is None:
-                        want = cache[key] = self._expected(cache["mlp"], origin, which)
+                        want = cache[key] = self._expected(self._mlp_of(layer, origin, cache), origin, which)
                     cache[("f64", key)] = _f64(want, self.code)
                 weights[(e, which)] = cache[("f64", key)]
         return weights
@@ -299,8 +315,8 @@ class _Checker:
             scale=float(cfg.get("routed_scaling_factor") or 1.0) if scoring == "sigmoid" else 1.0,
         )
 
-    def moe_function(self, layer: int, x, y_ref, weights: dict) -> dict:
-        """Run the MoE block rebuilt from the written tensors on the parent MLP's input; compare with its output."""
+    def moe_output(self, layer: int, x, weights: dict):
+        """The MoE block rebuilt from the written tensors, run on x ([T, H] float64): (output, experts used, routing)."""
         import torch
         from transformers.activations import ACT2FN
 
@@ -339,6 +355,12 @@ class _Checker:
                 g = _f64(self._read(f"model.layers.{layer}.mlp.shared_expert_gate.weight"), self.code)
                 shared = torch.sigmoid(x @ g.T) * shared
             y = y + shared
+        return y, used, info
+
+    def moe_function(self, layer: int, x, y_ref, weights: dict) -> dict:
+        """Run the MoE block rebuilt from the written tensors on the parent MLP's input; compare with its output."""
+        y, used, info = self.moe_output(layer, x, weights)
+        router_name = f"model.layers.{layer}.{self.plan.fmt.moe_prefix}.{self.plan.fmt.router_key}"
         scale = float(y_ref.abs().max()) or 1.0
         rel = float((y - y_ref).abs().max()) / scale
         bound = self.function_bound(layer)
@@ -347,6 +369,14 @@ class _Checker:
             self._fail(f"layer {layer}: the MoE block rebuilt from {router_name} and its experts{extra} differs from the "
                        f"parent's MLP by {rel:.3g} relative (bound {bound:.3g}) on {x.shape[0]} tokens")
         return {"layer": layer, "max_rel_diff": rel, "bound": bound, "tokens": int(x.shape[0]), "experts_used": len(used)}
+
+    def written_experts(self, layer: int) -> dict:
+        """{(expert, which): float64 weights} of every routed (and shared) expert, read back from the written files."""
+        weights = {}
+        for (which, e), (name, row, part) in self._part_locations(layer).items():
+            if e >= 0 or self.plan.fmt.shared is not None:
+                weights[(e, which)] = _f64(self._read_part(name, row, part), self.code)
+        return weights
 
     def function_bound(self, layer: int) -> float:
         import math
@@ -379,40 +409,63 @@ class _Stop(Exception):
 
 
 def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None], *,
-                  stop: Callable[[], bool] | None = None) -> None:
-    """Run token ids through the parent, loading one decoder layer at a time in float64.
+                  dtype=None, source=None, replace_mlp: Callable | None = None, replace_layers=None,
+                  final_norm: bool = False, stop: Callable[[], bool] | None = None):
+    """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default);
+    return the last hidden states ([B*T, H], after the final norm when final_norm), or None when stop() ended it.
 
-    on_mlp(layer, x, y) gets each layer's MLP input and output ([T, H] float64) after the layer's weights were
+    Rows of a batch may be right-padded: causal attention never lets a token see the padding after it.
+    on_mlp(layer, x, y) gets each layer's MLP input and output ([B*T, H]) after the layer's weights were
     freed. round_code: round every parent weight through this storage type first (the output is narrower).
+    source: read the weights from this TensorSource instead of the parent's (e.g. the mean of several
+    checkpoints). replace_mlp(layer, x) -> y: run this instead of the MLP of the layers in replace_layers (all
+    layers when None); their MLP weights are then not read.
     stop(): checked before each layer is loaded; True ends the run there (quietly).
     """
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float64
     config = _parent_config(ckpt.spec)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     base = model.model
-    base.norm = nn.Identity()  # the final norm and head are not needed: nothing reads them here
-    base.rotary_emb = type(base.rotary_emb)(config=base.config)  # its buffers are computed, not loaded
-    source = ckpt.source
+    source = source if source is not None else ckpt.source
 
     def tensor(name: str):
         meta = source.meta(name)
         raw = source.read(name)
         if round_code is not None:
-            return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code)
-        return _f64(raw, meta.dtype)
+            return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
+        return _f64(raw, meta.dtype).to(dtype)
+
+    if final_norm:
+        base.norm.load_state_dict({k: tensor(f"model.norm.{k}") for k in base.norm.state_dict()}, assign=True)
+    else:
+        base.norm = nn.Identity()  # the final norm and head are not needed: nothing reads them here
+    base.rotary_emb = type(base.rotary_emb)(config=base.config)  # its buffers are computed, not loaded
 
     emb_name = "model.embed_tokens.weight"
+    ids = np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1])
     uniq, inverse = np.unique(ids, return_inverse=True)
-    rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
+    if source.byte_range(emb_name) is None:  # a GGUF or averaged table is computed whole: once, not once per token
+        rows = np.ascontiguousarray(source.read(emb_name)[uniq])
+    else:
+        rows = np.stack([_rows(source, emb_name, int(t), int(t) + 1)[0] for t in uniq])
     code = source.meta(emb_name).dtype
     table = _f64(from_f32(to_f32(rows, code), round_code), round_code) if round_code else _f64(rows, code)
-    embeds = table[torch.from_numpy(inverse.reshape(-1))].unsqueeze(0)
+    embeds = table.to(dtype)[torch.from_numpy(inverse.reshape(ids.shape))]
 
     captured: dict = {}
+
+    class Replaced(nn.Module):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index = index
+
+        def forward(self, x):
+            return replace_mlp(self.index, x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
     def hooks(i: int, layer):
         def pre(mod, args, kwargs):
@@ -422,12 +475,15 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
             mod.load_state_dict(state, assign=True, strict=True)
 
         def mlp_hook(mod, args, output):
-            captured["x"], captured["y"] = args[0].detach()[0].clone(), output.detach()[0].clone()
+            h = args[0].shape[-1]
+            captured["x"], captured["y"] = args[0].detach().reshape(-1, h).clone(), output.detach().reshape(-1, h).clone()
 
         def post(mod, args, kwargs, output):
             mod.to("meta")  # frees this layer's weights before the MoE block is rebuilt
             on_mlp(i, captured.pop("x"), captured.pop("y"))
 
+        if replace_mlp is not None and (replace_layers is None or i in replace_layers):
+            layer.mlp = Replaced(i)
         layer.register_forward_pre_hook(pre, with_kwargs=True)
         layer.mlp.register_forward_hook(mlp_hook)
         layer.register_forward_hook(post, with_kwargs=True)
@@ -436,9 +492,11 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         hooks(i, layer)
     try:
         with torch.no_grad():
-            base(inputs_embeds=embeds, use_cache=False)
+            out = base(inputs_embeds=embeds, use_cache=False)
     except _Stop:
-        pass
+        return None
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def prompt_ids(folder: Path) -> np.ndarray:
@@ -477,6 +535,11 @@ class ParentStates:
     it writes); otherwise they are computed in the calling thread at the first `ready` or `get`. Either way one
     parent layer is in memory at a time, plus T x H float64 twice per MoE layer (T is about 60 tokens), which is
     small next to one layer's weights. `close()` stops the run and must be called.
+
+    The run reads the parent's own source only (never an --expert-from checkpoint or the --average-shared mean,
+    which the writer and the byte checks read in the calling thread). With experts from other checkpoints
+    (`mixed`) it goes on through every layer and the final norm: `final_hidden()` then gives the parent's last
+    hidden states for the end-to-end measurement (upcycle.convert.verify_mix), with `ids` and `round_code`.
     """
 
     def __init__(self, ckpt, plan, tokenizer_folder: Path, *, background: bool):
@@ -484,11 +547,15 @@ class ParentStates:
 
         self._ckpt, self._plan, self._folder = ckpt, plan, Path(tokenizer_folder)
         self._moe = {lay.index for lay in plan.layouts if lay.moe}
+        self.mixed = plan.sources is not None and not plan.sources.all_base
         self._states: dict = {}
         self._cond = threading.Condition()
         self._started = self._finished = self._stop = False
         self._error: BaseException | None = None
         self.tokens = 0
+        self.ids: np.ndarray | None = None
+        self.round_code: str | None = None
+        self._hidden = None  # the parent's final hidden states (mixed only)
         self.threads: int | None = None  # torch's intra-op threads before the run set them to one
         self._seen = -1  # the last layer the run finished
         self._thread = threading.Thread(target=self._run, name="upcycle-parent-layers", daemon=True) if background else None
@@ -505,12 +572,16 @@ class ParentStates:
             # each, which dominates on a busy machine (and leaves the other cores to the writer and byte checks)
             torch.set_num_threads(1)
             try:
-                ids = prompt_ids(self._folder)
+                ids = self.ids = prompt_ids(self._folder)
                 self.tokens = int(ids.size)
-                last = max(self._moe, default=-1)
-                # nothing after the last MoE layer is needed
-                stream_parent(self._ckpt, ids, parent_round_code(self._ckpt, self._plan), self._keep,
-                              stop=lambda: self._stop or self._seen >= last)
+                self.round_code = parent_round_code(self._ckpt, self._plan)
+                # nothing after the last MoE layer is needed, except where the end-to-end measurement (mixed) needs
+                # every layer and the final norm
+                last = len(self._plan.layouts) if self.mixed else max(self._moe, default=-1)
+                hidden = stream_parent(self._ckpt, ids, self.round_code, self._keep, final_norm=self.mixed,
+                                       stop=lambda: self._stop or self._seen >= last)
+                if self.mixed:
+                    self._hidden = hidden
             finally:
                 torch.set_num_threads(self.threads)
         except BaseException as exc:  # handed to the thread that asks for a state
@@ -546,6 +617,18 @@ class ParentStates:
         if self._error is not None:
             raise self._error
         raise AssertionError(f"the parent run ended without the MLP states of layer {layer}")
+
+    def final_hidden(self):
+        """The parent's last hidden states after the final norm ([T, H] float64; `mixed` only), waiting for the run
+        to end; raises what the run raised."""
+        self._ensure_started()
+        with self._cond:
+            self._cond.wait_for(lambda: self._finished)
+        if self._error is not None:
+            raise self._error
+        if self._hidden is None:
+            raise AssertionError("the parent run ended without its final hidden states")
+        return self._hidden
 
     def close(self) -> None:
         self._stop = True
@@ -602,6 +685,18 @@ def verify_layers(ckpt, plan, out: Path, *, exact: bool, on_layer: Callable[[int
             function(lay, differ, None)
         chk.report["layers"].sort(key=lambda r: r["layer"])
         chk.report["tokens"] = parent.tokens
+        if parent.mixed:  # experts from other checkpoints: how far the whole function moved, measured end to end
+            import torch
+
+            from upcycle.convert.verify_mix import measure_mixed
+
+            hidden = parent.final_hidden()  # the parent run has ended: its layer is freed before the MoE's run
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small operations on a few dozen tokens, as in the parent's run
+            try:
+                chk.report["mixed"] = measure_mixed(chk, ckpt, plan, parent.ids, parent.round_code, hidden)
+            finally:
+                torch.set_num_threads(threads)
         return chk.finish()
     finally:
         if own:
@@ -679,12 +774,22 @@ def summary(v: dict) -> str:
     """One or two sentences on what a verification report found (model card, convert's last lines)."""
     exact = v["exact_expected"]
     bound = max((e.get("bound", v["function_rtol"]) for e in v["layers"]), default=v["function_rtol"])
+    mixed = v.get("mixed")
+    if mixed is not None:
+        experts = (f"{v['expert_tensors']} expert tensors hold the neurons of their --expert-from sources"
+                   + ("" if not v["expert_max_rel_diff"] else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
+    else:
+        experts = (f"{v['expert_tensors']} expert tensors hold their parent neurons"
+                   + ("" if exact else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
     text = (f"layer by layer in float64 on {v['tokens']} tokens of text: {len(v['layers'])} MoE block(s) against the "
             f"parent's MLP, max relative difference {v['max_rel_diff']:.3g} "
             + (f"(bound {bound:.3g})" if exact else "(not exact by design: measured, not bounded)")
-            + f"; {v['expert_tensors']} expert tensors hold their parent neurons"
-            + ("" if exact else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}")
-            + f"; {v['copied_tensors']} copied tensors are byte-identical")
+            + f"; {experts}; {v['copied_tensors']} copied tensors are byte-identical")
+    if mixed is not None:
+        text += (f". NOT the parent's function (experts from other checkpoints); end to end on the same "
+                 f"{mixed['tokens']} tokens: max |logit difference| {mixed['max_abs_logit_diff']:.3g} "
+                 f"({mixed['max_rel_logit_diff']:.3g} of the largest logit), mean KL(parent || MoE) "
+                 f"{mixed['mean_kl']:.3g} nats, same top-1 token at {mixed['top1_agree']}/{mixed['tokens']} positions")
     w = v.get("whole_model")
     if w is not None:
         text += (f". Whole model through transformers (float32): max |logits diff| {w['max_abs_diff']:.3g}, greedy "

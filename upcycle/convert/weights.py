@@ -119,6 +119,7 @@ class ExpertOrigin:
     reinit: np.ndarray | None = None  # positions (within the expert) re-drawn by Drop-Upcycling
     copies: int = 1  # shared experts holding whole MLP copies repeat the neurons this many times
     slice_key: object = None  # experts with equal slice_key (and no re-drawn neurons) have equal weights
+    source: int | None = None  # the --expert-from source (its position) the neurons are read from; None: the parent
 
 
 @dataclass
@@ -153,7 +154,9 @@ def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared
             k = int(round(ratio * width))
             reinit = np.sort(rng(recipe.seed, layer, e, _DROP).choice(width, size=k, replace=False))
         scale = 1.0 if routed_scale_in_config else recipe.routed_scale
-        experts.append(ExpertOrigin(neurons, scale, reinit, slice_key=first_routed + e % v))
+        src = recipe.expert_source(e)
+        key = first_routed + e % v if src is None else (src, first_routed + e % v)
+        experts.append(ExpertOrigin(neurons, scale, reinit, slice_key=key, source=src))
     shared = None
     if s:
         c = recipe.shared_full_copies
@@ -169,13 +172,20 @@ def _layer_prefix(i: int) -> str:
 class WeightFactory:
     """Makes output tensors (in the output storage type) from the parent, caching within one layer."""
 
-    def __init__(self, reader: ParentReader, recipe: Recipe, out_code: str, router_bases: dict[int, np.ndarray] | None = None):
+    def __init__(self, reader: ParentReader, recipe: Recipe, out_code: str, router_bases: dict[int, np.ndarray] | None = None,
+                 expert_readers: list[ParentReader] | None = None):
         self.reader, self.recipe, self.out = reader, recipe, out_code
         self.router_bases = router_bases or {}
+        self.expert_readers = expert_readers or []  # one per --expert-from source, in the order given
         self._layer: int | None = None
-        self._mlp: dict[str, np.ndarray] = {}
-        self._stats: dict[str, tuple[float, float]] = {}
+        # the current layer's MLP in float32, per source (None: the parent); at most two at a time, since the
+        # experts of one source are written one after another
+        self._mlps: OrderedDict[int | None, dict[str, np.ndarray]] = OrderedDict()
+        self._stats: dict[tuple, tuple[float, float]] = {}
         self._copies: dict[tuple, np.ndarray] = {}
+
+    def reader_of(self, origin: ExpertOrigin) -> ParentReader:
+        return self.reader if origin.source is None else self.expert_readers[origin.source]
 
     # -------------------------------------------------------------------------------------------- plain tensors
 
@@ -189,15 +199,16 @@ class WeightFactory:
         if mode != "copy" or origin.copies != 1 or which == "down" and origin.down_scale != 1.0:
             return None
         name = f"model.layers.{layer}.mlp.{which}_proj.weight"
-        if self.reader.code(name) != self.out:
+        reader = self.reader_of(origin)
+        if reader.code(name) != self.out:
             return None
         n = origin.neurons
-        inter = self.reader.spec.intermediate_size
+        inter = reader.spec.intermediate_size
         if which == "down":
             # down_proj is (H, I): only the whole matrix is contiguous
-            return self.reader.byte_range(name) if n.size == inter and np.array_equal(n, np.arange(inter)) else None
+            return reader.byte_range(name) if n.size == inter and np.array_equal(n, np.arange(inter)) else None
         if n.size and np.array_equal(n, np.arange(n[0], n[0] + n.size)):
-            return self.reader.byte_range(name, rows=(int(n[0]), int(n[0]) + n.size))
+            return reader.byte_range(name, rows=(int(n[0]), int(n[0]) + n.size))
         return None
 
     def passthrough(self, name: str) -> np.ndarray:
@@ -208,17 +219,24 @@ class WeightFactory:
 
     # -------------------------------------------------------------------------------------------- MLP pieces
 
-    def _load_layer(self, layer: int) -> None:
-        if self._layer == layer:
-            return
-        self._layer, self._copies, self._stats = layer, {}, {}
-        p = _layer_prefix(layer) + "mlp."
-        self._mlp = {w: self.reader.f32(f"{p}{w}_proj.weight") for w in ("gate", "up", "down")}
+    def _load_layer(self, layer: int, origin: ExpertOrigin) -> dict[str, np.ndarray]:
+        if self._layer != layer:
+            self._layer, self._copies, self._stats = layer, {}, {}
+            self._mlps.clear()
+        if origin.source in self._mlps:
+            self._mlps.move_to_end(origin.source)
+        else:
+            if len(self._mlps) >= 2:
+                self._mlps.popitem(last=False)
+            p = _layer_prefix(layer) + "mlp."
+            reader = self.reader_of(origin)
+            self._mlps[origin.source] = {w: reader.f32(f"{p}{w}_proj.weight") for w in ("gate", "up", "down")}
+        return self._mlps[origin.source]
 
-    def _stat(self, which: str, scale: float) -> tuple[float, float]:
-        key = f"{which}:{scale}"
+    def _stat(self, mlp: dict, source: int | None, which: str, scale: float) -> tuple[float, float]:
+        key = (source, which, scale)
         if key not in self._stats:
-            w = self._mlp[which]
+            w = mlp[which]
             self._stats[key] = (float(w.mean()) * (scale if which == "down" else 1.0), float(w.std()) * (scale if which == "down" else 1.0))
         return self._stats[key]
 
@@ -231,8 +249,8 @@ class WeightFactory:
         key = (layer, which, origin.slice_key, origin.down_scale, origin.copies)
         if not randomised and key in self._copies:
             return self._copies[key]
-        self._load_layer(layer)
-        w = self._mlp[which]
+        mlp = self._load_layer(layer, origin)
+        w = mlp[which]
         full = origin.neurons.size == w.shape[0 if which != "down" else 1] and np.array_equal(origin.neurons, np.arange(origin.neurons.size))
         if which == "down":
             part = w if full else w[:, origin.neurons]
@@ -245,7 +263,7 @@ class WeightFactory:
         if randomised:
             part = np.array(part, dtype=np.float32, copy=True)
             if mode == "drop":
-                mean, std = self._stat(which, origin.down_scale)
+                mean, std = self._stat(mlp, origin.source, which, origin.down_scale)
                 g = rng(self.recipe.seed, layer, expert, _DROP, ("gate", "up", "down").index(which) + 1)
                 pos = origin.reinit
                 if which == "down":

@@ -20,6 +20,7 @@ from upcycle.core.tensors import human_bytes, parse_size
 # Linux x86-64 with torch 2.x CPU and transformers 5; allocator slack added).
 TORCH_RUNTIME = 320 << 20
 NUMPY_RUNTIME = 60 << 20
+TOKENIZER_RUNTIME = 64 << 20  # a tokenizer loaded through transformers' AutoTokenizer, on top of TORCH_RUNTIME
 GiB = 1 << 30
 
 
@@ -188,19 +189,31 @@ def _convert_parts(plan) -> dict[str, int]:
     largest = max((t.nbytes for t in plan.tensors), default=0)
     emb = p.vocab_size * p.hidden_size
     moe_layers = sum(1 for lay in plan.layouts if lay.moe)
-    return {
+    sources = len(r.expert_from)
+    distinct = max(sources, 1)  # experts of different --expert-from sources are different tensors
+    layer64 = _layer_params(p) * 8 * 3 // 2
+    parts = {
         # writer: the layer's MLP in float32, the distinct expert tensors of the layer in the output type, and the
         # largest tensor in flight in its parent and output types (plus a float32 view when it converts)
         "stream": mlp * 4 + (mlp + shared) * out + largest * 2 + emb * 4,
         # the parent run: one layer's weights in float64, plus one tensor being converted
-        "layer64": _layer_params(p) * 8 * 3 // 2,
+        "layer64": layer64,
         # the MLP inputs and outputs it keeps for every MoE layer (float64)
         "states": moe_layers * VERIFY_TOKENS * p.hidden_size * 8 * 2,
-        # expert checks: parent MLP, expected experts + their float64 copies, the tensor read back
-        "moe": mlp * 4 + (mlp + shared) * (out + 8) + largest * 2,
+        # expert checks: the MLPs the neurons come from (the parent's, and each --expert-from source's), expected
+        # experts + their float64 copies, the tensor read back
+        "moe": mlp * 4 * (distinct + 1 if sources else 1) + (mlp * distinct + shared) * (out + 8) + largest * 2,
         # copied tensors: the parent's and the written embedding, and a float32 view
         "copied": emb * (2 * out + 4),
     }
+    if sources:
+        # a second source's MLP in float32 and its expert tensors; --average-shared: a float64 sum, one source's
+        # tensor and the float32 mean of the largest tensor
+        parts["stream"] += mlp * (4 + out) + (largest // out * 16 if r.average_shared else 0)
+        # end to end, after the parent run (verify_mix): the MoE one layer at a time with every routed expert read
+        # back in float64, and logits of the prompts
+        parts["mixed"] = layer64 + r.experts * mlp // r.granularity * 8 + 256 * p.vocab_size * 8 * 4
+    return parts
 
 
 def overlap_parent(plan, thread_safe: bool) -> bool:
@@ -208,17 +221,24 @@ def overlap_parent(plan, thread_safe: bool) -> bool:
 
     It saves most of the verification's time on small models (the imports and the parent's layers then cost
     nothing extra), and it costs one parent layer in float64 on top of the writer's memory: done only where that
-    adds at most a quarter to the peak (and where the parent's source can be read by two threads at once)."""
+    adds at most a quarter to the peak (and where the parent's source can be read by two threads at once).
+
+    thread_safe is the parent's own source's: with --expert-from that is still the only source the thread reads
+    (ParentStates), while the other checkpoints and the --average-shared mean are read by the calling thread
+    alone; the mean reads the parent's source too, which thread_safe covers."""
     c = _convert_parts(plan)
     return thread_safe and c["layer64"] * 4 <= max(c["stream"], c["moe"], c["copied"])
 
 
 def convert_estimate(plan, *, verify: bool, overlap: bool | None = None) -> Estimate:
-    """Streaming conversion, plus the layer-by-layer float64 verification when asked.
+    """Streaming conversion, plus the layer-by-layer float64 verification when asked, and the parent run of the
+    k-means or prompts router init (before writing: the larger of the two phases counts).
 
     overlap: whether the parent layers run beside the writer (see overlap_parent; None: decide as convert does,
     for a source that can be read by two threads)."""
+    p, r = plan.parent, plan.recipe
     c = _convert_parts(plan)
+    emb = p.vocab_size * p.hidden_size
     parts = [("runtime", NUMPY_RUNTIME), ("streaming", c["stream"])]
     if verify:
         if overlap is None:
@@ -227,8 +247,28 @@ def convert_estimate(plan, *, verify: bool, overlap: bool | None = None) -> Esti
             need = max(c["stream"], c["moe"], c["copied"]) + c["layer64"]
         else:
             need = max(c["layer64"], c["moe"], c["copied"], c["stream"])
+        # experts from other checkpoints: the end-to-end run comes after the parent's (its thread has ended)
+        need = max(need, c.get("mixed", 0))
         parts = [("runtime", TORCH_RUNTIME), ("verification", need + c["states"])]
-    return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",))
+    sources = len(r.expert_from)
+    if r.router_init_mode[0] == "prompts":  # one float64 layer, and eager attention over a batch of the sources
+        from upcycle.convert.router_init import MAX_PROMPT_TOKENS
+
+        attention = sources * p.num_heads * MAX_PROMPT_TOKENS ** 2 * 8 * 3
+        init = _layer_params(p) * 8 + attention + emb * 8
+        (label, size) = parts[-1]  # router init runs before writing: the larger of the two phases counts
+        parts = [("runtime", TORCH_RUNTIME), (f"{label} or router init", max(size, init))]
+    if r.router_init_mode[0] == "kmeans":  # the parent in float32, one layer at a time, over blocks of text
+        from upcycle.convert.router_init import BLOCK, MAX_TOKENS
+
+        attention = (MAX_TOKENS // BLOCK) * p.num_heads * BLOCK ** 2 * 4 * 3  # eager scores, softmax, mask
+        activations = MAX_TOKENS * (p.hidden_size * 6 + p.intermediate_size * 3) * 4
+        # + the tokenizer through transformers (measured about 60 MB) and a GGUF embedding table decoded whole
+        init = TOKENIZER_RUNTIME + _layer_params(p) * 4 + attention + activations + emb * 4
+        (label, size) = parts[-1]  # router init runs before writing: the larger of the two phases counts
+        parts = [("runtime", TORCH_RUNTIME), (f"{label} or router init", max(size, init))]
+    return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",
+                                              "--router-init random skips the parent run of the k-means router"))
 
 
 def whole_model_estimate(plan) -> Estimate:
@@ -334,8 +374,8 @@ def train_estimate(spec: str, cfg, *, precision: str, allow_pickle: bool = False
     parts += [("activations", acts), ("logits", logits)]
     # Loading reads the checkpoint through a memory map: its pages count in the process's RSS (and a cgroup's
     # memory) next to the fp32 copy the model keeps, until loading ends (upcycle.train.model gives every tensor
-    # its own memory so that the map goes). The peak is the larger of loading and training: the pages count only
-    # where they exceed what training adds to the weights.
+    # its own memory so that the map goes before training allocates anything). The peak is the larger of loading
+    # and training, so the pages count only where they exceed what training adds to the weights.
     training_state = sum(b for label, b in parts if label not in ("runtime", "weights fp32"))
     parts.insert(2, ("checkpoint pages while loading", max(0, P * stored - training_state)))
     reduce = []

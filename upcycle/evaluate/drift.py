@@ -130,6 +130,9 @@ def layer_drift(w: ExpertWeights, parents: dict[int, ParentMLP] | None, manifest
     """Drift against the parent when possible, else against the mean expert; the second value says why not."""
     if manifest is None:
         return drift_from_mean(w), "no upcycle.json manifest (not made by upcycle convert)"
+    if getattr(manifest, "mixed", False):
+        return drift_from_mean(w), ("the experts were copied from several checkpoints (--expert-from), not from "
+                                    "the parent")
     if not parents:
         return drift_from_mean(w), "no --parent given"
     if w.layer not in parents:

@@ -264,8 +264,9 @@ def router_verdict(r: Report) -> dict | None:
     if ent is not None and ent > UNIFORM_ENTROPY:
         text = (f"The routers have not learned to route: {numbers}. They barely prefer any expert"
                 + (", and the experts are still copies of their origin, so routing changes nothing" if unmoved else "")
-                + ". Convert with a routing rule that does not renormalise the top-k weights, or break the symmetry "
-                  "(upcycle convert --expert-init drop:0.5, --router-init kmeans:TEXT).")
+                + ". Convert with a router that sends different tokens to different copies (upcycle convert's "
+                  "default k-means router, or --router-init kmeans:TEXT on your data), or break the symmetry "
+                  "(--expert-init drop:0.5).")
         learned = False
     elif unmoved:
         text = (f"The routers prefer experts ({numbers}), but the experts are still what they started as, so the "

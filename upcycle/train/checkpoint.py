@@ -7,7 +7,9 @@ exact resume needs.
       checkpoint-STEP/         config.json, model*.safetensors (per-expert keys), tokenizer, upcycle.json, ...
         trainer_state.json     step, tokens, data position (upcycle.core.data state)
         trainer/               accelerate state: optimizer, scheduler, RNG of every process
-      final/                   the trained model in --save-dtype, no trainer state
+        adapter/               with --lora: the LoRA adapter (PEFT format); the weights above are then the base's
+      final/                   the trained model in --save-dtype, no trainer state (LoRA merged in)
+      adapter/                 with --lora: the final LoRA adapter
 
 A checkpoint is assembled in RUN/.checkpoint-STEP.partial and renamed into place only once complete, so a run
 killed at any moment leaves either the previous checkpoints or the new one, never a half-written folder that
@@ -32,9 +34,10 @@ RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
 TRAINER_DIR = "trainer"
 FINAL = "final"
+ADAPTER_DIR = "adapter"  # upcycle.train.lora.ADAPTER_DIR
 STATE_FORMAT = "upcycle.train/1"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-_PARTIAL = re.compile(r"^\.(checkpoint-\d+|final)\.partial$")
+_PARTIAL = re.compile(r"^\.(checkpoint-\d+|final|adapter)\.partial$")
 # Files of a model folder that are weights (rewritten from the trained model) or trainer state, not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 _NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", STATE_FILE}
@@ -136,14 +139,27 @@ def _cast(state_dict: dict, dtype: str) -> dict:
     return out
 
 
-def save_model(accelerator, model, tokenizer, folder: Path, src: Path | None, dtype: str) -> None:
-    """Write the model as a standard Hugging Face folder (per-expert keys) into `folder` (all processes call)."""
+def save_model(accelerator, model, tokenizer, folder: Path, src: Path | None, dtype: str, *, lora=None,
+               merge: bool = False) -> None:
+    """Write the model as a standard Hugging Face folder (per-expert keys) into `folder` (all processes call).
+
+    In a LoRA run (`lora`, upcycle.train.lora.LoraSetup) the folder holds the base weights plus the adapter in
+    folder/adapter, or with `merge` the weights with the adapter merged in."""
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         unwrapped = accelerator.unwrap_model(model)
+        if lora is not None:
+            from upcycle.train import lora as lora_io
+
+            if merge:
+                state_dict = lora_io.merge_into_base(unwrapped, state_dict)  # the run is over: in place
+            else:
+                lora_io.save_adapter(unwrapped, folder / ADAPTER_DIR)
+                state_dict = lora_io.base_state_dict(state_dict)
+            unwrapped = unwrapped.get_base_model()
         if dtype != "float32":
             state_dict = _cast(state_dict, dtype)
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
@@ -152,15 +168,27 @@ def save_model(accelerator, model, tokenizer, folder: Path, src: Path | None, dt
 
 
 def save_checkpoint(accelerator, model, tokenizer, out: Path, step: int, state: dict, src: Path | None,
-                    *, final: bool = False, dtype: str = "float32") -> Path:
-    """checkpoint-STEP (fp32 weights + trainer state) or final (weights in `dtype`), atomically."""
+                    *, final: bool = False, dtype: str = "float32", lora=None) -> Path:
+    """checkpoint-STEP (fp32 weights + trainer state) or final (weights in `dtype`), atomically.
+
+    With `lora`: a checkpoint holds the base weights and its adapter/; final/ the merged weights, and the final
+    adapter goes to RUN/adapter/ (written first, so a complete final/ always has its adapter beside it)."""
     name = FINAL if final else f"checkpoint-{step}"
     tmp, dst = out / f".{name}.partial", out / name
+    if final and lora is not None and accelerator.is_main_process:
+        from upcycle.train import lora as lora_io
+
+        part = out / f".{ADAPTER_DIR}.partial"
+        shutil.rmtree(part, ignore_errors=True)
+        lora_io.save_adapter(accelerator.unwrap_model(model), part)
+        _fsync_tree(part)
+        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+        os.replace(part, out / ADAPTER_DIR)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_model(accelerator, model, tokenizer, tmp, src, dtype)
+    save_model(accelerator, model, tokenizer, tmp, src, dtype, lora=lora, merge=final)
     if not final:
         accelerator.save_state(str(tmp / TRAINER_DIR))  # every process writes its own RNG state
     accelerator.wait_for_everyone()

@@ -22,6 +22,9 @@ EXPERTS_IMPLS = ("auto", "upcycle", "grouped_mm", "batched_mm", "eager")
 TRACKERS = ("none", "tensorboard", "wandb")
 SAVE_DTYPES = ("auto", *FLOAT_DTYPES)
 GROUPS = ("all", "router", "experts", "shared", "attention", "embeddings", "norms", "dense_mlp")
+LORA_GROUPS = ("router", "experts", "shared", "attention", "dense_mlp")  # what --lora can adapt
+MOE_LORA_GROUPS = ("router", "experts", "shared")  # only an MoE model has them
+DEFAULT_LORA_RANK, DEFAULT_LORA_ALPHA, DEFAULT_ROUTE_TARGET_COEF = 8, 16.0, 1.0
 
 
 def parse_count(text: str | int | None, what: str) -> int | None:
@@ -50,6 +53,78 @@ def _ranges(spec: str, what: str) -> list[int]:
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """Experts chosen by index: the same ones in every MoE layer, and/or some per layer.
+
+    The grammar of `--train experts:SPEC`, `--force-route SPEC` and `--route-target SPEC` (parse_expert_spec).
+    """
+
+    all_layers: tuple[int, ...] = ()  # expert indices chosen in every MoE layer
+    by_layer: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (layer, expert indices)
+
+    def __bool__(self) -> bool:
+        return bool(self.all_layers or self.by_layer)
+
+    def experts_for(self, layer: int) -> tuple[int, ...] | None:
+        """Expert indices chosen in `layer`, or None when the spec names none there."""
+        chosen = set(self.all_layers)
+        chosen.update(e for lay, es in self.by_layer if lay == layer for e in es)
+        return tuple(sorted(chosen)) if chosen else None
+
+    def check(self, option: str, experts_per_layer: dict[int, int]) -> None:
+        """UsageError for a layer that is not an MoE layer or an expert a layer does not have.
+
+        experts_per_layer: {MoE layer index: number of routed experts}, from config.json or the loaded model."""
+        for lay, es in self.by_layer:
+            if lay not in experts_per_layer:
+                moe = ", ".join(str(i) for i in sorted(experts_per_layer)) or "none"
+                raise UsageError(f"{option}: layer {lay} is not an MoE layer (MoE layers: {moe})")
+            bad = [e for e in es if e >= experts_per_layer[lay]]
+            if bad:
+                raise UsageError(f"{option}: layer {lay} has {experts_per_layer[lay]} experts; no expert {bad[0]}")
+        if self.all_layers and experts_per_layer:
+            fewest = min(experts_per_layer.values())
+            bad = [e for e in self.all_layers if e >= fewest]
+            if bad:
+                raise UsageError(f"{option}: the model has {fewest} experts per layer; no expert {bad[0]}")
+
+
+def parse_expert_spec(spec: str, what: str, example: str = "") -> ExpertSpec:
+    """'0-3' (those experts in every MoE layer), '0=1,2;5=0-3' (per layer), or a JSON file {"layer": [experts]}
+    as `upcycle eval --domain` writes it. `what` starts every error message; `example` prefixes the example."""
+    import json
+
+    spec = spec.strip()
+    every: set[int] = set()
+    by_layer: dict[int, set[int]] = {}
+    if spec.lower().endswith(".json"):
+        p = Path(spec)
+        if not p.is_file():
+            raise UsageError(f"{what}: no such file")
+        try:
+            data = json.loads(p.read_text())
+            items = {int(k): [int(e) for e in v] for k, v in data.items()}
+        except (ValueError, TypeError, AttributeError):
+            raise UsageError(f"{what}: expected a JSON object {{\"layer\": [expert indices]}}") from None
+        if not any(items.values()):
+            raise UsageError(f"{what}: lists no expert")
+        for lay, es in items.items():
+            if es:
+                by_layer.setdefault(lay, set()).update(es)
+    elif "=" in spec:
+        for entry in spec.split(";"):
+            if not entry.strip():
+                continue
+            lay, _, es = entry.partition("=")
+            if not lay.strip().isdigit() or not es.strip():
+                raise UsageError(f"{what}: write LAYER=EXPERTS entries separated by ';', e.g. {example}0=1,2;5=0-3")
+            by_layer.setdefault(int(lay), set()).update(_ranges(es, what))
+    else:
+        every.update(_ranges(spec, what))
+    return ExpertSpec(tuple(sorted(every)), tuple((lay, tuple(sorted(es))) for lay, es in sorted(by_layer.items())))
+
+
+@dataclass(frozen=True)
 class TrainSelection:
     """What trains: named parameter groups, plus experts by index (None: every layer's)."""
 
@@ -65,59 +140,38 @@ class TrainSelection:
     def some_experts(self) -> bool:
         return bool(self.experts_all_layers or self.experts_by_layer)
 
+    @property
+    def experts(self) -> ExpertSpec:
+        return ExpertSpec(self.experts_all_layers, self.experts_by_layer)
+
     def experts_for(self, layer: int) -> tuple[int, ...] | None:
         """Expert indices trained in `layer` by an index list, or None when no list names the layer."""
-        chosen = set(self.experts_all_layers)
-        chosen.update(e for lay, es in self.experts_by_layer if lay == layer for e in es)
-        if not chosen:
-            return None
-        return tuple(sorted(chosen))
+        return self.experts.experts_for(layer)
 
     @property
     def touches_router(self) -> bool:
         return self.everything or "router" in self.groups
 
 
-def parse_train(values: list[str]) -> TrainSelection:
+def parse_train(values: list[str], default: tuple[str, ...] = ("all",)) -> TrainSelection:
     """--train values: group names (comma-separated allowed), experts:SPEC, or a JSON file {layer: [experts]}.
 
     experts:0-3          experts 0..3 of every MoE layer
     experts:0=1,2;5=0-3  experts 1 and 2 of layer 0, 0..3 of layer 5
     domain_experts.json  {"layer": [experts]} as `upcycle eval --domain` writes it
-    """
-    import json
 
+    No value: `default` (all; nothing beside the adapters in a LoRA run).
+    """
     groups: set[str] = set()
     every: set[int] = set()
     by_layer: dict[int, set[int]] = {}
-    for value in values or ["all"]:
+    for value in values or list(default):
         value = value.strip()
-        if value.lower().endswith(".json"):
-            p = Path(value)
-            if not p.is_file():
-                raise UsageError(f"--train {value}: no such file")
-            try:
-                data = json.loads(p.read_text())
-                items = {int(k): [int(e) for e in v] for k, v in data.items()}
-            except (ValueError, TypeError, AttributeError):
-                raise UsageError(f"--train {value}: expected a JSON object {{\"layer\": [expert indices]}}") from None
-            if not any(items.values()):
-                raise UsageError(f"--train {value}: lists no expert")
-            for lay, es in items.items():
+        if value.lower().endswith(".json") or value.startswith("experts:"):
+            spec = parse_expert_spec(value.removeprefix("experts:"), f"--train {value}", example="experts:")
+            every.update(spec.all_layers)
+            for lay, es in spec.by_layer:
                 by_layer.setdefault(lay, set()).update(es)
-            continue
-        if value.startswith("experts:"):
-            spec = value[len("experts:"):]
-            if "=" in spec:
-                for entry in spec.split(";"):
-                    if not entry.strip():
-                        continue
-                    lay, _, es = entry.partition("=")
-                    if not lay.strip().isdigit() or not es.strip():
-                        raise UsageError(f"--train {value}: write LAYER=EXPERTS entries separated by ';', e.g. experts:0=1,2;5=0-3")
-                    by_layer.setdefault(int(lay), set()).update(_ranges(es, f"--train {value}"))
-            else:
-                every.update(_ranges(spec, f"--train {value}"))
             continue
         for name in value.split(","):
             name = name.strip().lower()
@@ -161,8 +215,15 @@ class TrainConfig:
     aux_free_bias: bool = False
     bias_update_rate: float = 1e-3
     router_lr_mult: float = 1.0
+    # domain experts: forced routing and router steering (MoE only); SPEC = the grammar of --train experts:SPEC
+    force_route: str | None = None  # every training token goes to these experts (the rest of top-k: the router's)
+    route_target: str | None = None  # cross-entropy of the router's distribution toward these experts
+    route_target_coef: float = DEFAULT_ROUTE_TARGET_COEF
     # what trains
-    train: tuple[str, ...] | None = ("all",)  # None or empty: all
+    train: tuple[str, ...] | None = None  # None or empty: all (with --lora: only the adapters)
+    lora: tuple[str, ...] | None = None  # groups adapted with LoRA through PEFT ("router,experts" allowed)
+    lora_rank: int = DEFAULT_LORA_RANK
+    lora_alpha: float = DEFAULT_LORA_ALPHA
     # numerics and speed
     precision: str = "auto"  # resolved by train(): bf16 where the device runs it natively, else fp32
     gradient_checkpointing: bool = False
@@ -178,6 +239,8 @@ class TrainConfig:
     allow_pickle: bool = False
     dry_run: bool = False  # print the memory estimate and trainable parameters, load no weights
     selection: TrainSelection = field(init=False, repr=False, compare=False)  # parsed from `train`
+    force_spec: ExpertSpec = field(init=False, repr=False, compare=False)  # parsed from `force_route`
+    target_spec: ExpertSpec = field(init=False, repr=False, compare=False)  # parsed from `route_target`
 
     def __post_init__(self):
         """Raise UsageError for any invalid or contradictory option; normalise and derive the rest."""
@@ -186,7 +249,8 @@ class TrainConfig:
         set_("tokens", parse_count(self.tokens, "--tokens"))
         set_("model", str(self.model))
         set_("data", (str(self.data),) if isinstance(self.data, (str, Path)) else tuple(str(d) for d in self.data or ()))
-        set_("train", tuple(self.train or ("all",)))
+        set_("lora", _lora_groups(self.lora))
+        set_("train", tuple(self.train or (() if self.lora else ("all",))))
         if not self.data:
             raise UsageError("give training text with --data (files, folders or globs)")
         if (self.steps is None) == (self.tokens is None):
@@ -233,13 +297,63 @@ class TrainConfig:
             raise UsageError(f"--report-to {self.report_to!r}: use {', '.join(TRACKERS)}")
         if self.save_dtype not in SAVE_DTYPES:
             raise UsageError(f"--save-dtype {self.save_dtype!r}: use {', '.join(SAVE_DTYPES)}")
-        set_("selection", parse_train(list(self.train)))
-        if self.router_lr_mult != 1.0 and not self.selection.touches_router:
+        set_("selection", parse_train(list(self.train), default=()))
+        self._check_domain_options()
+        if self.router_lr_mult != 1.0 and not self.trains_router:
             raise UsageError("--router-lr-mult is set but --train does not train the router")
         if self.report_to != "none":
             _check_tracker(self.report_to)
 
+    def _check_domain_options(self) -> None:
+        """--force-route, --route-target and --lora: their specs, and how they combine with the rest."""
+        set_ = functools.partial(object.__setattr__, self)
+        set_("force_spec", parse_expert_spec(self.force_route, f"--force-route {self.force_route}")
+             if self.force_route is not None else ExpertSpec())
+        set_("target_spec", parse_expert_spec(self.route_target, f"--route-target {self.route_target}")
+             if self.route_target is not None else ExpertSpec())
+        if self.force_route is not None and not self.force_spec:
+            raise UsageError("--force-route names no expert")
+        if self.route_target is not None and not self.target_spec:
+            raise UsageError("--route-target names no expert")
+        if self.force_route is not None and self.capacity_factor is not None:
+            raise UsageError("--force-route and --capacity-factor cannot be combined: a forced expert takes every "
+                             "token, so a capacity would drop most of them")
+        if not (self.route_target_coef > 0 and math.isfinite(self.route_target_coef)):
+            raise UsageError(f"--route-target-coef {self.route_target_coef:g} must be positive")
+        if self.route_target_coef != DEFAULT_ROUTE_TARGET_COEF and self.route_target is None:
+            raise UsageError("--route-target-coef is set but --route-target names no expert")
+        if self.route_target is not None and not self.trains_router:
+            raise UsageError("--route-target steers the router, but it does not train: add --train router "
+                             "(or --lora router)")
+        if self.lora_rank < 1:
+            raise UsageError(f"--lora-rank {self.lora_rank} must be at least 1")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise UsageError(f"--lora-alpha {self.lora_alpha:g} must be positive")
+        if not self.lora:
+            if self.lora_rank != DEFAULT_LORA_RANK or self.lora_alpha != DEFAULT_LORA_ALPHA:
+                raise UsageError("--lora-rank and --lora-alpha are set but --lora names no group to adapt")
+            return
+        sel = self.selection
+        if sel.everything:
+            raise UsageError("--train all trains every weight fully; with --lora, --train names only the groups "
+                             "that train fully beside the adapters (e.g. --train router)")
+        both = [g for g in self.lora if g in sel.groups or (g == "experts" and sel.some_experts)]
+        if both:
+            raise UsageError(f"--train and --lora both name {both[0]}: a group trains either fully or through "
+                             "LoRA adapters")
+
     # -- derived
+
+    @property
+    def trains_router(self) -> bool:
+        """The routers change: trained fully, or adapted with LoRA."""
+        return self.selection.touches_router or "router" in (self.lora or ())
+
+    def lora_json(self) -> dict | None:
+        """The LoRA options as a checkpoint records them (a resume must give the same), None without --lora."""
+        if not self.lora:
+            return None
+        return {"groups": list(self.lora), "rank": self.lora_rank, "alpha": self.lora_alpha}
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * world_size
@@ -268,15 +382,34 @@ class TrainConfig:
         sel = self.selection
         if sel.groups & {"router", "experts", "shared"} or sel.some_experts:
             used.append("--train " + ",".join(sorted(sel.groups & {"router", "experts", "shared"}) or ["experts:..."]))
+        if self.force_route is not None:
+            used.append("--force-route")
+        if self.route_target is not None:
+            used.append("--route-target")
+        moe_lora = [g for g in self.lora or () if g in MOE_LORA_GROUPS]
+        if moe_lora:
+            used.append("--lora " + ",".join(moe_lora))
         return used
 
-    def check_model(self, model_type: str, is_moe: bool, has_selection_bias: bool) -> None:
-        """Contradictions between the options and the model, raised before the weights are loaded."""
+    def check_model(self, model_type: str, is_moe: bool, has_selection_bias: bool, layout=None) -> None:
+        """Contradictions between the options and the model, raised before the weights are loaded.
+
+        layout (upcycle.train.model.MoELayout, read from config.json): where the MoE layers are and how many
+        experts they have, to check the expert specs and the LoRA groups; None skips those checks."""
         if not is_moe:
             used = self.uses_routing_controls()
             if used:
                 raise UsageError(f"{', '.join(used)} only apply to a Mixture-of-Experts model; {self.model} is a "
                                  f"dense {model_type} model")
+        if layout is not None and is_moe:
+            experts = layout.experts_per_layer
+            self.selection.experts.check("--train", experts)
+            self.force_spec.check(f"--force-route {self.force_route}", experts)
+            self.target_spec.check(f"--route-target {self.route_target}", experts)
+            if "shared" in (self.lora or ()) and not layout.shared_width:
+                raise UsageError(f"--lora shared: {self.model} has no shared expert")
+            if "dense_mlp" in (self.lora or ()) and len(layout.moe_layers) == layout.num_layers:
+                raise UsageError(f"--lora dense_mlp: every layer of {self.model} is an MoE layer; it has no dense MLP")
         if self.aux_free_bias and not has_selection_bias:
             from upcycle.families.moe import MOE_TYPES
 
@@ -286,11 +419,28 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d.pop("selection", None)
+        for derived in ("selection", "force_spec", "target_spec"):
+            d.pop(derived, None)
         d["out"] = str(self.out)
         d["data"], d["train"] = list(self.data), list(self.train)
+        d["lora"] = list(self.lora) if self.lora else None
         d["adam_betas"] = list(self.adam_betas)
         return d
+
+
+def _lora_groups(value) -> tuple[str, ...] | None:
+    """--lora values (repeatable, comma-separated) -> the groups in LORA_GROUPS order; None for none."""
+    if value is None:
+        return None
+    names = []
+    for item in [value] if isinstance(value, str) else value:
+        names += [n.strip().lower() for n in str(item).split(",") if n.strip()]
+    for name in names:
+        if name not in LORA_GROUPS:
+            raise UsageError(f"--lora {name!r}: use {', '.join(LORA_GROUPS)} (comma-separated)")
+    if not names:
+        raise UsageError(f"--lora names no group: use {', '.join(LORA_GROUPS)} (comma-separated)")
+    return tuple(g for g in LORA_GROUPS if g in names)
 
 
 def _check_tracker(name: str) -> None:

@@ -68,8 +68,11 @@ def _module_param_names(model, layers: list[MoELayer]) -> tuple[set[str], set[st
     return routers, experts, layer_of
 
 
-def apply_selection(model, layers: list[MoELayer], sel: TrainSelection) -> Plan:
-    """Set requires_grad per parameter and install expert masks; raise UsageError for impossible choices."""
+def apply_selection(model, layers: list[MoELayer], sel: TrainSelection, adapters: frozenset[int] = frozenset()) -> Plan:
+    """Set requires_grad per parameter and install expert masks; raise UsageError for impossible choices.
+
+    adapters: ids of LoRA adapter parameters (upcycle.train.lora), which stay trainable and are counted as
+    "lora"; with adapters, a selection of nothing else is allowed."""
     import torch
 
     by_index = {m.index: m for m in layers}
@@ -87,6 +90,11 @@ def apply_selection(model, layers: list[MoELayer], sel: TrainSelection) -> Plan:
     routers, experts, layer_of = _module_param_names(model, layers)
     plan = Plan()
     for name, p in model.named_parameters():
+        if id(p) in adapters:
+            p.requires_grad_(True)
+            plan.trainable.append(name)
+            plan.counts["lora"] = plan.counts.get("lora", 0) + p.numel()
+            continue
         role = parameter_role(name, routers, experts)
         on = sel.everything or role in sel.groups
         if role == "experts" and not on and sel.experts_for(layer_of[name]) is not None:
@@ -137,10 +145,11 @@ def mask_experts(experts: "nn.Module", mask: "torch.Tensor") -> None:
     experts._upcycle_expert_mask = mask
 
 
-def param_groups(model, layers: list[MoELayer], *, lr: float, weight_decay: float, router_lr_mult: float) -> list[dict]:
+def param_groups(model, layers: list[MoELayer], *, lr: float, weight_decay: float, router_lr_mult: float,
+                 router_adapters: frozenset[int] = frozenset()) -> list[dict]:
     """AdamW groups: decay on matrices, none on vectors (norms, biases, selection bias is a buffer anyway) and
-    none on partly frozen expert tensors; the router at lr * router_lr_mult."""
-    router_ids = {id(m.router.weight) for m in layers}
+    none on partly frozen expert tensors; the router (and its LoRA adapters, router_adapters) at lr * router_lr_mult."""
+    router_ids = {id(m.router.weight) for m in layers} | set(router_adapters)
     masked_ids = {id(p) for m in layers if hasattr(m.experts, "_upcycle_expert_mask")
                   for p in m.experts.parameters(recurse=False)}
     groups: dict[tuple[float, float], list] = {}

@@ -57,9 +57,10 @@ def _cpu_only() -> bool:
     return not (mps is not None and mps.is_available())
 
 
-def _check_launch_mode() -> None:
+def _check_launch_mode(lora: bool = False) -> None:
     """accelerate enables FSDP and DeepSpeed only on accelerators: with cpu=True (every CPU-only machine) it would
-    silently run plain DDP on a full copy of the model in every process. Say so instead."""
+    silently run plain DDP on a full copy of the model in every process. Say so instead. LoRA runs save and merge
+    whole adapters, which sharded parameters do not allow: refused there too."""
     import os
 
     from upcycle.core.errors import UsageError
@@ -68,6 +69,8 @@ def _check_launch_mode() -> None:
         if os.environ.get(var, "false").lower() == "true" and _cpu_only():
             raise UsageError(f"{name} needs GPUs (accelerate runs it on accelerators only); this machine has none: "
                              "use DDP instead, accelerate launch --config_file examples/accelerate/ddp_cpu.yaml")
+        if os.environ.get(var, "false").lower() == "true" and lora:
+            raise UsageError(f"--lora runs on one process or under DDP, not under {name}")
 
 
 def _accelerator(cfg: TrainConfig):
@@ -100,6 +103,8 @@ def _fmt_stats(row: dict) -> str:
     parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
     if "load_cv" in row:
         parts += [f"aux {row['aux_loss']:.3f}", f"z {row['z_loss']:.3f}", f"imb {row['load_imbalance']:.2f}"]
+    if "route_target_share" in row:
+        parts.append(f"on target {row['route_target_share']:.0%}")
     if row.get("router_grad_lm_share") is not None:
         parts.append(f"router grad from LM {row['router_grad_lm_share']:.0%}")
     if "val_loss" in row:
@@ -114,8 +119,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     from upcycle.core.loading import load_tokenizer
     from upcycle.core.routing import RoutingRecorder, moe_layers
     from upcycle.train.freeze import adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw, param_groups
-    from upcycle.train.losses import ROUTER_CHECK_STEPS, RouterGradients, RoutingStats, dead_router_warning, router_losses
-    from upcycle.train.model import classify, inspect_model, load_for_training, resolve_experts_impl
+    from upcycle.train.losses import (ROUTER_CHECK_STEPS, RouterGradients, RoutingStats, dead_router_warning,
+                                      route_target_loss, router_losses)
+    from upcycle.train.model import classify, inspect_model, load_for_training, moe_layout, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
 
     # ---- checks that need no weights (the options checked themselves when cfg was made)
@@ -124,12 +130,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume_dir is not None:
         ck.check_same_model(out, cfg.model)
     state = ck.read_state(resume_dir) if resume_dir is not None else None
+    if state is not None:
+        from upcycle.train.lora import check_resume
+
+        check_resume(state, cfg, resume_dir)
     files = resolve_data_files(cfg.data)
     info = inspect_model(cfg.model)
     if info is not None:
-        cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias)
+        cfg.check_model(info.model_type, info.is_moe, info.has_selection_bias,
+                        moe_layout(info.config) if info.is_moe else None)
     experts_impl = resolve_experts_impl(cfg.experts_impl, info.is_moe if info else False)
-    _check_launch_mode()
+    _check_launch_mode(lora=bool(cfg.lora))
     if cfg.precision == "auto":
         # bf16 autocast only pays where bf16 matmuls are native; CPUs without AMX/AVX512-BF16 emulate them and
         # run several times slower than fp32 (benchmarks/bench_experts.py), so "auto" picks per device.
@@ -186,15 +197,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         from upcycle.core.errors import UnsupportedError
 
         raise UnsupportedError(f"{cfg.model}: found no MoE block in this {info.model_type} model")
-    RouterPatch(layers, RouterControls(jitter=cfg.router_jitter, capacity_factor=cfg.capacity_factor))
-    plan = apply_selection(model, layers, cfg.selection)
+    RouterPatch(layers, RouterControls(jitter=cfg.router_jitter, capacity_factor=cfg.capacity_factor,
+                                       force=cfg.force_spec or None))
+    hf_model, lora = model, None  # the Hugging Face model; `model` becomes its PeftModel in a LoRA run
+    if cfg.lora:
+        from upcycle.train.lora import apply_lora
+
+        lora = apply_lora(hf_model, layers, cfg, resume_dir)
+        model = lora.model
+    plan = apply_selection(hf_model, layers, cfg.selection, adapters=lora.adapter_ids if lora else frozenset())
     if cfg.gradient_checkpointing:
         # non-reentrant: the recorded router logits keep their graph, so the aux and z losses still backpropagate
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf_model, "activation_checkpointing_enable"):
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:  # pragma: no cover - transformers before the rename
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = param_groups(model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult)
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups = param_groups(hf_model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult,
+                          router_adapters=lora.router_ids if lora else frozenset())
     optimizer, optimizer_impl = adamw(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                       device=accelerator.device.type)
     warmup = cfg.warmup(total)
@@ -228,6 +247,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                "moe_layers": [m.index for m in layers], "experts_impl": experts_impl,
                "trainable": {k: int(v) for k, v in plan.counts.items()}, "total_steps": total,
                "warmup_steps": warmup, "tokens_per_step": tokens_per_step, "optimizer": f"AdamW ({optimizer_impl})"}
+        if lora is not None:
+            run["lora"] = {**cfg.lora_json(), **lora.describe()}
         if resume_dir is not None and (out / ck.RUN_FILE).is_file():
             import json
 
@@ -241,7 +262,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def data_state() -> dict:
         return {"step": step, "tokens": tokens, "data": blocks.state_dict(), "world_size": world,
-                "model_type": info.model_type}
+                "model_type": info.model_type, "lora": cfg.lora_json()}
 
     def evaluate() -> float:
         model.eval()
@@ -271,7 +292,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 t0 = time.perf_counter()
                 stats = RoutingStats(layers)
                 router_grads = RouterGradients(layers) if split_router_grads else None
-                sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+                sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
                 for micro in range(cfg.grad_accum):
                     batch = pending if pending is not None else next(batches)
                     pending = None
@@ -282,25 +303,30 @@ def train(cfg: TrainConfig) -> TrainResult:
                         records = recorder.drain()
                         aux, z = router_losses(layers, records)
                         aux, z = aux.to(out_.loss.device), z.to(out_.loss.device)
-                        loss = out_.loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-                        if router_grads is not None and (cfg.aux_loss_coef or cfg.z_loss_coef):
+                        target, on_target = (route_target_loss(layers, records, cfg.target_spec)
+                                             if cfg.route_target is not None else (torch.zeros(()), torch.zeros(())))
+                        target, on_target = target.to(out_.loss.device), on_target.to(out_.loss.device)
+                        router_loss = (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+                                       + (cfg.route_target_coef * target if cfg.route_target is not None else 0.0))
+                        loss = out_.loss + router_loss
+                        if router_grads is not None and (cfg.aux_loss_coef or cfg.z_loss_coef or cfg.route_target):
                             with recorder.pause():
-                                router_grads.add(records, (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z)
-                                                 / cfg.grad_accum)
+                                router_grads.add(records, router_loss / cfg.grad_accum)
                         with recorder.pause():  # activation checkpointing re-runs forwards in backward
                             accelerator.backward(loss / cfg.grad_accum)
                     stats.update(records)
                     # no host sync per micro-batch: the step reads losses and statistics back once, below
-                    sums = sums + torch.stack([out_.loss.detach(), aux.detach(), z.detach()]).to(sums)
+                    sums = sums + torch.stack([out_.loss.detach(), aux.detach(), z.detach(), target.detach(),
+                                               on_target.detach()]).to(sums)
                     del out_, loss, records
                 packed = accelerator.reduce(torch.cat([sums, stats.tensor().to(sums)]), reduction="sum")
                 packed = packed.double().cpu()
                 n = cfg.grad_accum * world
-                lm, aux_v, z_v = (float(x) / n for x in packed[:3])
-                stats.load_tensor(packed[3:])
-                if not all(math.isfinite(v) for v in (lm, aux_v, z_v)):
-                    _stop(f"the loss is {lm if not math.isfinite(lm) else (aux_v if not math.isfinite(aux_v) else z_v)} "
-                          f"at step {step}", last_good)
+                lm, aux_v, z_v, target_v, on_target_v = (float(x) / n for x in packed[:5])
+                stats.load_tensor(packed[5:])
+                if not all(math.isfinite(v) for v in (lm, aux_v, z_v, target_v)):
+                    bad = next(v for v in (lm, aux_v, z_v, target_v) if not math.isfinite(v))
+                    _stop(f"the loss is {bad} at step {step}", last_good)
                 router_row = (router_grads.summary(
                     (lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
                     if router_grads is not None else {})
@@ -324,6 +350,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_time": dt}
                 if cfg.router_lr_mult != 1.0:
                     row["router_lr"] = lr_now * cfg.router_lr_mult
+                if cfg.route_target is not None:
+                    row["route_target_loss"], row["route_target_share"] = target_v, on_target_v
                 row.update(stats.summary())
                 row.update(router_row)
                 last_loss = lm
@@ -341,11 +369,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if warning and main:
                         ui.warn(warning)
                 if cfg.save_every and step % cfg.save_every == 0:
-                    last_good = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src)
+                    last_good = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src,
+                                                   lora=lora)
                     if main:
                         ck.prune(out, cfg.keep_checkpoints)
         final = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src, final=True,
-                                   dtype=final_dtype)
+                                   dtype=final_dtype, lora=lora)
     finally:
         metrics.close()
         if cfg.report_to != "none":
@@ -356,6 +385,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             release_grad_buffers()  # recycled within this run only; the next run (or stage) starts without them
     if main:
         ui.info(f"trained {step - start} steps ({tokens:,} tokens in all); model in {final}")
+        if lora is not None:
+            also = (f"; the groups --train trained fully ({', '.join(sorted(cfg.selection.groups)) or 'experts:...'}) "
+                    "are in final/ only" if plan.counts.keys() - {"lora"} else "")
+            ui.info(f"LoRA adapter (for {cfg.model}) in {out / ck.ADAPTER_DIR}; final/ has it merged{also}")
     return TrainResult(out, step, tokens, last_loss, final)
 
 
@@ -366,6 +399,14 @@ def _memory_check(cfg: TrainConfig) -> bool:
     from upcycle.core.tensors import human_bytes, human_count
 
     est, trainable, total = memory.train_estimate(cfg.model, cfg, precision=cfg.precision, allow_pickle=cfg.allow_pickle)
+    if cfg.lora:
+        import dataclasses
+
+        from upcycle.train.lora import lora_estimate
+
+        extra = lora_estimate(cfg.model, cfg)
+        est = dataclasses.replace(est, parts=est.parts + tuple(extra))
+        trainable = {**trainable, "lora": extra[0][1] // 16} if extra else trainable
     if cfg.dry_run:
         have, where = memory.available()
         lines = [f"memory     about {human_bytes(est.total)} ({est.describe()}); {human_bytes(have)} available ({where})",
@@ -374,6 +415,9 @@ def _memory_check(cfg: TrainConfig) -> bool:
                  f"trainable  {human_count(sum(trainable.values()))} of {human_count(sum(total.values()))} parameters"]
         for role in sorted(total):
             lines.append(f"  {role:<11}{human_count(trainable.get(role, 0)):>9} of {human_count(total[role])}")
+        if "lora" in trainable:
+            lines.append(f"  {'lora':<11}{human_count(trainable['lora']):>9} adapter parameters at most "
+                         f"(rank {cfg.lora_rank} on {','.join(cfg.lora)})")
         if est.total > have:
             lines.append("would refuse: " + est.refusal(have, where))
         ui.out.print("\n".join(lines))

@@ -10,6 +10,10 @@ coefficient does not depend on depth. Each process balances its own tokens (micr
 Switch and Megatron); the statistics in the metrics are reduced over all processes.
 
 Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, averaged over layers.
+
+Route-target loss (--route-target): the cross-entropy of the router's distribution p (as above) against the
+uniform distribution over the target experts S of the layer, -1/|S| sum_{i in S} log p_i, averaged over tokens
+and over the layers the target names. It is minimal when p is uniform over S, so S becomes the router's top |S|.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from upcycle.core.routing import MoELayer, RouterRecord, entropy_sum_tensor, exp
 
 if TYPE_CHECKING:
     import torch
+
+    from upcycle.train.config import ExpertSpec
 
 
 def load_balancing_loss(layer: MoELayer, rec: RouterRecord) -> "torch.Tensor":
@@ -49,6 +55,41 @@ def router_losses(layers: list[MoELayer], records: dict[int, RouterRecord]) -> t
     if not aux:
         return torch.zeros(()), torch.zeros(())
     return torch.stack(aux).mean(), torch.stack(z).mean()
+
+
+def log_router_probs(layer: MoELayer, logits: "torch.Tensor") -> "torch.Tensor":
+    """log of router_probs, computed stably: log_softmax, or for sigmoid routers
+    logsigmoid(x_i) - log sum_j sigmoid(x_j)."""
+    import torch
+
+    logits = logits.float()
+    if layer.scoring == "sigmoid":
+        return torch.nn.functional.logsigmoid(logits) - torch.logsumexp(
+            torch.nn.functional.logsigmoid(logits), dim=-1, keepdim=True)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def route_target_loss(layers: list[MoELayer], records: dict[int, RouterRecord], target: "ExpertSpec"
+                      ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(loss, share), each the mean over the layers the target names: the cross-entropy toward the target experts
+    (module docstring), and the share of tokens whose own top-k holds min(|S|, k) target experts (the router's
+    choice before any forcing; 1.0 once steered). Zeros when no recorded layer is targeted."""
+    import torch
+
+    losses, shares = [], []
+    for m in layers:
+        chosen = target.experts_for(m.index)
+        rec = records.get(m.index)
+        if not chosen or rec is None or rec.logits is None:
+            continue
+        idx = torch.tensor(chosen, device=rec.logits.device)
+        losses.append(-log_router_probs(m, rec.logits).index_select(1, idx).mean())
+        with torch.no_grad():
+            hits = torch.isin(rec.indices, idx.to(rec.indices.device)).sum(dim=-1)
+            shares.append((hits >= min(len(chosen), m.top_k)).float().mean().to(rec.logits.device))
+    if not losses:
+        return torch.zeros(()), torch.zeros(())
+    return torch.stack(losses).mean(), torch.stack(shares).mean()
 
 
 class RoutingStats:
@@ -240,6 +281,6 @@ def dead_router_warning(rows: list[dict]) -> str | None:
         what = (f"{share:.1%} of their gradient, below {LM_SHARE_DEAD:.0%}" if share is not None
                 else f"norm {lm_norm:.1e}")
         found.append(f"the LM loss sends them almost no gradient ({what}; router_grad_* in metrics.jsonl)")
-    return ("; ".join(found) + ": the experts will not specialise. Convert with a routing rule that does not "
-            "renormalise the top-k weights, and/or break the symmetry between the expert copies "
-            "(upcycle convert --expert-init drop:0.5, or --router-init kmeans:TEXT); see docs/study.md")
+    return ("; ".join(found) + ": the experts will not specialise. Convert with a router that sends different "
+            "tokens to different copies (upcycle convert's default k-means router, or --router-init kmeans:TEXT on "
+            "your data) and/or break the symmetry between the copies (--expert-init drop:0.5); see docs/study.md")

@@ -20,6 +20,40 @@ class ModelInfo:
     config: dict
 
 
+@dataclass(frozen=True)
+class MoELayout:
+    """Where an MoE model's MoE layers are and what they hold, read from its config.json (no weight loaded)."""
+
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    shared_width: int  # intermediate width of the shared expert(s); 0: none
+
+    @property
+    def experts_per_layer(self) -> dict[int, int]:
+        return {i: self.num_experts for i in self.moe_layers}
+
+
+def moe_layout(cfg: dict) -> MoELayout:
+    """The MoE layout of a config.json of any MoE type this tool writes, by the keys transformers reads.
+
+    Dense layers come from `mlp_only_layers` and `decoder_sparse_step` (qwen2_moe, qwen3_moe: a layer is sparse
+    when it is not listed and (i + 1) % step == 0) or `first_k_dense_replace` (glm4_moe, dots1); every other type
+    makes every layer MoE. tests/test_domain_experts.py checks this against the loaded model for every type."""
+    layers = int(cfg.get("num_hidden_layers") or 0)
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
+    only_dense = set(cfg.get("mlp_only_layers") or ())
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    first = int(cfg.get("first_k_dense_replace") or 0)
+    moe = tuple(i for i in range(layers) if i not in only_dense and (i + 1) % step == 0 and i >= first)
+    if "shared_expert_intermediate_size" in cfg or "shared_intermediate_size" in cfg:
+        shared = int(cfg.get("shared_expert_intermediate_size") or cfg.get("shared_intermediate_size") or 0)
+    else:
+        shared = int(cfg.get("n_shared_experts") or 0) * int(cfg.get("moe_intermediate_size") or 0)
+    return MoELayout(layers, moe if experts else (), experts, int(cfg.get("num_experts_per_tok") or 1), shared)
+
+
 def _dense_types() -> tuple[str, ...]:
     from upcycle.families.parents import ARCHS
 

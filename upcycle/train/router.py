@@ -1,4 +1,4 @@
-"""The training-time router: fp32 routing maths, jitter noise, capacity factor with token dropping.
+"""The training-time router: fp32 routing maths, jitter noise, capacity factor with token dropping, forced routing.
 
 Installed per router *instance* (an instance attribute `forward`), never by editing a transformers class, so
 the model still saves and loads as its standard class. The patched forward returns what the original returns,
@@ -8,6 +8,8 @@ Why fp32: transformers' routers compute the logits in the weight dtype, and unde
 bf16. bf16 logits tie between virtual groups for 0.3-0.4% of tokens (docs/background.md, section 2), which splits an
 upcycled expert group and breaks the function-preserving start. Here the matmul runs with autocast off on fp32
 copies of input and weight.
+
+Forced routing (--force-route) replaces the choice, not the weights' rule: see `forced_selection`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from upcycle.core.routing import MoELayer, select_experts
+from upcycle.train.config import ExpertSpec
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +29,56 @@ if TYPE_CHECKING:
 class RouterControls:
     jitter: float = 0.0  # multiplicative uniform noise 1 +- jitter on the router input, training only (Switch)
     capacity_factor: float | None = None  # None: dropless
+    force: ExpertSpec | None = None  # --force-route: these experts take every token, training only
+
+
+def routing_weights(layer: MoELayer, logits: "torch.Tensor", indices: "torch.Tensor") -> "torch.Tensor":
+    """[T, k] fp32 weights of the experts `indices` [T, k] by the layer's own rule, as `select_experts` weighs its
+    own choice: softmax probabilities of the chosen (divided by their sum with norm_topk_prob), softmax over the
+    chosen logits (granite), or the chosen sigmoid scores (divided by their sum with norm_topk_prob) times
+    routed_scaling_factor. The selection bias never enters the weights."""
+    import torch
+
+    logits = logits.float()
+    if layer.scoring == "softmax":
+        w = torch.softmax(logits, dim=-1).gather(1, indices)
+        return w / w.sum(dim=-1, keepdim=True) if layer.norm_topk_prob else w
+    if layer.scoring == "topk_softmax":
+        return torch.softmax(logits.gather(1, indices), dim=-1)
+    w = logits.sigmoid().gather(1, indices)
+    if layer.norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * layer.scale
+
+
+def forced_selection(layer: MoELayer, logits: "torch.Tensor", bias: "torch.Tensor | None",
+                     forced: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(weights [T, k], indices [T, k]) when every token must go to the experts `forced` (a 1-D index tensor).
+
+    With k or more forced experts, each token takes the k of them its router ranks highest. With fewer, every
+    token takes all of them, and the remaining k - s slots go to the router's own best among the other experts
+    (ranked by what the router selects on: its logits, or for sigmoid routers score + selection bias; no group
+    limit), so the block still computes k experts and the forced ones learn in the company the router gives
+    them. The weights follow the layer's own rule on that set (`routing_weights`): where the router already
+    chose the forced experts, nothing changes, and a trained router still gets its gradient through them."""
+    import torch
+
+    logits = logits.float()
+    k = layer.top_k
+    if layer.scoring == "sigmoid":
+        choice = logits.sigmoid()
+        if bias is not None:
+            choice = choice + bias.float()
+    else:
+        choice = logits  # softmax and granite's softmax over the top-k rank experts by their logits
+    forced = forced.to(logits.device)
+    s = forced.numel()
+    if s >= k:
+        indices = forced[choice.index_select(1, forced).topk(k, dim=-1).indices]
+    else:
+        others = choice.index_fill(1, forced, float("-inf")).topk(k - s, dim=-1).indices
+        indices = torch.cat([forced.expand(logits.shape[0], s), others], dim=-1)
+    return routing_weights(layer, logits, indices), indices
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -54,6 +107,8 @@ def _make_forward(layer: MoELayer, module, controls: RouterControls):
 
     hidden = layer.hidden_size
     E = layer.num_experts
+    chosen = controls.force.experts_for(layer.index) if controls.force else None
+    forced = torch.tensor(chosen, dtype=torch.long) if chosen else None
 
     def forward(hidden_states):
         h = hidden_states.reshape(-1, hidden)
@@ -64,6 +119,10 @@ def _make_forward(layer: MoELayer, module, controls: RouterControls):
             logits = F.linear(x, module.weight.float())
             bias = getattr(module, "e_score_correction_bias", None)
             weights, indices = select_experts(layer, logits, bias)
+            if forced is not None and module.training:
+                # the router's own choice is what the recorder sees (aux loss, load statistics, route target)
+                module._upcycle_last = (indices, None)
+                weights, indices = forced_selection(layer, logits, bias, forced)
         if module.training and controls.capacity_factor is not None:
             kept = capacity_mask(indices, E, capacity(h.shape[0], layer.top_k, E, controls.capacity_factor))
             # RoutingRecorder reads the pre-drop choice from here (aux loss and load statistics use it)
