@@ -353,3 +353,35 @@ def test_gguf_and_safetensors_sources_mix(smollm2_gguf, tmp_path):
         v = res.verification
         assert not v["exact_expected"] and v["expert_max_rel_diff"] == 0.0
         assert v["mixed"]["max_rel_logit_diff"] < 1e-9 and v["mixed"]["top1_agree"] == v["mixed"]["tokens"]
+
+
+def test_parent_run_beside_the_checks_gives_the_same_mixed_report(sources, tmp_path, monkeypatch):
+    """With --expert-from and --average-shared the parent's float64 layers may still run in a thread beside the
+    writer and the byte checks (they read the parent's own source only): the report, the end-to-end numbers
+    included, is the very one of the run in the calling thread. (Tiny parents are below the size where convert
+    chooses the thread on its own: it is forced here.)"""
+    from upcycle.convert.mix import open_sources
+    from upcycle.convert.parent import open_parent
+    from upcycle.convert.recipe import Recipe
+    from upcycle.convert.run import build_plan
+    from upcycle.convert.verify import verify_layers
+    from upcycle.core import memory
+
+    base, srcs = sources("llama")
+    recipe = Recipe(experts=4, top_k=2, expert_from=(str(srcs[0]), str(base)), average_shared=True,
+                    router_init="random")
+    monkeypatch.setattr(memory, "overlap_parent", lambda plan, thread_safe: thread_safe)
+    threaded = convert(base, ConvertOptions(out=tmp_path / "m", recipe=recipe, full_check="never"), quiet=True)
+    monkeypatch.undo()
+    ckpt = open_parent(base)
+    mix = open_sources(ckpt, recipe.expert_from, average=True)
+    try:
+        plan, _ = build_plan(ckpt, recipe, sources=mix)
+        assert not memory.overlap_parent(plan, ckpt.source.thread_safe)
+        inline = verify_layers(ckpt, plan, tmp_path / "m", exact=False)
+    finally:
+        mix.close()
+        ckpt.close()
+    v = {k: x for k, x in threaded.verification.items() if not k.startswith("whole_model")}
+    assert v["mixed"]["mean_kl"] > 1e-3 and v["layers"]
+    assert v == inline

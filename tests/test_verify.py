@@ -185,3 +185,45 @@ def test_random_router_without_renormalisation_is_measured_not_failed(tiny_paren
     v = res.verification
     assert not v["exact_expected"]
     assert max(entry["max_rel_diff"] for entry in v["layers"]) > 1e-6  # really not exact, and measured
+
+
+def test_parent_states_in_a_thread_match_the_calling_thread(tiny_parent, tmp_path):
+    """The parent run beside the byte checks (as convert starts it) gives the very same MLP states as run inline,
+    and leaves torch's thread count as it found it."""
+    import torch
+
+    from upcycle.convert.verify import ParentStates
+
+    parent, out = tiny_parent("llama"), tmp_path / "m"
+    convert(parent, out, experts=4, top_k=2, verify=False, quiet=True)
+    ckpt = open_parent(parent)
+    plan, _ = build_plan(ckpt, Recipe(experts=4, top_k=2))
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for background in (True, False):
+            states = ParentStates(ckpt, plan, out, background=background)
+            try:
+                runs[background] = [states.get(lay.index) for lay in plan.layouts if lay.moe]
+            finally:
+                states.close()
+    finally:
+        ckpt.close()
+    assert torch.get_num_threads() == threads
+    assert len(runs[True]) == len(runs[False]) == 2
+    for (x1, y1), (x2, y2) in zip(runs[True], runs[False]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.float64
+
+
+def test_an_error_in_the_parent_thread_reaches_the_caller(tiny_parent, tmp_path, monkeypatch):
+    from upcycle.convert import verify as v
+    from upcycle.core.errors import InputError
+
+    def broken(folder):
+        raise InputError("no tokenizer here")
+
+    monkeypatch.setattr(v, "prompt_ids", broken)
+    res = None
+    with pytest.raises(InputError, match="no tokenizer here"):
+        res = convert(tiny_parent("llama"), tmp_path / "m", quiet=True, full_check="never")
+    assert res is None and not (tmp_path / "m").exists()

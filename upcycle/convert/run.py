@@ -174,7 +174,10 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         if options.require_exact and not exact_claim(plan):
             raise UsageError(f"--require-exact: this recipe is not exact ({plan.inexact_reason}); "
                              f"{_exact_alternative(plan)}")
-        estimate = memory.convert_estimate(plan, verify=verify)
+        # verification's parent run reads the parent's own source only, with or without --expert-from (the other
+        # checkpoints and the --average-shared mean are read in this thread): its thread safety is what counts
+        overlap = verify and memory.overlap_parent(plan, ckpt.source.thread_safe)
+        estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap)
         if dry_run:
             return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
         check_space(out, plan.output_bytes + (64 << 20))
@@ -194,7 +197,6 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
         verification = None
         with atomic_folder(out, overwrite) as tmp:
-            _write_weights(plan, tmp, max_shard_bytes, quiet)
             (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
             if not quiet:
                 ui.info("copying the tokenizer" + (" (converted from GGUF, slow)" if ckpt.gguf else ""))
@@ -202,8 +204,19 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             if "generation_config.json" not in copied:
                 gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            if verify:
-                verification = _verify(ckpt, plan, tmp, whole, whole_note, allow_pickle, quiet)
+            parent_states = None
+            if overlap:
+                from upcycle.convert.verify import ParentStates
+
+                # the parent's float64 layers (and the imports they need) run while the shards are written
+                parent_states = ParentStates(ckpt, plan, tmp, background=True)
+            try:
+                _write_weights(plan, tmp, max_shard_bytes, quiet)
+                if verify:
+                    verification = _verify(ckpt, plan, tmp, whole, whole_note, allow_pickle, quiet, parent_states)
+            finally:
+                if parent_states is not None:
+                    parent_states.close()
             from upcycle.convert.card import folder_digest, tensor_digest
 
             fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
@@ -243,16 +256,17 @@ def whole_model_decision(plan: Plan, verify: bool, full_check: str, have: int) -
 
 
 def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_note: str | None, allow_pickle: bool,
-            quiet: bool) -> dict:
+            quiet: bool, parent_states=None) -> dict:
     from upcycle.convert.verify import verify_layers, verify_whole_model
 
     exact = exact_claim(plan)
     if quiet:
-        report = verify_layers(ckpt, plan, tmp, exact=exact)
+        report = verify_layers(ckpt, plan, tmp, exact=exact, parent=parent_states)
     else:
         with ui.progress(transient=True) as prog:
             task = prog.add_task("verifying layer by layer (float64)", total=plan.parent.num_layers)
-            report = verify_layers(ckpt, plan, tmp, exact=exact, on_layer=lambda i: prog.advance(task))
+            report = verify_layers(ckpt, plan, tmp, exact=exact, on_layer=lambda i: prog.advance(task),
+                                   parent=parent_states)
     report["whole_model"], report["whole_model_note"] = None, whole_note
     if whole:
         if not quiet:

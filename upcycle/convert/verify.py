@@ -14,7 +14,11 @@ What is checked, all read back from the shards just written (never from what the
   not, routed_scaling_factor, shared experts and their gates, granitemoe's fused layout).
 
 float64 keeps roundoff near 1e-15, so the bound on the function check (FUNCTION_RTOL, relative to the largest
-MLP output) can be tight enough that a real error of 1e-6 relative in an expert is caught. A recipe that is not
+MLP output) can be tight enough that a real error of 1e-6 relative in an expert is caught.
+
+Where it costs: the parent's layers (and importing torch and transformers for them) run in a thread
+(`ParentStates`) beside the writer and the byte checks when that adds little memory, and the byte checks run
+first, so a layer's function check uses the expected weights they already derived. A recipe that is not
 exact by design (drop:R, noise:STD, a non-power-of-two scale rounded to 16 bits) gets the measured differences
 reported instead of a failure.
 
@@ -101,10 +105,12 @@ class _Checker:
         self.ckpt, self.plan, self.out, self.exact = ckpt, plan, Path(out), exact
         sources = plan.sources
         # copied tensors and shared experts: the parent's, or the mean with --average-shared; routed experts: the
-        # neurons of their own --expert-from source, which are copied exactly even when the function is not
-        self.reader = ParentReader(sources.shared_source if sources else ckpt.source, plan.parent, cache_size=2)
-        self.expert_readers = ([ParentReader(sources.source(j), plan.parent, cache_size=1) for j in range(len(sources.specs))]
-                               if sources else [])
+        # neurons of their own --expert-from source, which are copied exactly even when the function is not. All
+        # read through one-tensor memory maps where the source has them (no copy: these are only compared)
+        self.reader = ParentReader(sources.shared_source if sources else ckpt.source, plan.parent, cache_size=2,
+                                   mapped=True)
+        self.expert_readers = ([ParentReader(sources.source(j), plan.parent, cache_size=1, mapped=True)
+                                for j in range(len(sources.specs))] if sources else [])
         self.strict_experts = exact or (sources is not None and plan.layout_inexact_reason is None)
         self.written = SafetensorsSource(self.out)
         self.cfg = json.loads((self.out / "config.json").read_text())
@@ -124,7 +130,7 @@ class _Checker:
 
     def _read(self, name: str) -> np.ndarray:
         self.checked.add(name)
-        return self.written.read(name)
+        return self.written.view(name)
 
     # -------------------------------------------------------------------------------------------- bytes
 
@@ -166,6 +172,8 @@ class _Checker:
         """The parent neurons an expert should hold, in the output dtype (down_proj times its scale)."""
         w = mlp[which]
         n = origin.neurons
+        if n.size and np.array_equal(n, np.arange(n[0], n[0] + n.size)):
+            n = slice(int(n[0]), int(n[0]) + n.size)  # a contiguous run: a view, not a gathered copy
         part = w[:, n] if which == "down" else w[n]
         if origin.copies > 1:
             part = np.concatenate([part] * origin.copies, axis=1 if which == "down" else 0)
@@ -206,46 +214,50 @@ class _Checker:
 
     def _read_part(self, name: str, row: int | None, part: slice | None) -> np.ndarray:
         self.checked.add(name)
-        a = _rows(self.written, name, row, row + 1)[0] if row is not None else self.written.read(name)
+        a = self.written.view(name)
+        a = a[row] if row is not None else a
         return a[part] if part is not None else a
 
-    def experts(self, layer: int, lay) -> dict:
-        """Byte check of every routed and shared expert; returns {origin key: float64 weights} for the function check."""
-        pre = f"model.layers.{layer}.mlp."
-        mlps: dict = {}
-
-        def mlp_of(origin) -> dict:
-            if origin.source not in mlps:
-                reader = self.reader if origin.source is None else self.expert_readers[origin.source]
-                mlps[origin.source] = {w: reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
-            return mlps[origin.source]
-
-        cache: dict = {}
-        weights: dict = {}
-        worst = 0.0
+    def _expert_jobs(self, layer: int, lay) -> list:
+        """(expert, origin, {which: (tensor name, row, slice)}) for every routed expert and the shared one."""
         locations = self._part_locations(layer)
         jobs = [(e, o, self._expert_names(locations, e)) for e, o in enumerate(lay.experts)]
         if self.plan.fmt.shared is not None:
             jobs.append((-1, lay.shared, self._expert_names(locations, -1)))
-        for e, origin, names in jobs:
+        return jobs
+
+    def _mlp_of(self, layer: int, origin, cache: dict) -> dict:
+        """The float32 MLP of `layer` that `origin`'s neurons come from, read once per layer into cache["mlps"]: the
+        parent's (the mean with --average-shared for a shared expert), or its own --expert-from source's."""
+        mlps = cache.setdefault("mlps", {})
+        if origin.source not in mlps:
+            pre = f"model.layers.{layer}.mlp."
+            reader = self.reader if origin.source is None else self.expert_readers[origin.source]
+            mlps[origin.source] = {w: reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
+        return mlps[origin.source]
+
+    def expert_bytes(self, layer: int, lay) -> tuple[set, dict]:
+        """Byte check of every routed and shared expert of `layer` against the neurons it should hold (the parent's,
+        or those of its --expert-from source).
+
+        Returns the (expert, which) parts that differ (only where the recipe is not exact by design: otherwise a
+        difference fails here) and the cache of expected parts, which `expert_weights` can reuse."""
+        cache: dict = {}
+        differ: set = set()
+        worst = 0.0
+        for e, origin, names in self._expert_jobs(layer, lay):
             label = f"expert {e}" if e >= 0 else "the shared expert"
             for which, (name, row, part) in names.items():
                 got = self._read_part(name, row, part)
                 if origin is None:  # a zero-width shared expert the format insists on
                     if got.size:
                         self._fail(f"layer {layer}: {name} should be zero-width, it has shape {list(got.shape)}")
-                    weights[(e, which)] = _f64(got, self.code)
                     continue
                 key = (which, origin.slice_key, origin.down_scale, origin.copies)
                 if key not in cache:
-                    cache[key] = (self._expected(mlp_of(origin), origin, which), None)
-                want, want64 = cache[key]
-                if _same_bytes(got, want):
-                    if want64 is None:
-                        want64 = _f64(want, self.code)
-                        cache[key] = (want, want64)
-                    weights[(e, which)] = want64  # equal bytes: one float64 copy serves every equal expert
-                else:
+                    cache[key] = self._expected(self._mlp_of(layer, origin, cache), origin, which)
+                want = cache[key]
+                if not _same_bytes(got, want):
                     rel = _rel(got, want, self.code)
                     worst = max(worst, rel)
                     if self.strict_experts:
@@ -253,10 +265,36 @@ class _Checker:
                         whose = "parent" if origin.source is None else f"--expert-from {self.plan.sources.specs[origin.source]}"
                         self._fail(f"layer {layer}: {name} ({label}, {which}_proj) differs from the {whose} neurons "
                                    f"{int(span.min())}..{int(span.max())} it should hold (max relative difference {rel:.3g})")
-                    weights[(e, which)] = _f64(got, self.code)
+                    differ.add((e, which))
                 self.report["expert_tensors"] += 1
         self.report["expert_max_rel_diff"] = max(self.report["expert_max_rel_diff"], worst)
+        return differ, cache
+
+    def expert_weights(self, layer: int, lay, differ: set, cache: dict | None = None) -> dict:
+        """{(expert, which): float64 weights} for the function check: the written bytes, taken from the expected
+        parts where `expert_bytes` found them equal (one float64 copy serves every equal expert) and read back
+        from the file where they differ."""
+        cache = cache if cache is not None else {}
+        weights: dict = {}
+        for e, origin, names in self._expert_jobs(layer, lay):
+            for which, (name, row, part) in names.items():
+                if origin is None or (e, which) in differ:
+                    weights[(e, which)] = _f64(self._read_part(name, row, part), self.code)
+                    continue
+                key = (which, origin.slice_key, origin.down_scale, origin.copies)
+                if ("f64", key) not in cache:
+                    want = cache.get(key)
+                    if want is None:
+                        want = cache[key] = self._expected(self._mlp_of(layer, origin, cache), origin, which)
+                    cache[("f64", key)] = _f64(want, self.code)
+                weights[(e, which)] = cache[("f64", key)]
         return weights
+
+    def experts(self, layer: int, lay) -> dict:
+        """Byte check of every routed and shared expert; returns {(expert, which): float64 weights} for the
+        function check."""
+        differ, cache = self.expert_bytes(layer, lay)
+        return self.expert_weights(layer, lay, differ, cache)
 
     # -------------------------------------------------------------------------------------------- function
 
@@ -299,9 +337,18 @@ class _Checker:
 
         y = torch.zeros_like(x)
         used = sorted(int(e) for e in torch.unique(idx))
+        # Experts that hold the very same float64 weights (byte-equal experts share one copy, see expert_weights)
+        # compute the same function: each distinct set runs once, on the tokens that picked any of its experts,
+        # times the sum of their routing weights. The same sum in another order: float64 roundoff, far below the
+        # bound; an expert whose weights differ in any way has its own copy and runs alone.
+        distinct: dict = {}
         for e in used:
-            tok, slot = torch.nonzero(idx == e, as_tuple=True)
-            y[tok] += mlp(e, x[tok]) * gate_w[tok, slot, None]  # a token picks an expert at most once
+            distinct.setdefault(tuple(id(weights[(e, w)]) for w in ("gate", "up", "down")), []).append(e)
+        for members in distinct.values():
+            picked = torch.isin(idx, torch.tensor(members, dtype=idx.dtype))  # [T, k]; a token picks an expert once
+            tok = torch.nonzero(picked.any(dim=-1), as_tuple=True)[0]
+            coef = (gate_w * picked).sum(dim=-1)[tok]
+            y[tok] += mlp(members[0], x[tok]) * coef[:, None]
         if fmt.shared is not None:
             shared = mlp(-1, x)
             if fmt.shared == "gated":
@@ -357,11 +404,15 @@ def _parent_config(spec):
     return AutoConfig.for_model(spec.model_type, **cfg)
 
 
+class _Stop(Exception):
+    """Raised inside stream_parent's hooks to end the run early (asked to stop, or nothing more is needed)."""
+
+
 def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None], *,
                   dtype=None, source=None, replace_mlp: Callable | None = None, replace_layers=None,
-                  final_norm: bool = False):
+                  final_norm: bool = False, stop: Callable[[], bool] | None = None):
     """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default);
-    return the last hidden states ([B*T, H], after the final norm when final_norm).
+    return the last hidden states ([B*T, H], after the final norm when final_norm), or None when stop() ended it.
 
     Rows of a batch may be right-padded: causal attention never lets a token see the padding after it.
     on_mlp(layer, x, y) gets each layer's MLP input and output ([B*T, H]) after the layer's weights were
@@ -369,6 +420,7 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     source: read the weights from this TensorSource instead of the parent's (e.g. the mean of several
     checkpoints). replace_mlp(layer, x) -> y: run this instead of the MLP of the layers in replace_layers (all
     layers when None); their MLP weights are then not read.
+    stop(): checked before each layer is loaded; True ends the run there (quietly).
     """
     import torch
     from torch import nn
@@ -417,6 +469,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
 
     def hooks(i: int, layer):
         def pre(mod, args, kwargs):
+            if stop is not None and stop():
+                raise _Stop
             state = {k: tensor(f"model.layers.{i}.{k}") for k in mod.state_dict()}
             mod.load_state_dict(state, assign=True, strict=True)
 
@@ -436,60 +490,217 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
 
     for i, layer in enumerate(base.layers):
         hooks(i, layer)
-    with torch.no_grad():
-        out = base(inputs_embeds=embeds, use_cache=False)
+    try:
+        with torch.no_grad():
+            out = base(inputs_embeds=embeds, use_cache=False)
+    except _Stop:
+        return None
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
 
 
 def prompt_ids(folder: Path) -> np.ndarray:
+    """The verification prompts as token ids of the tokenizer in `folder`.
+
+    A tokenizer.json is read with the `tokenizers` library alone (transformers' AutoTokenizer takes seconds to
+    import and builds the same ids with the same special tokens); other tokenizers go through AutoTokenizer."""
+    text = "\n\n".join(PROMPTS)
+    path = Path(folder) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return np.asarray(Tokenizer.from_file(str(path)).encode(text).ids, dtype=np.int64)
+        except Exception:  # a tokenizer.json the library cannot read: let transformers try (and report)
+            pass
     from upcycle.core.loading import load_tokenizer
 
-    tok = load_tokenizer(folder)
-    return np.asarray(tok("\n\n".join(PROMPTS)).input_ids, dtype=np.int64)
+    return np.asarray(load_tokenizer(folder)(text).input_ids, dtype=np.int64)
 
 
-def verify_layers(ckpt, plan, out: Path, *, exact: bool, on_layer: Callable[[int], None] | None = None) -> dict:
-    """Layer-by-layer float64 verification of the folder `out` just written from `ckpt` with `plan`."""
-    import torch
-
+def parent_round_code(ckpt, plan) -> str | None:
+    """The output's storage type when it is narrower than the parent's (its weights are rounded through it first)."""
     from upcycle.core.tensors import itemsize
 
-    torch.manual_seed(0)
+    parent_code = ckpt.source.float_dtype()
+    narrower = itemsize(plan.out_dtype) < itemsize(parent_code) or {plan.out_dtype, parent_code} == {"F16", "BF16"}
+    return plan.out_dtype if narrower else None
+
+
+class ParentStates:
+    """The parent's MLP input and output at every MoE layer, on the verification prompts (`stream_parent`).
+
+    background=True computes them in a thread started here, so that importing torch and transformers and running
+    the parent's float64 layers overlap with writing the shards and with the byte checks (convert starts it before
+    it writes); otherwise they are computed in the calling thread at the first `ready` or `get`. Either way one
+    parent layer is in memory at a time, plus T x H float64 twice per MoE layer (T is about 60 tokens), which is
+    small next to one layer's weights. `close()` stops the run and must be called.
+
+    The run reads the parent's own source only (never an --expert-from checkpoint or the --average-shared mean,
+    which the writer and the byte checks read in the calling thread). With experts from other checkpoints
+    (`mixed`) it goes on through every layer and the final norm: `final_hidden()` then gives the parent's last
+    hidden states for the end-to-end measurement (upcycle.convert.verify_mix), with `ids` and `round_code`.
+    """
+
+    def __init__(self, ckpt, plan, tokenizer_folder: Path, *, background: bool):
+        import threading
+
+        self._ckpt, self._plan, self._folder = ckpt, plan, Path(tokenizer_folder)
+        self._moe = {lay.index for lay in plan.layouts if lay.moe}
+        self.mixed = plan.sources is not None and not plan.sources.all_base
+        self._states: dict = {}
+        self._cond = threading.Condition()
+        self._started = self._finished = self._stop = False
+        self._error: BaseException | None = None
+        self.tokens = 0
+        self.ids: np.ndarray | None = None
+        self.round_code: str | None = None
+        self._hidden = None  # the parent's final hidden states (mixed only)
+        self.threads: int | None = None  # torch's intra-op threads before the run set them to one
+        self._seen = -1  # the last layer the run finished
+        self._thread = threading.Thread(target=self._run, name="upcycle-parent-layers", daemon=True) if background else None
+        if self._thread is not None:
+            self._started = True
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            import torch
+
+            self.threads = torch.get_num_threads()
+            # the operations are small (a few dozen tokens): one thread avoids the cost of waking the others for
+            # each, which dominates on a busy machine (and leaves the other cores to the writer and byte checks)
+            torch.set_num_threads(1)
+            try:
+                ids = self.ids = prompt_ids(self._folder)
+                self.tokens = int(ids.size)
+                self.round_code = parent_round_code(self._ckpt, self._plan)
+                # nothing after the last MoE layer is needed, except where the end-to-end measurement (mixed) needs
+                # every layer and the final norm
+                last = len(self._plan.layouts) if self.mixed else max(self._moe, default=-1)
+                hidden = stream_parent(self._ckpt, ids, self.round_code, self._keep, final_norm=self.mixed,
+                                       stop=lambda: self._stop or self._seen >= last)
+                if self.mixed:
+                    self._hidden = hidden
+            finally:
+                torch.set_num_threads(self.threads)
+        except BaseException as exc:  # handed to the thread that asks for a state
+            self._error = exc
+        finally:
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _keep(self, i: int, x, y) -> None:
+        self._seen = i
+        if i in self._moe:
+            with self._cond:
+                self._states[i] = (x, y)
+                self._cond.notify_all()
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            self._run()
+
+    def ready(self, layer: int) -> bool:
+        self._ensure_started()
+        return layer in self._states
+
+    def get(self, layer: int):
+        """(x, y) of `layer`, waiting for the run to reach it; raises what the run raised."""
+        self._ensure_started()
+        with self._cond:
+            self._cond.wait_for(lambda: layer in self._states or self._finished)
+            if layer in self._states:
+                return self._states.pop(layer)  # each state is used once: free it with its layer
+        if self._error is not None:
+            raise self._error
+        raise AssertionError(f"the parent run ended without the MLP states of layer {layer}")
+
+    def final_hidden(self):
+        """The parent's last hidden states after the final norm ([T, H] float64; `mixed` only), waiting for the run
+        to end; raises what the run raised."""
+        self._ensure_started()
+        with self._cond:
+            self._cond.wait_for(lambda: self._finished)
+        if self._error is not None:
+            raise self._error
+        if self._hidden is None:
+            raise AssertionError("the parent run ended without its final hidden states")
+        return self._hidden
+
+    def close(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join()
+        if self.threads is not None:
+            import torch
+
+            # the run set torch's default for threads that start using torch later; this thread gets it back too
+            torch.set_num_threads(self.threads)
+
+
+def verify_layers(ckpt, plan, out: Path, *, exact: bool, on_layer: Callable[[int], None] | None = None,
+                  parent: ParentStates | None = None) -> dict:
+    """Layer-by-layer float64 verification of the folder `out` just written from `ckpt` with `plan`.
+
+    parent: the parent's MLP states, when the caller started them earlier (convert does, before writing);
+    otherwise they are computed here, in a background thread where the parent's source allows it, while the
+    byte checks run. A layer whose parent state is not there yet when its bytes are checked gets its function
+    check later (its expected weights are then derived again from the parent)."""
+    own = parent is None
+    if own:
+        from upcycle.core.memory import overlap_parent
+
+        # beside the byte checks only where it adds little memory (as convert decides); else first, in this thread
+        parent = ParentStates(ckpt, plan, out, background=overlap_parent(plan, ckpt.source.thread_safe))
     chk = _Checker(ckpt, plan, out, exact)
-    threads = torch.get_num_threads()
-    # the operations are small (a few dozen tokens): one thread avoids the cost of waking the others for each,
-    # which dominates on a busy machine
-    torch.set_num_threads(1)
     try:
         chk.copied_tensors()
-        ids = prompt_ids(out)
-        parent_code = ckpt.source.float_dtype()
-        narrower = itemsize(plan.out_dtype) < itemsize(parent_code) or {plan.out_dtype, parent_code} == {"F16", "BF16"}
-        round_code = plan.out_dtype if narrower else None
-        layouts = {lay.index: lay for lay in plan.layouts}
+        deferred = []
 
-        def on_mlp(i: int, x, y) -> None:
-            lay = layouts[i]
-            if lay.moe:
-                chk.planned_tensors(i)
-                weights = chk.experts(i, lay)
-                res = chk.moe_function(i, x, y, weights)
-                chk.report["layers"].append(res)
-                chk.report["max_rel_diff"] = max(chk.report["max_rel_diff"], res["max_rel_diff"])
+        def function(lay, differ: set, cache: dict | None) -> None:
+            x, y = parent.get(lay.index)
+            weights = chk.expert_weights(lay.index, lay, differ, cache)
+            res = chk.moe_function(lay.index, x, y, weights)
+            chk.report["layers"].append(res)
+            chk.report["max_rel_diff"] = max(chk.report["max_rel_diff"], res["max_rel_diff"])
             if on_layer:
-                on_layer(i)
+                on_layer(lay.index)
 
-        mixed = plan.sources is not None and not plan.sources.all_base
-        parent_hidden = stream_parent(ckpt, ids, round_code, on_mlp, final_norm=mixed)
-        chk.report["tokens"] = int(ids.size)
-        if mixed:  # experts from other checkpoints: how far the whole function moved, measured end to end
+        for lay in plan.layouts:
+            if not lay.moe:
+                if on_layer:
+                    on_layer(lay.index)
+                continue
+            chk.planned_tensors(lay.index)
+            differ, cache = chk.expert_bytes(lay.index, lay)
+            if parent.ready(lay.index):
+                function(lay, differ, cache)
+            else:
+                deferred.append((lay, differ))
+            del cache
+        for lay, differ in deferred:
+            function(lay, differ, None)
+        chk.report["layers"].sort(key=lambda r: r["layer"])
+        chk.report["tokens"] = parent.tokens
+        if parent.mixed:  # experts from other checkpoints: how far the whole function moved, measured end to end
+            import torch
+
             from upcycle.convert.verify_mix import measure_mixed
 
-            chk.report["mixed"] = measure_mixed(chk, ckpt, plan, ids, round_code, parent_hidden)
+            hidden = parent.final_hidden()  # the parent run has ended: its layer is freed before the MoE's run
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small operations on a few dozen tokens, as in the parent's run
+            try:
+                chk.report["mixed"] = measure_mixed(chk, ckpt, plan, parent.ids, parent.round_code, hidden)
+            finally:
+                torch.set_num_threads(threads)
         return chk.finish()
     finally:
-        torch.set_num_threads(threads)
+        if own:
+            parent.close()
         chk.close()
 
 

@@ -36,16 +36,19 @@ def rng(seed: int, *keys: int) -> np.random.Generator:
 class ParentReader:
     """The parent's tensors by canonical name, with phi3's fused projections split on the fly."""
 
-    def __init__(self, source: TensorSource, spec: ParentSpec, cache_size: int = 4):
+    def __init__(self, source: TensorSource, spec: ParentSpec, cache_size: int = 4, mapped: bool = False):
+        """mapped: read through the source's memory map of one tensor (`view`) where it has one: no copy, and the
+        arrays are read-only (for callers that only compare)."""
         self.source, self.spec = source, spec
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        self._load = source.view if mapped and hasattr(source, "view") else source.read
 
     def _read(self, name: str) -> np.ndarray:
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        a = self.source.read(name)
+        a = self._load(name)
         self._cache[name] = a
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
