@@ -101,7 +101,10 @@ def load_average() -> str:
 
 def bench_1b(work: Path, smol: Path, upcycle: list[str]) -> tuple[list[dict], int]:
     """cp of the output bytes and the default convert (verification on), side by side, one run each."""
-    parent = build_1b_parent(work / "parent-1b", smol)
+    # built in a child process: wait4 reports a child's peak RSS as at least this process's size when it forked,
+    # so this process must stay small for the peaks of the runs that follow to be theirs
+    parent = work / "parent-1b"
+    subprocess.run([sys.executable, __file__, "--build-1b", str(parent), "--parent", str(smol)], check=True)
     out = work / "out-1b"
     rows = []
     wall, rss = run([*upcycle, "convert", str(parent), str(out), "--experts", "8", "--top-k", "2"])
@@ -127,18 +130,25 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temp folder beside the cache)")
     ap.add_argument("--parent", type=Path, help="a float32 HF folder to use instead of SmolLM2")
     ap.add_argument("--case", default="smollm2,1b", help="smollm2, 1b or both (comma-separated)")
+    ap.add_argument("--build-1b", type=Path, help=argparse.SUPPRESS)  # internal: the child that writes the parent
     args = ap.parse_args()
+    if args.build_1b:
+        build_1b_parent(args.build_1b, args.parent)
+        return
     cases_asked = {c.strip() for c in args.case.split(",")}
 
-    from upcycle.core.assets import cache_dir, smollm2_gguf
-    from upcycle.core.loading import export_dense
+    from upcycle.core.assets import cache_dir
 
     parent = args.parent
     if parent is None:
         parent = cache_dir() / "smollm2-hf-fp32"
         if not (parent / "config.json").is_file():
             print("exporting SmolLM2-135M from GGUF to a safetensors folder (once)...", file=sys.stderr)
-            export_dense(smollm2_gguf(), parent, dtype="float32")
+            subprocess.run([sys.executable, "-c", "import sys; from upcycle.core.assets import smollm2_gguf; "
+                            "from upcycle.core.loading import export_dense; "
+                            "export_dense(smollm2_gguf(), sys.argv[1], dtype='float32')", str(parent)], check=True)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.work))
     upcycle = [sys.executable, "-m", "upcycle"]
     out = work / "out"
