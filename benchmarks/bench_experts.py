@@ -7,7 +7,7 @@ the ideal MoE/dense time ratio is 2.0 and "x ideal" is ratio / 2.0 (the target i
 
 What is timed: the experts module alone (transformers' MixtralExperts, dispatched through its
 `experts_implementation`), router excluded: routing is fixed, uniform random top-k (every token k distinct
-experts, so loads are balanced in expectation), drawn afresh every round as training routes each step anew (a
+experts, so loads are balanced in expectation), drawn afresh for every implementation in every round as training routes each step anew (a
 CPU's bf16 products cost more at an expert row count they have not seen; --fixed-routing reuses one draw),
 routing weights a softmax that requires grad. One step is
 forward, backward of a fixed random upstream gradient into the input, the routing weights and the expert
@@ -206,10 +206,13 @@ def run_cell(layout, dtype, T, impls, args, device):
         finally:
             K.ROW_QUANTUM = quantum
 
+    names = list(steps)
     for r in range(args.warmup + args.repeats):
-        if not args.fixed_routing:
-            idx = make_routing(T, E, k, device, seed=100 + r)
-        round_t = {name: run(name, idx) for name in steps}
+        # a routing of its own for every implementation in every round: one shared by the round would hand the
+        # shapes the first implementation paid for to the ones timed after it
+        round_t = {name: run(name, idx if args.fixed_routing else
+                             make_routing(T, E, k, device, seed=100 + r * len(names) + j))
+                   for j, name in enumerate(names)}
         if r < args.warmup:
             continue
         for name, t in round_t.items():

@@ -53,7 +53,7 @@ CHUNK_BYTES = 16 << 20  # the largest per-chunk buffer (gate/up output); see the
 # shapes at ~128 rows: 3.1 ms against 1.1 ms per gate_up + down pair). Training routes a different number of tokens
 # to each expert at every step, so each group's rows go through the CPU's reduced-precision products as a multiple of
 # ROW_QUANTUM plus a remainder below it: a few dozen shapes per product, all reused after the first steps, and no
-# padded rows (bench_experts, fresh routing every round: 8 x top-2 bf16 at 4,096 tokens 847 -> 427 ms). fp32 (MKL)
+# padded rows (bench_experts, a fresh routing per arm and round: 8 x top-2 bf16 at 4,096 tokens 441 -> 262 ms). fp32 (MKL)
 # and GPU products have no per-shape cost and take the rows whole.
 ROW_QUANTUM = 32
 
