@@ -75,6 +75,25 @@ def smollm2_gguf():
 
 
 @pytest.fixture(scope="module")
+def moe(tiny_parent, tmp_path_factory):
+    """moe(format="mixtral", family="llama", **convert_kwargs) -> a tiny converted MoE folder, 4 experts top-2 unless
+    the keywords say otherwise (cached per module)."""
+    from upcycle.convert import convert
+
+    cache: dict = {}
+
+    def make(fmt: str = "mixtral", family: str = "llama", **kw):
+        key = (fmt, family, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"moe-{fmt}") / "m"
+            convert(tiny_parent(family), out, format=fmt, verify=False, quiet=True, **{"experts": 4, "top_k": 2, **kw})
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
 def tiny_moe(tiny_parent, tmp_path_factory):
     """A tiny 4 x top-2 mixtral upcycle of the llama parent (modules that need another one define their own)."""
     from upcycle.convert import convert

@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.test_train_loop import config, weights
 from tests.tiny import one_line
 from upcycle.cli import app
-from upcycle.convert import convert
 from upcycle.core.assets import stdlib_dir
 from upcycle.core.errors import UsageError
 from upcycle.core.routing import MoELayer, RoutingRecorder, moe_layers, select_experts
@@ -29,37 +29,6 @@ DATA = stdlib_dir() / "json"
 TYPES = [("mixtral", "llama"), ("qwen2_moe", "llama"), ("qwen3_moe", "qwen3"), ("glm4_moe", "llama"),
          ("dots1", "qwen3"), ("granitemoe", "llama"), ("granitemoeshared", "llama"), ("flex_olmo", "olmo2")]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def moe(tiny_parent, tmp_path_factory):
-    """moe(format="mixtral", family="llama", **convert_kwargs) -> a tiny converted MoE folder (cached per module)."""
-    cache: dict = {}
-
-    def make(fmt: str = "mixtral", family: str = "llama", **kw):
-        key = (fmt, family, tuple(sorted(kw.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"moe-{fmt}") / "m"
-            convert(tiny_parent(family), out, format=fmt, verify=False, quiet=True, **{"experts": 4, "top_k": 2, **kw})
-            cache[key] = out
-        return cache[key]
-
-    return make
-
-
-def config(model, out, **kw) -> TrainConfig:
-    base = dict(model=str(model), data=[str(DATA)], out=Path(out), steps=3, seq_len=32, batch_size=2, save_every=0,
-                precision="fp32", experts_impl="eager", eval_every=0)
-    return TrainConfig(**{**base, **kw})
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def changed_experts(before: dict, after: dict) -> tuple[set[tuple[int, int]], set[str]]:

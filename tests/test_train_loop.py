@@ -11,29 +11,12 @@ import pytest
 import torch
 
 from upcycle.core.assets import stdlib_dir
-from upcycle.convert import convert
 from upcycle.core.errors import TrainingError
 from upcycle.convert.sources import read_safetensors_header
 from upcycle.train import TrainConfig, train
 from upcycle.train import checkpoint as ck
 
 DATA = stdlib_dir() / "json"  # five real Python files, about 60k byte tokens
-
-
-@pytest.fixture(scope="module")
-def moe(tiny_parent, tmp_path_factory):
-    """moe(format="mixtral", family="llama", **convert_kwargs) -> a tiny converted MoE folder (cached per module)."""
-    cache: dict = {}
-
-    def make(fmt: str = "mixtral", family: str = "llama", **kw):
-        key = (fmt, family, tuple(sorted(kw.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"moe-{fmt}") / "m"
-            convert(tiny_parent(family), out, format=fmt, verify=False, quiet=True, **{"experts": 4, "top_k": 2, **kw})
-            cache[key] = out
-        return cache[key]
-
-    return make
 
 
 def config(model, out, **kw) -> TrainConfig:
@@ -50,7 +33,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(f))
     return out
 

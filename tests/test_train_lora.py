@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from tests.test_domain_experts import DATA, TYPES, changed_experts, config, weights
+from tests.test_train_loop import metrics
 from tests.tiny import assert_same_logits, one_line
 from upcycle.cli import app
-from upcycle.convert import convert
 from upcycle.core.errors import UsageError
 from upcycle.core.routing import moe_layers
 from upcycle.train import TrainConfig, train
@@ -23,25 +22,6 @@ from upcycle.train import checkpoint as ck
 from upcycle.train.model import load_for_training
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def moe(tiny_parent, tmp_path_factory):
-    cache: dict = {}
-
-    def make(fmt: str = "mixtral", family: str = "llama", **kw):
-        key = (fmt, family, tuple(sorted(kw.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"moe-{fmt}") / "m"
-            convert(tiny_parent(family), out, format=fmt, verify=False, quiet=True, **{"experts": 4, "top_k": 2, **kw})
-            cache[key] = out
-        return cache[key]
-
-    return make
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / ck.METRICS).read_text().splitlines()]
 
 
 def _logits(model, ids):

@@ -13,7 +13,6 @@ import pytest
 from tests.tiny import routers_before_and_after_patch
 import torch
 
-from upcycle.convert import convert
 from upcycle.core.errors import OutputError, TrainingError, UsageError
 from upcycle.core.routing import MoELayer, RouterRecord, RoutingRecorder, moe_layers, router_probs, select_experts
 from upcycle.train import checkpoint as ck
@@ -23,23 +22,6 @@ from upcycle.train.loop import lr_lambda
 from upcycle.train.losses import RoutingStats, load_balancing_loss, router_losses, z_loss
 from upcycle.train.model import load_for_training
 from upcycle.train.router import (RouterControls, RouterPatch, capacity, capacity_mask, update_selection_bias)
-
-
-@pytest.fixture(scope="module")
-def moe(tiny_parent, tmp_path_factory):
-    """moe(format, family="llama", **convert_kwargs) -> folder of a tiny converted MoE (cached per module)."""
-    cache: dict = {}
-
-    def make(fmt: str = "mixtral", family: str = "llama", **kw):
-        key = (fmt, family, tuple(sorted(kw.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"moe-{fmt}") / "m"
-            kw = {"experts": 4, "top_k": 2, **kw}
-            convert(tiny_parent(family), out, format=fmt, verify=False, quiet=True, **kw)
-            cache[key] = out
-        return cache[key]
-
-    return make
 
 
 def fake_layer(E=4, k=2, scoring="softmax", H=8) -> MoELayer:
