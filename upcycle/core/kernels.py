@@ -98,12 +98,12 @@ def grouped_mm_loop(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], out
         return out
     if out is None:
         out = torch.empty(len(counts), a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    same = out.dtype == a.dtype  # else e.g. a bf16 product into an fp32 weight gradient: summed, converted once
     start = 0
     for g, c in enumerate(counts):
         if not c:
             out[g].zero_()
             continue
-        same = out.dtype == a.dtype  # else e.g. a bf16 product into an fp32 weight gradient: summed, converted once
         acc = None
         for s, n in _pieces(start, c, q):
             if acc is None:
