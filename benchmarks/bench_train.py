@@ -72,6 +72,50 @@ def _child(spec: dict) -> dict:
     }
 
 
+def _floor_child(spec: dict) -> dict:
+    """The work of a training step that grows with the parameter count, not the tokens, timed on the real model's
+    parameters (fp32 master weights, random gradients): the gradient norm and the fused AdamW step (with the clip
+    folded in, as `upcycle train` runs them); in bf16 also autocast's casts of the matmul weights to bf16 and of
+    their bf16 gradients back to fp32 (bytes-for-bytes the copies a bf16 step makes). Median of --floor-reps."""
+    import statistics
+
+    import torch
+
+    from upcycle.core.loading import load_causal_lm
+    from upcycle.evaluate.collect import moe_info
+    from upcycle.evaluate.cost import model_cost
+    from upcycle.train.freeze import adamw, clip_into_fused_adamw
+
+    model = load_causal_lm(spec["model"], dtype="float32")
+    cost = model_cost(model, [v.group for v in moe_info(model)], spec["seq_len"])
+    params = [p for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    optimizer, impl = adamw([{"params": params}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    matmul = [p for p in params if p.dim() >= 2]  # what autocast runs in bf16 (the tied embedding as lm_head)
+    casts = [torch.empty(p.shape, dtype=torch.bfloat16) for p in matmul] if spec["precision"] == "bf16" else []
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(spec["reps"] + 1):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])  # the first pays for allocating AdamW's states
+
+    def step():
+        clip_into_fused_adamw(optimizer, params, 1.0)
+        optimizer.step()
+
+    parts = {"grad norm + fused AdamW": timed(step)}
+    if casts:
+        parts["weights to bf16"] = timed(lambda: [c.copy_(p) for c, p in zip(casts, matmul)])
+        parts["bf16 gradients to fp32"] = timed(lambda: [p.grad.copy_(c) for c, p in zip(casts, matmul)])
+    return {"parts": parts, "param_bound_s": sum(parts.values()), "optimizer": f"AdamW ({impl})",
+            "params": sum(p.numel() for p in params), "train_flops_per_token": 3 * cost.flops_per_token}
+
+
 def _machine() -> dict:
     """What the numbers depend on: the CPU, whether it runs bf16 natively, torch."""
     import torch
@@ -116,6 +160,37 @@ def _models(work: Path, parent: Path | None) -> tuple[Path, Path]:
     return dense, moe
 
 
+def _floor_table(results: list[dict], floors: list[dict]) -> list[str]:
+    """The best MoE / dense ratio the parameter-bound work allows: everything else in the dense step scaled by the
+    training FLOPs per token (the FLOP-matched ratio's assumption), plus the MoE's own parameter-bound work."""
+    if not floors:
+        return []
+    lines = ["", "Parameter-bound work per step (median of the reps; grows with the parameters, not the tokens):", "",
+             "| precision | model | params | work (s) | total s | train GFLOPs/token |",
+             "|---|---|---:|---|---:|---:|"]
+    for f in floors:
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in f["parts"].items())
+        lines.append(f"| {f['precision']} | {f['model']} | {f['params'] / 1e6:,.1f}M | {parts} "
+                     f"| {f['param_bound_s']:.3f} | {f['train_flops_per_token'] / 1e9:.3f} |")
+    lines += ["", "| precision | dense s/step | FLOP ratio MoE/dense | FLOP-matched x dense | best x dense with the "
+                  "parameter-bound work | measured x dense (best impl) |", "|---|---:|---:|---:|---:|---:|"]
+    for precision in dict.fromkeys(f["precision"] for f in floors):
+        by = {f["model"]: f for f in floors if f["precision"] == precision}
+        dense = next((r for r in results if r["precision"] == precision and r["model"] == "dense parent"), None)
+        moes = [r for r in results if r["precision"] == precision and r["model"] != "dense parent"]
+        if dense is None or len(by) < 2 or not moes:
+            continue
+        ratio = by["8x top-2 MoE"]["train_flops_per_token"] / by["dense parent"]["train_flops_per_token"]
+        best_step = (dense["step_s"] - by["dense parent"]["param_bound_s"]) * ratio + by["8x top-2 MoE"]["param_bound_s"]
+        best = dense["step_s"] / best_step
+        measured = max(r["tokens_per_s"] for r in moes) / dense["tokens_per_s"]
+        for f in by.values():
+            f["best_x_dense"], f["flop_matched_x_dense"] = best, 1 / ratio
+        lines.append(f"| {precision} | {dense['step_s']:.2f} | {ratio:.3f} | {1 / ratio:.2f} | {best:.2f} "
+                     f"| {measured:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per case")
@@ -125,13 +200,16 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--impls", default=None, help="experts implementations (default: grouped_mm, and upcycle if "
                                                    "upcycle.core.kernels exists)")
+    ap.add_argument("--floor-reps", type=int, default=3,
+                    help="timed repetitions of the parameter-bound work (0: do not measure the floor)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a new temp folder, removed at the end)")
     ap.add_argument("--parent", type=Path, help="a dense HF folder to use instead of SmolLM2 (to try the script)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(_floor_child(spec) if spec.get("floor") else _child(spec)))
         return
 
     from upcycle.core.assets import stdlib_dir
@@ -143,7 +221,7 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.work))
     data = [str(stdlib_dir() / "json"), str(stdlib_dir() / "email")]
-    results = []
+    results, floors = [], []
     try:
         dense, moe = _models(work, args.parent)
         cases = []
@@ -158,6 +236,13 @@ def main() -> None:
             r = _run_child(spec)
             shutil.rmtree(spec["out"], ignore_errors=True)
             results.append({"model": name, "impl": impl or "-", "precision": precision, **r})
+        if args.floor_reps:
+            for precision in precisions:
+                for name, model in (("dense parent", dense), ("8x top-2 MoE", moe)):
+                    print(f"parameter-bound work, {name} {precision}...", file=sys.stderr)
+                    floors.append({"model": name, "precision": precision, **_run_child(
+                        {"floor": True, "name": f"floor {name} {precision}", "model": str(model),
+                         "precision": precision, "seq_len": args.seq_len, "reps": args.floor_reps})})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -179,13 +264,14 @@ def main() -> None:
                      f"| {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {rel:.2f} "
                      f"| {r['trainable_params'] / 1e6:,.1f}M | {r['peak_rss_gb']:.1f} "
                      f"| {r['load_avg_1min_before']:.1f} / {r['load_avg_1min_after']:.1f} |")
+    lines += _floor_table(results, floors)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
                                          "warmup": args.warmup, "machine": {**machine, "os": platform.platform()},
                                          "cpu_count": os.cpu_count(),
                                          "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                                         "results": results}, indent=2) + "\n")
+                                         "results": results, "floor": floors}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -336,4 +336,4 @@ def test_training_keeps_no_map_of_the_checkpoint_and_no_gradient_pool(moe, tmp_p
     del model
     gc.collect()
     train(config(folder, tmp_path / "r", experts_impl="upcycle", grad_accum=2))
-    assert not kernels._GRAD_POOL
+    assert not kernels._POOL

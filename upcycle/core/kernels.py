@@ -20,8 +20,10 @@ norm; every model upcycle writes) runs a custom autograd Function:
 - backward reuses the saved gather, gate/up output, SiLU(gate) and product (nothing is recomputed, no second
   sort or gather of the input), runs the transposed per-expert mms, gets d(gate) with one fused
   `silu_backward`, and writes the expert weight gradients straight into tensors in the parameters' layout.
-- under autocast the mms run in the autocast dtype (bf16): weights are cast once per call, accumulation into
-  the output and the input gradient stays fp32, the routing-weight gradient is summed in fp32.
+- under autocast the mms run in the autocast dtype (bf16): weights are cast once per call into recycled buffers,
+  accumulation into the output and the input gradient stays fp32, the routing-weight gradient is summed in fp32.
+  On CPU each expert's rows are padded with zero rows to a multiple of `ROW_QUANTUM` (oneDNN's per-shape cost;
+  see there): padding rows read a zero input row, carry routing weight 0 and are never written back.
 
 Everything else a transformers experts class may declare (biases, transposed weights with a custom gate,
 interleaved gate/up, no gate, a post-expert norm, another activation) takes a general path: the same sort,
@@ -51,28 +53,27 @@ CHUNK_BYTES = 16 << 20  # the largest per-chunk buffer (gate/up output); see the
 # oneDNN, which runs torch's bf16 and fp16 matmuls on CPU, builds and caches one kernel per problem shape: a row
 # count it has not seen costs about three times the product itself (measured on the AMX Xeon, SmolLM2's expert
 # shapes at ~128 rows: 3.1 ms against 1.1 ms per gate_up + down pair). Training routes a different number of tokens
-# to each expert at every step, so each group's rows go through the CPU's reduced-precision products as a multiple of
-# ROW_QUANTUM plus a remainder below it: a few dozen shapes per product, all reused after the first steps, and no
-# padded rows (bench_experts, a fresh routing per arm and round: 8 x top-2 bf16 at 4,096 tokens 441 -> 262 ms). fp32 (MKL)
-# and GPU products have no per-shape cost and take the rows whole.
+# to each expert at every step, so on CPU in bf16/fp16 the experts kernel lays each expert's rows out padded with
+# zero rows to a multiple of ROW_QUANTUM (groups under two quanta stay as they are): a few dozen shapes per product,
+# all reused after the first steps, and one product per expert. Cutting the rows into a multiple of the quantum plus
+# a remainder instead (the previous layout) costs a second product per expert, and a product of a few rows costs
+# about as much as one of 64 here, because it is bound by reading the weights (bench_experts, docs/kernels.md).
+# fp32 (MKL) and GPU products have no per-shape cost and take the rows as they are.
 ROW_QUANTUM = 32
 
 
-def _pieces(start: int, count: int, quantum: int):
-    """(start, length) of the row pieces of one group: whole when quantum is 0 or the group has fewer than two quanta
-    of rows (the few shapes below that are all cached after a few steps, and a second call would cost more than it
-    saves), else a multiple of the quantum and the rest."""
-    main = count - count % quantum if quantum and count >= 2 * quantum else count
-    if main:
-        yield start, main
-    if count - main:
-        yield start + main, count - main
-
-
-def _quantum(a: "torch.Tensor") -> int:
+def _quantum(dtype: "torch.dtype", device: "torch.device") -> int:
     import torch
 
-    return ROW_QUANTUM if a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16) else 0
+    return ROW_QUANTUM if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 0
+
+
+def padded_counts(counts: list[int], quantum: int) -> list[int]:
+    """Each group's rows rounded up to a multiple of `quantum` (0: unchanged; groups under two quanta unchanged:
+    their few shapes are cached after a few steps and padding them would add up to half their work)."""
+    if not quantum:
+        return list(counts)
+    return [c + (-c) % quantum if c >= 2 * quantum else c for c in counts]
 
 
 def grouped_mm_loop(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], out: "torch.Tensor | None" = None):
@@ -80,38 +81,32 @@ def grouped_mm_loop(a: "torch.Tensor", b: "torch.Tensor", counts: list[int], out
 
     a [S, K], b [G, K, N]  -> [S, N]:     out[rows of g] = a[rows of g] @ b[g]
     a [K, S], b [S, N]     -> [G, K, N]:  out[g] = a[:, cols of g] @ b[rows of g]   (zeros for an empty group)
-    S may exceed sum(counts): the rows past it are not read (and, 3D case, not written). One mm per group (two
-    where ROW_QUANTUM splits its rows). `out` (optional) receives the result; in the 2D x 2D case it may have
-    another dtype than a and b.
+    S may exceed sum(counts): the rows past it are not read (and, 3D case, not written). One mm per group. `out`
+    (optional) receives the result; in the 2D x 2D case it may have another dtype than a and b (the product is
+    made in a's dtype and converted).
     """
     import torch
 
-    q = _quantum(a)
     if b.dim() == 3:
         if out is None:
             out = torch.empty(a.shape[0], b.shape[2], dtype=a.dtype, device=a.device)
         start = 0
         for g, c in enumerate(counts):
-            for s, n in _pieces(start, c, q):
-                torch.mm(a[s:s + n], b[g], out=out[s:s + n])
+            if c:
+                torch.mm(a[start:start + c], b[g], out=out[start:start + c])
             start += c
         return out
     if out is None:
         out = torch.empty(len(counts), a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    same = out.dtype == a.dtype  # else e.g. a bf16 product into an fp32 weight gradient: summed, converted once
+    same = out.dtype == a.dtype  # else e.g. a bf16 product into an fp32 weight gradient: converted once
     start = 0
     for g, c in enumerate(counts):
         if not c:
             out[g].zero_()
-            continue
-        acc = None
-        for s, n in _pieces(start, c, q):
-            if acc is None:
-                acc = torch.mm(a[:, s:s + n], b[s:s + n], out=out[g]) if same else torch.mm(a[:, s:s + n], b[s:s + n])
-            else:  # the remainder's product, accumulated by the product itself
-                acc.addmm_(a[:, s:s + n], b[s:s + n])
-        if not same:
-            out[g].copy_(acc)
+        elif same:
+            torch.mm(a[:, start:start + c], b[start:start + c], out=out[g])
+        else:
+            out[g].copy_(torch.mm(a[:, start:start + c], b[start:start + c]))
         start += c
     return out
 
@@ -139,10 +134,10 @@ grouped_mm = grouped_mm_loop
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# recycled weight-gradient buffers (CPU)
+# recycled buffers (CPU): weight gradients and the weights cast to the compute dtype
 
-REUSE_GRAD_BUFFERS = True  # see _grad_buffer
-_GRAD_POOL: dict = {}  # (shape, dtype) -> [(storage, baseline use count)]
+REUSE_BUFFERS = True  # see _recycled
+_POOL: dict = {}  # (shape, dtype) -> [(storage, baseline use count)]
 
 
 def _storage_uses(storage) -> int:
@@ -151,25 +146,27 @@ def _storage_uses(storage) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
-def _grad_buffer(shape, dtype, device) -> "torch.Tensor":
-    """An uninitialised tensor for an expert weight gradient, on CPU taken from a pool when one is free.
+def _recycled(shape, dtype, device) -> "torch.Tensor":
+    """An uninitialised tensor, on CPU taken from a pool when one is free.
 
-    The expert weight gradients are the biggest fresh allocations of a training step (as big as the expert
-    weights). glibc hands blocks over 32 MiB out as new mmaps, so every step page-faults them in again (about
-    5 us per 4 KiB page on a VM: ~60 ms for a 57 MB gradient, more than all the matmuls of a 128-token step).
-    AccumulateGrad adopts the returned tensor as `param.grad`; once the optimizer's zero_grad drops it, the pool
-    holds the only reference left to its storage and hands the same, already mapped memory out again. A buffer
-    that anything else still references (grads kept, accumulated, or stored by the user) is never reused.
-    Costs: the pool keeps as many gradients alive between steps as a backward produces (one per MoE layer;
-    optimizers without set_to_none keep them anyway).
+    The expert weight gradients, and the expert weights cast to bf16 under autocast, are the biggest fresh
+    allocations of a training step (as big as the expert weights). glibc hands blocks over 32 MiB out as new mmaps,
+    so every step page-faults them in again (about 5 us per 4 KiB page on a VM: ~60 ms for a 57 MB gradient, more
+    than all the matmuls of a 128-token step; casting SmolLM2's [8, 3072, 576] gate_up weights into fresh memory
+    takes 13.6 ms, into a mapped buffer 5.8 ms). AccumulateGrad adopts a returned gradient as `param.grad`, and
+    autograd keeps a cast weight saved for backward; once the optimizer's zero_grad drops the gradient (or backward
+    frees the saved weight), the pool holds the only reference left to its storage and hands the same, already
+    mapped memory out again. A buffer that anything else still references (grads kept, accumulated, or stored by the
+    user; a graph kept for a second backward) is never reused. Costs: the pool keeps as many buffers alive between
+    steps as a step uses at once (per MoE layer: its gradients, and its cast weights until backward).
     """
     import torch
 
     device = torch.device(device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if not REUSE_GRAD_BUFFERS or device.type != "cpu" or nbytes < (1 << 20):
+    if not REUSE_BUFFERS or device.type != "cpu" or nbytes < (1 << 20):
         return torch.empty(shape, dtype=dtype, device=device)
-    entries = _GRAD_POOL.setdefault((tuple(shape), dtype), [])
+    entries = _POOL.setdefault((tuple(shape), dtype), [])
     for storage, baseline in entries:
         if _storage_uses(storage) <= baseline:
             return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
@@ -178,10 +175,17 @@ def _grad_buffer(shape, dtype, device) -> "torch.Tensor":
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def release_grad_buffers() -> None:
-    """Drop the pool of recycled gradient buffers (the end of a training run): it would otherwise keep a set of
-    expert gradients alive for the rest of the process."""
-    _GRAD_POOL.clear()
+def _cast(weight: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+    """`weight.to(dtype)` (no copy when it already has it), into a recycled buffer."""
+    if weight.dtype == dtype:
+        return weight
+    return _recycled(weight.shape, dtype, weight.device).copy_(weight)
+
+
+def release_buffers() -> None:
+    """Drop the pool of recycled buffers (the end of a training run): it would otherwise keep a set of expert
+    gradients and cast weights alive for the rest of the process."""
+    _POOL.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +214,16 @@ def _chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, int, int]]
         rows += c
     chunks.append((e0, len(counts), r0, r0 + rows))
     return chunks
+
+
+def _pad_index(counts: list[int], padded: list[int], device) -> "torch.Tensor":
+    """For each sorted row (expert-contiguous, `counts` per expert): its row in the layout with `padded` rows per
+    expert (each expert's rows first, its zero rows after them)."""
+    import torch
+
+    c, p = torch.tensor(counts), torch.tensor(padded)
+    shift = (p.cumsum(0) - p) - (c.cumsum(0) - c)
+    return (torch.arange(int(c.sum())) + shift.repeat_interleave(c)).to(device)
 
 
 def _compute_dtype(x: "torch.Tensor", weight: "torch.Tensor") -> "torch.dtype":
@@ -251,23 +265,32 @@ def _make_function():
             T, H = x.shape
             k = weights.shape[-1]
             acc = _acc_dtype(x.dtype)
-            w1, w2 = w_gate_up.to(cdtype), w_down.to(cdtype)
+            w1, w2 = _cast(w_gate_up, cdtype), _cast(w_down, cdtype)
             # [E, H, 2I] and [E, I, H] views: the right operands of x @ W
             w1f, w2f = (w1, w2) if transposed else (w1.transpose(1, 2), w2.transpose(1, 2))
             i = w1f.shape[2] // 2
-            max_rows = max(1, CHUNK_BYTES // (2 * i * torch.finfo(cdtype).bits // 8))
-            chunks = _chunks(counts, max_rows)
             with no_autocast(x.device.type):
-                out = torch.zeros(T, H, dtype=acc, device=x.device)
                 ws = weights.reshape(-1).index_select(0, order)
-                wsa = ws.to(acc).unsqueeze(1)
                 xc = x.to(cdtype)
+                rows = padded_counts(counts, _quantum(cdtype, x.device))
+                dest = None
+                if rows != counts:
+                    # padding rows read token T, a zero row appended to the input, and write to row T of the output,
+                    # which is dropped; their routing weight is 0. Zero rows add exact zeros to every product.
+                    dest = _pad_index(counts, rows, x.device)
+                    token = torch.full((sum(rows),), T, dtype=token.dtype, device=x.device).index_copy_(0, dest, token)
+                    ws = torch.zeros(sum(rows), dtype=ws.dtype, device=x.device).index_copy_(0, dest, ws)
+                    xc = torch.cat([xc, xc.new_zeros(1, H)])
+                max_rows = max(1, CHUNK_BYTES // (2 * i * torch.finfo(cdtype).bits // 8))
+                chunks = _chunks(rows, max_rows)
+                out = torch.zeros(T + (dest is not None), H, dtype=acc, device=x.device)
+                wsa = ws.to(acc).unsqueeze(1)
                 saved = []
                 for e0, e1, r0, r1 in chunks:
                     if r0 == r1:
                         saved += [None] * 5
                         continue
-                    cnt, tok = counts[e0:e1], token[r0:r1]
+                    cnt, tok = rows[e0:e1], token[r0:r1]
                     xs = xc.index_select(0, tok)
                     h1 = grouped_mm(xs, w1f[e0:e1], cnt)  # [rows, 2I]
                     sg = F.silu(h1[:, :i])
@@ -275,34 +298,36 @@ def _make_function():
                     y = grouped_mm(a, w2f[e0:e1], cnt)  # [rows, H]
                     out.index_add_(0, tok, y * wsa[r0:r1])  # a bf16 y is promoted to the fp32 of wsa
                     saved += [xs, h1, sg, a, y]
-            ctx.save_for_backward(w1, w2, order, token, ws, *saved)
-            ctx.meta = (counts, chunks, transposed, cdtype, T, k, acc, i)
+            ctx.save_for_backward(w1, w2, order, token, ws, dest, *saved)
+            ctx.meta = (rows, chunks, transposed, cdtype, T, k, acc, i)
             ctx.w_dtypes = (w_gate_up.dtype, w_down.dtype)
-            return out.to(x.dtype)
+            return out[:T].to(x.dtype)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, grad_out):
-            w1, w2, order, token, ws, *saved = ctx.saved_tensors
-            counts, chunks, transposed, cdtype, T, k, acc, i = ctx.meta
+            w1, w2, order, token, ws, dest, *saved = ctx.saved_tensors
+            rows, chunks, transposed, cdtype, T, k, acc, i = ctx.meta
             need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
             gx = gw = gw1 = gw2 = None
             with no_autocast(grad_out.device.type):
                 go_all = grad_out.to(cdtype)
+                if dest is not None:  # row T: the padding rows' (zero) output
+                    go_all = torch.cat([go_all, go_all.new_zeros(1, go_all.shape[1])])
                 wsc = ws.to(cdtype).unsqueeze(1)
                 if need_x:
-                    gx = torch.zeros(T, grad_out.shape[1], dtype=acc, device=grad_out.device)
+                    gx = torch.zeros(go_all.shape[0], grad_out.shape[1], dtype=acc, device=grad_out.device)
                 if need_w:
-                    dws = torch.zeros(order.shape[0], dtype=acc, device=grad_out.device)
+                    dws = torch.zeros(ws.shape[0], dtype=acc, device=grad_out.device)
                 # the weight gradients go straight into tensors of the parameters' dtype (fp32 under autocast)
                 if need_w1:
-                    gw1 = _grad_buffer(w1.shape, ctx.w_dtypes[0], w1.device)
+                    gw1 = _recycled(w1.shape, ctx.w_dtypes[0], w1.device)
                 if need_w2:
-                    gw2 = _grad_buffer(w2.shape, ctx.w_dtypes[1], w2.device)
+                    gw2 = _recycled(w2.shape, ctx.w_dtypes[1], w2.device)
                 # [E, H, I] / [E, 2I, H] views: the right operands of grad @ W (the transposed products)
                 w2b, w1b = (w2.transpose(1, 2), w1.transpose(1, 2)) if transposed else (w2, w1)
                 for c, (e0, e1, r0, r1) in enumerate(chunks):
-                    cnt, tok = counts[e0:e1], token[r0:r1]
+                    cnt, tok = rows[e0:e1], token[r0:r1]
                     if r0 == r1:  # no rows: the experts of this chunk get zero gradients
                         for g in (gw1, gw2):
                             if g is not None:
@@ -335,8 +360,10 @@ def _make_function():
                         dxs = grouped_mm(dh1, w1b[e0:e1], cnt)  # [rows, H]
                         gx.index_add_(0, tok, dxs.to(acc))
                 if need_x:
-                    gx = gx.to(grad_out.dtype)
+                    gx = gx[:T].to(grad_out.dtype)
                 if need_w:
+                    if dest is not None:
+                        dws = dws.index_select(0, dest)
                     gw = torch.zeros(T * k, dtype=ws.dtype, device=ws.device)
                     gw = gw.index_copy_(0, order, dws.to(ws.dtype)).view(T, k)
             return gx, gw, gw1, gw2, None, None, None, None, None

@@ -380,9 +380,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.report_to != "none":
             accelerator.end_training()
         if experts_impl == "upcycle":
-            from upcycle.core.kernels import release_grad_buffers
+            from upcycle.core.kernels import release_buffers
 
-            release_grad_buffers()  # recycled within this run only; the next run (or stage) starts without them
+            release_buffers()  # recycled within this run only; the next run (or stage) starts without them
     if main:
         ui.info(f"trained {step - start} steps ({tokens:,} tokens in all); model in {final}")
         if lora is not None:
