@@ -40,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HIDDEN, INTERMEDIATE = 576, 1536
 LAYOUTS = {"coarse": (8, 2, 1), "fine": (32, 8, 4)}  # experts, top-k, granularity G (expert = MLP / G)
 IMPLS = ("eager", "batched_mm", "grouped_mm", "upcycle")
-# also accepted by --impls: "upcycle-whole", upcycle's kernel with each expert's rows in one product (ROW_QUANTUM 0)
-WHOLE = "upcycle-whole"
+# also accepted by --impls: "upcycle-whole", upcycle's kernel with each expert's rows as they are (ROW_QUANTUM 0), and
+# "upcycle-split", the kernel's previous CPU bf16 layout: rows as they are, each group's product cut into a multiple
+# of 32 rows plus a second product for the remainder (split_grouped_mm below, through the kernel's grouped_mm hook)
+WHOLE, SPLIT = "upcycle-whole", "upcycle-split"
 IDEAL = 2.0
 TARGET = 1.10
 
@@ -128,20 +130,55 @@ def step_fn(module, x, idx, w, gout, bf16: bool, moe: bool):
     return step
 
 
+def split_grouped_mm(a, b, counts, out=None, quantum: int = 32):
+    """upcycle.core.kernels.grouped_mm_loop's semantics, each group of 2 quanta or more cut into a multiple of
+    `quantum` rows and the rest (a second product, accumulated): the kernel's CPU bf16 layout before padding."""
+    import torch
+
+    def pieces(start, c):
+        main = c - c % quantum if c >= 2 * quantum else c
+        return [(start, main)] * bool(main) + [(start + main, c - main)] * bool(c - main)
+
+    if b.dim() == 3:
+        out = torch.empty(a.shape[0], b.shape[2], dtype=a.dtype, device=a.device) if out is None else out
+        start = 0
+        for g, c in enumerate(counts):
+            for s0, n in pieces(start, c):
+                torch.mm(a[s0:s0 + n], b[g], out=out[s0:s0 + n])
+            start += c
+        return out
+    out = torch.empty(len(counts), a.shape[0], b.shape[1], dtype=a.dtype, device=a.device) if out is None else out
+    start = 0
+    for g, c in enumerate(counts):
+        if not c:
+            out[g].zero_()
+        acc = None
+        for s0, n in pieces(start, c):
+            if acc is None:
+                acc = torch.mm(a[:, s0:s0 + n], b[s0:s0 + n])
+            else:
+                acc.addmm_(a[:, s0:s0 + n], b[s0:s0 + n])
+        if acc is not None:
+            out[g].copy_(acc)
+        start += c
+    return out
+
+
 def mm_floor_fn(experts, idx, bf16: bool, hidden: int):
     """Only the per-expert matmuls of one forward + backward (2 + 4 products per expert, all buffers
-    preallocated, no gather, activation, scatter or autograd): the floor for any kernel built on them."""
+    preallocated, no gather, activation, scatter or autograd), with the kernel's row layout (rows padded to its
+    ROW_QUANTUM on CPU in bf16): the floor for any kernel built on them."""
     import torch
 
     from upcycle.core import kernels as K
 
     E = experts.num_experts
     dt = torch.bfloat16 if bf16 else torch.float32
-    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
-    n = sum(counts)
     w1, w2 = experts.gate_up_proj.detach().to(dt), experts.down_proj.detach().to(dt)  # [E, 2I, H], [E, H, I]
     I = w2.shape[2]
     dev = w1.device
+    counts = K.padded_counts(torch.bincount(idx.reshape(-1), minlength=E).tolist(), K._quantum(dt, dev))
+    n = sum(counts)
     xs, h1, a = (torch.randn(n, d, device=dev).to(dt) for d in (hidden, 2 * I, I))
     go, da, dh1 = (torch.randn(n, d, device=dev).to(dt) for d in (hidden, I, 2 * I))
     y, dxs = torch.empty(n, hidden, dtype=dt, device=dev), torch.empty(n, hidden, dtype=dt, device=dev)
@@ -197,14 +234,17 @@ def run_cell(layout, dtype, T, impls, args, device):
             return timed(mm_floor_fn(experts, idx, bf16, args.hidden), device)
         from upcycle.core import kernels as K
 
-        quantum = K.ROW_QUANTUM
-        if name == WHOLE:
-            name, K.ROW_QUANTUM = "upcycle", 0
+        quantum, mm = K.ROW_QUANTUM, K.grouped_mm
+        if name in (WHOLE, SPLIT):
+            K.ROW_QUANTUM = 0
+            if name == SPLIT and device.type == "cpu" and bf16:
+                K.grouped_mm = split_grouped_mm
+            name = "upcycle"
         cfg._experts_implementation = name  # the decorator reads it at every call
         try:
             return timed(step_fn(experts, x, idx, w, gout, bf16, moe=True), device)
         finally:
-            K.ROW_QUANTUM = quantum
+            K.ROW_QUANTUM, K.grouped_mm = quantum, mm
 
     names = list(steps)
     for r in range(args.warmup + args.repeats):
