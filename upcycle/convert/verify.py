@@ -410,7 +410,7 @@ class _Stop(Exception):
 
 def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, object, object], None], *,
                   dtype=None, source=None, replace_mlp: Callable | None = None, replace_layers=None,
-                  final_norm: bool = False, stop: Callable[[], bool] | None = None):
+                  final_norm: bool = False, stop: Callable[[], bool] | None = None, attention: str = "eager"):
     """Run token ids ([T] or [B, T]) through the parent, loading one decoder layer at a time (float64 by default);
     return the last hidden states ([B*T, H], after the final norm when final_norm), or None when stop() ended it.
 
@@ -421,6 +421,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     checkpoints). replace_mlp(layer, x) -> y: run this instead of the MLP of the layers in replace_layers (all
     layers when None); their MLP weights are then not read.
     stop(): checked before each layer is loaded; True ends the run there (quietly).
+    attention: transformers' attention implementation ("eager" computes softmax(QK^T)V as written, in `dtype`;
+    "sdpa" is torch's fused kernel, faster in float32 where only directions are wanted, as for the k-means router).
     """
     import torch
     from torch import nn
@@ -429,7 +431,7 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     dtype = dtype or torch.float64
     config = _parent_config(ckpt.spec)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     base = model.model
     source = source if source is not None else ckpt.source
 
@@ -438,6 +440,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         raw = source.read(name)
         if round_code is not None:
             return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
+        if dtype == torch.float32 and meta.dtype in ("F32", "BF16", "F16"):  # widened once, not through float64
+            return torch.from_numpy(np.array(to_f32(raw, meta.dtype), dtype=np.float32, order="C"))
         return _f64(raw, meta.dtype).to(dtype)
 
     if final_norm:
@@ -499,13 +503,12 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def prompt_ids(folder: Path) -> np.ndarray:
-    """The verification prompts as token ids of the tokenizer in `folder`.
+def encode(spec, text: str) -> np.ndarray:
+    """Token ids of `text` by the tokenizer of `spec` (a folder, or a GGUF file).
 
-    A tokenizer.json is read with the `tokenizers` library alone (transformers' AutoTokenizer takes seconds to
-    import and builds the same ids with the same special tokens); other tokenizers go through AutoTokenizer."""
-    text = "\n\n".join(PROMPTS)
-    path = Path(folder) / "tokenizer.json"
+    A folder's tokenizer.json is read with the `tokenizers` library alone (transformers' AutoTokenizer takes seconds
+    to import and builds the same ids with the same special tokens); other tokenizers go through AutoTokenizer."""
+    path = Path(spec) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer
 
@@ -515,7 +518,12 @@ def prompt_ids(folder: Path) -> np.ndarray:
             pass
     from upcycle.core.loading import load_tokenizer
 
-    return np.asarray(load_tokenizer(folder)(text).input_ids, dtype=np.int64)
+    return np.asarray(load_tokenizer(spec)(text).input_ids, dtype=np.int64)
+
+
+def prompt_ids(folder: Path) -> np.ndarray:
+    """The verification prompts as token ids of the tokenizer in `folder`."""
+    return encode(folder, "\n\n".join(PROMPTS))
 
 
 def parent_round_code(ckpt, plan) -> str | None:
