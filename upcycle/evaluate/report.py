@@ -266,7 +266,7 @@ def router_verdict(r: Report) -> dict | None:
                 + (", and the experts are still copies of their origin, so routing changes nothing" if unmoved else "")
                 + ". Convert with a router that sends different tokens to different copies (upcycle convert's "
                   "default k-means router, or --router-init kmeans:TEXT on your data), or break the symmetry "
-                  "(--expert-init drop:0.5).")
+                  "(--expert-init noise:STD or a small drop:R; drop:0.5 needs long training to recover).")
         learned = False
     elif unmoved:
         text = (f"The routers prefer experts ({numbers}), but the experts are still what they started as, so the "
