@@ -88,7 +88,7 @@ def _floor_child(spec: dict) -> dict:
 
     model = load_causal_lm(spec["model"], dtype="float32")
     cost = model_cost(model, [v.group for v in moe_info(model)], spec["seq_len"])
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     g = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 1e-3

@@ -441,7 +441,8 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         if round_code is not None:
             return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
         if dtype == torch.float32 and meta.dtype in ("F32", "BF16", "F16"):  # widened once, not through float64
-            return torch.from_numpy(np.array(to_f32(raw, meta.dtype), dtype=np.float32, order="C"))
+            # a copy only where needed: F32 is read-only file memory, BF16/F16 widen into a fresh array already
+            return torch.from_numpy(np.require(to_f32(raw, meta.dtype), np.float32, ["C", "W"]))
         return _f64(raw, meta.dtype).to(dtype)
 
     if final_norm:

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 SUPPORTED_MOE = tuple(MOE_TYPES)
 
 
+# What to do about routers that do not learn: said by train's dead-router warning and eval's router verdict.
+DEAD_ROUTER_ADVICE = ("Convert with a router that sends different tokens to different copies (upcycle convert's "
+                      "default k-means router, or --router-init kmeans:TEXT on your data) and/or break the symmetry "
+                      "between the copies (--expert-init noise:STD or a small drop:R; drop:0.5 cost SmolLM2 over 4 "
+                      "nats of held-out loss at 0.05M tokens); see docs/study.md")
+
+
 @dataclass
 class MoELayer:
     index: int  # decoder layer index

@@ -14,6 +14,7 @@ from upcycle.evaluate.provenance import Provenance
 from upcycle.evaluate.routing_stats import LayerRouting
 from upcycle.evaluate.specialise import DomainLayer, LayerSpecialisation
 from upcycle.evaluate.stats import Comparison
+from upcycle.core.routing import DEAD_ROUTER_ADVICE
 from upcycle.core.tensors import human_bytes, human_count
 
 REPORT = "report.json"
@@ -264,9 +265,7 @@ def router_verdict(r: Report) -> dict | None:
     if ent is not None and ent > UNIFORM_ENTROPY:
         text = (f"The routers have not learned to route: {numbers}. They barely prefer any expert"
                 + (", and the experts are still copies of their origin, so routing changes nothing" if unmoved else "")
-                + ". Convert with a router that sends different tokens to different copies (upcycle convert's "
-                  "default k-means router, or --router-init kmeans:TEXT on your data), or break the symmetry "
-                  "(--expert-init noise:STD or a small drop:R; drop:0.5 needs long training to recover).")
+                + ". " + DEAD_ROUTER_ADVICE + ".")
         learned = False
     elif unmoved:
         text = (f"The routers prefer experts ({numbers}), but the experts are still what they started as, so the "

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from upcycle.core.routing import MoELayer, RouterRecord, entropy_sum_tensor, expert_counts, router_probs
+from upcycle.core.routing import (DEAD_ROUTER_ADVICE, MoELayer, RouterRecord, entropy_sum_tensor, expert_counts,
+                                  router_probs)
 
 if TYPE_CHECKING:
     import torch
@@ -281,7 +282,4 @@ def dead_router_warning(rows: list[dict]) -> str | None:
         what = (f"{share:.1%} of their gradient, below {LM_SHARE_DEAD:.0%}" if share is not None
                 else f"norm {lm_norm:.1e}")
         found.append(f"the LM loss sends them almost no gradient ({what}; router_grad_* in metrics.jsonl)")
-    return ("; ".join(found) + ": the experts will not specialise. Convert with a router that sends different "
-            "tokens to different copies (upcycle convert's default k-means router, or --router-init kmeans:TEXT on "
-            "your data) and/or break the symmetry between the copies (--expert-init noise:STD or a small drop:R; "
-            "drop:0.5 cost SmolLM2 over 4 nats of held-out loss at 0.05M tokens); see docs/study.md")
+    return "; ".join(found) + ": the experts will not specialise. " + DEAD_ROUTER_ADVICE
