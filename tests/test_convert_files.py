@@ -148,9 +148,69 @@ def test_kmeans_router_is_data_driven_and_exact(tiny_parent, tmp_path):
 
     r = load_file(tmp_path / "k" / "model.safetensors")["model.layers.0.block_sparse_moe.gate.weight"]
     assert np.array_equal(r[0], r[1]) and not np.array_equal(r[1], r[2])  # tied within groups of 2
+    # centred: no offset shared by every expert's logit (the z-loss would push on it; the softmax ignores it)
+    assert np.abs(r.mean(0)).max() < 1e-6 * np.abs(r).max()
     convert(tiny_parent("llama"), tmp_path / "r", experts=8, top_k=4, granularity=2, verify=False, quiet=True)
     r2 = load_file(tmp_path / "r" / "model.safetensors")["model.layers.0.block_sparse_moe.gate.weight"]
     assert abs(float(np.linalg.norm(r, axis=1).mean()) - float(np.linalg.norm(r2, axis=1).mean())) > 1e-3
+
+
+def test_kmeans_rows_are_centred_without_changing_any_routing(tiny_parent, tmp_path, monkeypatch):
+    """Centring the k-means rows removes the logit offset every expert shares (what the z-loss penalises) and
+    changes no token's softmax: the same probabilities for any hidden state."""
+    import torch
+    from safetensors.numpy import load_file
+
+    import upcycle.convert.router_init as router_init
+
+    rows = {}
+    for centred in (False, True):
+        monkeypatch.setattr(router_init, "CENTRED", centred)
+        convert(tiny_parent("llama"), tmp_path / str(centred), experts=4, top_k=2, verify=False, quiet=True)
+        rows[centred] = torch.from_numpy(
+            load_file(tmp_path / str(centred) / "model.safetensors")["model.layers.1.block_sparse_moe.gate.weight"])
+    x = torch.randn(64, rows[True].shape[1]) * 5
+    raw, centred = x @ rows[False].T, x @ rows[True].T
+    assert (raw.logsumexp(-1) - centred.logsumexp(-1)).abs().mean() > 0.1  # the offset is gone
+    torch.testing.assert_close(raw.softmax(-1), centred.softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_kmeans_pass_runs_a_bf16_parent_in_bf16(tiny_parent, tmp_path, monkeypatch):
+    """A bf16 parent's k-means pass runs in bf16 where bf16 is native (its MLP inputs within bf16 rounding of the
+    float32 pass's), and the conversion stays exact: the router only picks among identical copies."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import upcycle.core.hardware as hardware
+    from upcycle.convert.parent import open_parent
+    from upcycle.convert.router_init import pass_dtype
+    from upcycle.convert.verify import stream_parent
+
+    parent = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_parent("llama"), dtype=torch.bfloat16).save_pretrained(parent)
+    for f in tiny_parent("llama").iterdir():
+        if "token" in f.name:
+            (parent / f.name).write_bytes(f.read_bytes())
+    ckpt = open_parent(parent)
+    try:
+        monkeypatch.setattr(hardware, "bf16_is_fast", lambda device="cpu": True)
+        assert pass_dtype(ckpt) == torch.bfloat16
+        monkeypatch.setattr(hardware, "bf16_is_fast", lambda device="cpu": False)
+        assert pass_dtype(ckpt) == torch.float32
+        ids = np.arange(3, 67).reshape(2, 32)
+        got = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            xs = []
+            stream_parent(ckpt, ids, None, lambda i, x, y: xs.append(x.float()), dtype=dtype, attention="sdpa")
+            got[dtype] = torch.stack(xs)
+        rel = (got[torch.bfloat16] - got[torch.float32]).norm() / got[torch.float32].norm()
+        assert 0 < float(rel) < 0.03  # bf16 arithmetic, not another function
+    finally:
+        ckpt.close()
+    monkeypatch.setattr(hardware, "bf16_is_fast", lambda device="cpu": True)
+    res = convert(parent, tmp_path / "k", experts=4, top_k=2, verify=True, quiet=True)
+    assert res.plan.recipe.router_init_mode[0] == "kmeans" and "router init" in res.phases
+    assert res.verification["exact_expected"] and res.verification["max_rel_diff"] < 1e-9
 
 
 def test_dry_run_writes_nothing(tiny_parent, tmp_path, capsys):

@@ -4,8 +4,8 @@ As in MoEfication and LLaMA-MoE, the router starts from structure in the parent'
 noise: the tokens of a real text are run through the parent (one decoder layer at a time, so memory stays at
 about one layer), the inputs of each MoE layer's MLP are collected, and spherical k-means (cosine, k = number
 of expert copies) gives one direction per copy. A copy's router row is its centroid, scaled so that the router
-logits over the sample have unit standard deviation (a softmax neither flat nor saturated). Rows are then tied
-within virtual groups as for a random router.
+logits over the sample have unit standard deviation (a softmax neither flat nor saturated), and the mean row is
+subtracted from every row (see CENTRED). Rows are then tied within virtual groups as for a random router.
 
 With renormalised top-k weights this keeps the conversion exact (only *which* identical copy a token picks
 depends on the centroids), and it is what makes the router learn: different tokens reach different copies from
@@ -30,6 +30,11 @@ MAX_TOKENS = 2048
 BLOCK = 512  # tokens per sequence: the parent's attention runs on blocks, never on one long sequence
 ITERATIONS = 25
 DEFAULT_FILES = 8  # standard library files sampled for the default text
+# The centroids share a large common part (the mean direction of the hidden states), so every token's logits share a
+# large offset: the softmax ignores it, the router z-loss does not (logsumexp^2 ~ 44 on SmolLM2 against ~4.3 for a
+# near-uniform router), and its gradient pushes every MoE layer's input against that direction. Subtracting the
+# mean row removes the offset from every token's logits and leaves every softmax, and so every routing, unchanged.
+CENTRED = True
 
 
 def default_texts() -> list[str]:
@@ -88,7 +93,6 @@ def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
 
 def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> dict[int, np.ndarray]:
     """{layer: (copies, H) float32 router rows} from the parent's activations on `text` (None: the default sample)."""
-    import torch
 
     from upcycle.convert.verify import encode, stream_parent
 
@@ -112,12 +116,27 @@ def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> d
         c = spherical_kmeans(x, plan.recipe.copies, seed=plan.recipe.seed * 1000 + i)
         logits = x.float() @ c.T
         scale = 1.0 / float(logits.std().clamp_min(1e-6))
+        if CENTRED:
+            c = c - c.mean(0, keepdim=True)
         bases[i] = (c * scale).numpy().astype(np.float32)
 
-    # float32 and torch's fused attention are plenty for choosing directions, and several times faster than the
-    # float64 eager attention the verification uses
-    stream_parent(ckpt, ids, None, on_mlp, dtype=torch.float32, attention="sdpa")
+    # float32 (bf16 for a bf16 parent where the CPU multiplies bf16 natively) and torch's fused attention are plenty
+    # for choosing directions, and several times faster than the float64 eager attention the verification uses
+    stream_parent(ckpt, ids, None, on_mlp, dtype=pass_dtype(ckpt), attention="sdpa")
     return bases
+
+
+def pass_dtype(ckpt):
+    """The k-means pass's compute dtype: the parent's own bf16 where bf16 products are native here (on a 1B-class
+    bf16 parent the pass is the largest part of the default convert), else float32. Only the router's directions
+    depend on it, never the exactness of the conversion."""
+    import torch
+
+    from upcycle.core.hardware import bf16_is_fast
+
+    if ckpt.source.float_dtype() == "BF16" and bf16_is_fast("cpu"):
+        return torch.bfloat16
+    return torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ prompts:FILE

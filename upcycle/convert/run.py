@@ -80,6 +80,7 @@ class ConvertResult:
     verification: dict | None  # None: not verified (--no-verify or --dry-run)
     seconds: float
     estimate: "memory.Estimate | None" = None  # the memory estimate made before any work (shown by --dry-run)
+    phases: dict = field(default_factory=dict)  # wall seconds of each step, in order (router init, write, verify, ...)
 
     @property
     def out(self) -> Path | None:
@@ -151,6 +152,14 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     elif values:
         raise TypeError(f"convert(): give the options as a ConvertOptions or as keywords, not both: {sorted(values)}")
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+    mark = [start]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
     recipe, out, allow_pickle = options.recipe, options.out, options.allow_pickle
     dry_run, overwrite, max_shard_bytes = options.dry_run, options.overwrite, options.max_shard_bytes
     verify, full_check = options.verify, options.full_check
@@ -183,6 +192,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         check_space(out, plan.output_bytes + (64 << 20))
         have = memory.require(estimate)
         whole, whole_note = whole_model_decision(plan, verify, full_check, have)
+        phase("plan")
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_router_bases
 
@@ -193,6 +203,8 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
 
             bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, quiet=quiet)
             plan, _ = build_plan(ckpt, recipe, bases, sources)
+        if mode in ("kmeans", "prompts"):
+            phase("router init")
         if command is None:
             command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
         verification = None
@@ -211,9 +223,12 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                 # the parent's float64 layers (and the imports they need) run while the shards are written
                 parent_states = ParentStates(ckpt, plan, tmp, background=True)
             try:
+                phase("tokenizer")
                 _write_weights(plan, tmp, max_shard_bytes, quiet)
+                phase("write")
                 if verify:
                     verification = _verify(ckpt, plan, tmp, whole, whole_note, allow_pickle, quiet, parent_states)
+                    phase("verify")
             finally:
                 if parent_states is not None:
                     parent_states.close()
@@ -224,11 +239,12 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                 fingerprints["sources"] = source_entries(sources, tensor_digest)
             write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification, fingerprints))
             (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification, fingerprints))
+            phase("manifest")
     finally:
         if sources is not None:
             sources.close()
         ckpt.close()
-    return ConvertResult(options, plan, verification, time.perf_counter() - start)
+    return ConvertResult(options, plan, verification, time.perf_counter() - start, phases=phases)
 
 
 FULL_CHECKS = ("auto", "always", "never")

@@ -440,9 +440,12 @@ def stream_parent(ckpt, ids, round_code: str | None, on_mlp: Callable[[int, obje
         raw = source.read(name)
         if round_code is not None:
             return _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code).to(dtype)
-        if dtype == torch.float32 and meta.dtype in ("F32", "BF16", "F16"):  # widened once, not through float64
-            # a copy only where needed: F32 is read-only file memory, BF16/F16 widen into a fresh array already
-            return torch.from_numpy(np.require(to_f32(raw, meta.dtype), np.float32, ["C", "W"]))
+        if dtype == torch.bfloat16 and meta.dtype == "BF16":  # the stored bits as they are
+            return torch.from_numpy(np.require(raw, np.uint16, ["C", "W"])).view(torch.bfloat16)
+        if dtype in (torch.float32, torch.bfloat16) and meta.dtype in ("F32", "BF16", "F16"):
+            # widened once, not through float64; a copy only where needed: F32 is read-only file memory,
+            # BF16/F16 widen into a fresh array already
+            return torch.from_numpy(np.require(to_f32(raw, meta.dtype), np.float32, ["C", "W"])).to(dtype)
         return _f64(raw, meta.dtype).to(dtype)
 
     if final_norm:

@@ -1,0 +1,35 @@
+"""The benchmark scripts' own logic: the experts benchmark's floors on a tiny shape (a smoke run through the real
+code path), and how bench_convert reads convert's per-step timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_bench_experts_reports_both_floors(tmp_path):
+    out = tmp_path / "b.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_experts.py"), "--quick", "--tokens", "96",
+                          "--hidden", "64", "--intermediate", "128", "--impls", "upcycle", "--threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    impls = {(r["layout"], r["dtype"], r["impl"]) for r in rows}
+    for layout in ("coarse", "fine"):
+        for dtype in ("fp32", "bf16"):
+            assert {(layout, dtype, i) for i in ("dense", "upcycle", "mm floor", "ops floor")} <= impls
+    assert all(r["ms"] > 0 for r in rows if "ms" in r)
+
+
+def test_bench_convert_reads_the_step_timings():
+    from bench_convert import phases
+
+    line = ("wrote out: mixtral, 8 experts top-2, \n6.71B params (2.14B active), 13.4 GB in 93.1s (router init "
+            "31.0s, write\n 20.1s, verify 38.2s)\nverified (exact): ...")
+    assert phases(line) == {"router init": 31.0, "write": 20.1, "verify": 38.2}
+    assert phases("wrote out: ... in 0.4s\n") == {}
