@@ -223,9 +223,12 @@ def main() -> None:
     print(f"|{'-' * 54}|----------|-------|----------------|")
     for r in rows:
         print(f"| {r['case']:52s} | {r['wall_s']:8.2f} | {r['vs_copy']:5.2f} | {r['peak_rss_mib']:14d} |")
+        if r.get("phases_s"):
+            print(f"|   steps: {', '.join(f'{k} {v:.1f} s' for k, v in r['phases_s'].items()):43s} |          |       |                |")
     if args.json:
-        args.json.write_text(json.dumps({"bytes": size, "repeats": args.repeats, "load_average": [start_load, load_average()],
-                                         "rows": rows}, indent=2) + "\n")
+        command = " ".join(["python", "benchmarks/bench_convert.py", *sys.argv[1:]])
+        args.json.write_text(json.dumps({"command": command, "bytes": size, "repeats": args.repeats,
+                                         "load_average": [start_load, load_average()], "rows": rows}, indent=2) + "\n")
 
 
 class _Done(Exception):

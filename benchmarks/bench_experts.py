@@ -181,8 +181,8 @@ def mm_floor_fn(experts, idx, bf16: bool, hidden: int):
     n = sum(counts)
     xs, h1, a = (torch.randn(n, d, device=dev).to(dt) for d in (hidden, 2 * I, I))
     go, da, dh1 = (torch.randn(n, d, device=dev).to(dt) for d in (hidden, I, 2 * I))
-    y, dxs = torch.empty(n, hidden, dtype=dt, device=dev), torch.empty(n, hidden, dtype=dt, device=dev)
-    g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+    y, dxs = torch.zeros(n, hidden, dtype=dt, device=dev), torch.zeros(n, hidden, dtype=dt, device=dev)
+    g1, g2 = torch.zeros_like(w1), torch.zeros_like(w2)  # mapped in before the (single) timed call
 
     def step():
         K.grouped_mm_loop(xs, w1.transpose(1, 2), counts, out=h1)
@@ -199,10 +199,9 @@ def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
     """The 'mm floor' products plus the data movement no kernel made of torch ops can skip: gather the routed
     rows, SiLU(gate) * up and its backward, scale by the routing weight, scatter-add the outputs (and, backward,
     gather the upstream gradient and scatter-add the input gradient), each op once, over all experts' rows at
-    once, buffers preallocated, no sort, no weight cast, no autograd. The dense MLP it is compared with does the
+    once, every buffer preallocated, no sort, no weight cast, no autograd. The dense MLP it is compared with does the
     products and the activation over T rows; an MoE does them over k*T rows and adds the gathers and scatters."""
     import torch
-    import torch.nn.functional as F
 
     from upcycle.core import kernels as K
 
@@ -223,29 +222,40 @@ def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
         ws = torch.zeros(sum(rows), dtype=acc, device=dev).index_copy_(0, dest, ws)
     n = sum(rows)
     wsa, wsc = ws.unsqueeze(1), ws.to(dt).unsqueeze(1)
-    h1, y = torch.empty(n, 2 * I, dtype=dt, device=dev), torch.empty(n, hidden, dtype=dt, device=dev)
-    da, dh1 = torch.empty(n, I, dtype=dt, device=dev), torch.empty(n, 2 * I, dtype=dt, device=dev)
-    dxs = torch.empty(n, hidden, dtype=dt, device=dev)
+
+    # every buffer allocated once, outside the timed step (fresh blocks over 32 MiB would be page-faulted in on
+    # every step, which the kernel avoids by chunking; a floor must not pay for it)
+    def buf(cols, dtype=dt):
+        return torch.empty(n, cols, dtype=dtype, device=dev)
+
+    xs, h1, sg, a, y, yw = buf(hidden), buf(2 * I), buf(I), buf(I), buf(hidden), buf(hidden, acc)
+    go, da, dh1, dxs, dxa = buf(hidden), buf(I), buf(2 * I), buf(hidden), buf(hidden, acc)
     g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
     out, gx = torch.empty(T + 1, hidden, dtype=acc, device=dev), torch.empty(T + 1, hidden, dtype=acc, device=dev)
+    for t in (xs, h1, sg, a, y, yw, go, da, dh1, dxs, dxa, g1, g2):
+        t.zero_()  # mapped in now: the step is built afresh for every round's routing and timed once
+    silu_out, silu_backward = torch.ops.aten.silu.out, torch.ops.aten.silu_backward.grad_input
 
     def step():
         out.zero_()
         gx.zero_()
-        xs = xz.index_select(0, token)
+        torch.index_select(xz, 0, token, out=xs)
         K.grouped_mm_loop(xs, w1.transpose(1, 2), rows, out=h1)
-        sg = F.silu(h1[:, :I])
-        a = sg * h1[:, I:]
+        silu_out(h1[:, :I], out=sg)
+        torch.mul(sg, h1[:, I:], out=a)
         K.grouped_mm_loop(a, w2.transpose(1, 2), rows, out=y)
-        out.index_add_(0, token, y * wsa)
-        go = goz.index_select(0, token).mul_(wsc)
+        torch.mul(y, wsa, out=yw)
+        out.index_add_(0, token, yw)
+        torch.index_select(goz, 0, token, out=go)
+        go.mul_(wsc)
         K.grouped_mm_loop(go.t(), a, rows, out=g2)
         K.grouped_mm_loop(go, w2, rows, out=da)
         torch.mul(da, sg, out=dh1[:, I:])
-        torch.ops.aten.silu_backward.grad_input(da.mul_(h1[:, I:]), h1[:, :I], grad_input=dh1[:, :I])
+        silu_backward(da.mul_(h1[:, I:]), h1[:, :I], grad_input=dh1[:, :I])
         K.grouped_mm_loop(dh1.t(), xs, rows, out=g1)
         K.grouped_mm_loop(dh1, w1, rows, out=dxs)
-        gx.index_add_(0, token, dxs.to(acc))
+        dxa.copy_(dxs)
+        gx.index_add_(0, token, dxa)
 
     return step
 

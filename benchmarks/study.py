@@ -120,7 +120,8 @@ def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dic
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                           save_every=args.save_every, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                           heldout_fraction=args.heldout_fraction, precision=args.precision,
-                          keep_checkpoints=1, resume=out.exists())
+                          keep_checkpoints=1, resume=out.exists(),
+                          **{k: getattr(args, k) for k in ("aux_loss_coef", "z_loss_coef") if getattr(args, k) is not None})
         train(cfg)
         for ck in out.glob("checkpoint-*"):  # optimizer states of a 692M-parameter MoE: ~8 GB each
             shutil.rmtree(ck, ignore_errors=True)
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=48, help="checkpoint every N steps (a stopped study resumes)")
     ap.add_argument("--precision", default="auto", help="auto, bf16 or fp32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aux-loss-coef", type=float, default=None, help="upcycle train's default unless given")
+    ap.add_argument("--z-loss-coef", type=float, default=None, help="upcycle train's default unless given")
     ap.add_argument("--no-same-flops", action="store_true",
                     help="skip the dense run at the MoE's training FLOPs (replicate seeds of the same-tokens question)")
     ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {"experts": args.experts, "top_k": args.top_k, "seed": args.seed, **ARMS[args.arm]}
     train_settings = {k: getattr(args, k) for k in ("seq_len", "batch_size", "lr", "warmup", "eval_every", "eval_blocks",
                                                      "heldout_fraction", "precision", "seed", "quick")}
+    dense_settings = dict(train_settings)  # router losses do not touch a dense model: its runs are shared
+    for k in ("aux_loss_coef", "z_loss_coef"):  # only when given: runs made before these options keep their hashes
+        if getattr(args, k) is not None:
+            train_settings[k] = getattr(args, k)
     # what names the MoE and its run: the recipe, plus the k-means rows' version where the arm's router is k-means
     # (runs made before the rows were centred keep their folders and are never mistaken for the new ones)
     ident = recipe
@@ -224,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     start_loss = _initial_loss(parent, data, args)
     folders = {"moe": work / f"run-moe-{args.arm}-{_hash([ident, train_settings, args.steps])}",
-               "dense": work / f"run-dense-{dense_steps}-{_hash([train_settings, dense_steps])}",
-               "dense_same_tokens": work / f"run-dense-{args.steps}-{_hash([train_settings, args.steps])}"}
+               "dense": work / f"run-dense-{dense_steps}-{_hash([dense_settings, dense_steps])}",
+               "dense_same_tokens": work / f"run-dense-{args.steps}-{_hash([dense_settings, args.steps])}"}
     runs = {}
     for name, model_dir, steps in (("moe", moe, args.steps), ("dense", parent, dense_steps),
                                    ("dense_same_tokens", parent, args.steps)):

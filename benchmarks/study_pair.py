@@ -1,0 +1,71 @@
+"""Two finished study runs against each other on the study's own held-out blocks: which MoE recipe is better at the
+same seed, data and budget, with a paired 95% interval (benchmarks/study.py compares each arm with the dense
+parent only; arms share that parent's blocks, so this is the direct comparison of two arms).
+
+    python benchmarks/study_pair.py --work /work/study --seed 0 \\
+        --pair random-router=run-moe-random-router-626e2c7927,kmeans=run-moe-default-9e3c4bc170 --json out.json
+
+Each --pair is A=RUN_A,B=RUN_B (run folders under --work, each with a final/ model); the result is A - B in
+nats per token (negative: A is better), through `upcycle eval` with B as the reference. --seq-len,
+--final-blocks, --heldout-fraction and --seed must be the study's (its defaults are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="the study's folder")
+    ap.add_argument("--pair", action="append", required=True, help="A=RUN_A,B=RUN_B (repeatable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--final-blocks", type=int, default=64)
+    ap.add_argument("--heldout-fraction", type=float, default=0.1)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+
+    from upcycle.core.assets import stdlib_dir
+    from upcycle.evaluate.run import EvalOptions, evaluate
+
+    data = [str(p) for p in sorted(stdlib_dir().glob("*.py")) if p.stat().st_size > 0]  # as study.py
+    results = []
+    for spec in args.pair:
+        try:
+            (name_a, run_a), (name_b, run_b) = (part.split("=", 1) for part in spec.split(","))
+        except ValueError:
+            ap.error(f"--pair {spec!r}: use A=RUN_A,B=RUN_B")
+        for run in (run_a, run_b):
+            if not (args.work / run / "final").is_dir():
+                ap.error(f"{args.work / run} has no final model")
+        out = args.work / f"pair-{run_a}-vs-{run_b}"
+        if not (out / "report.json").is_file():
+            opts = EvalOptions(data=data, parent=args.work / run_b / "final", out=out, split="heldout",
+                               seq_len=args.seq_len, max_blocks=args.final_blocks, seed=args.seed,
+                               heldout_fraction=args.heldout_fraction, layers="none", plots=False, overwrite=True)
+            evaluate(args.work / run_a / "final", opts, quiet=True)
+        rep = json.loads((out / "report.json").read_text())
+        diff = rep["comparison"]["loss_diff"]
+        row = {"a": name_a, "b": name_b, "run_a": run_a, "run_b": run_b, "seed": args.seed,
+               "loss_a": rep["model"]["loss"], "loss_b": rep["parent"]["loss"], "mean": diff["mean"],
+               "ci95": diff["ci95"], "blocks": diff["n"]}
+        results.append(row)
+        lo, hi = row["ci95"]
+        verdict = "A better" if hi < 0 else "B better" if lo > 0 else "no significant difference"
+        print(f"seed {args.seed}: {name_a} - {name_b} = {row['mean']:+.4f} nats, 95% CI [{lo:+.4f}, {hi:+.4f}] over "
+              f"{row['blocks']} held-out blocks ({verdict}; {row['loss_a']:.4f} vs {row['loss_b']:.4f})")
+    if args.json:
+        old = json.loads(args.json.read_text()) if args.json.is_file() else {"command": [], "pairs": []}
+        keep = [r for r in old["pairs"] if (r["run_a"], r["run_b"]) not in {(r2["run_a"], r2["run_b"]) for r2 in results}]
+        old["pairs"] = keep + results
+        old["command"] = sorted(set(old["command"]) | {" ".join(["python", "benchmarks/study_pair.py", *sys.argv[1:]])})
+        args.json.write_text(json.dumps(old, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
