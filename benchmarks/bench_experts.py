@@ -257,6 +257,7 @@ def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
         dxa.copy_(dxs)
         gx.index_add_(0, token, dxa)
 
+    step.results = (out, gx, g1, g2)  # output, input gradient (row T: padding), expert weight gradients
     return step
 
 

@@ -28,6 +28,7 @@ Prints a table; numbers are from this machine and this run only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -44,6 +45,9 @@ ARMS: dict[str, dict] = {
     "drop": {"expert_init": "drop:0.5"},  # Drop-Upcycling: half of each expert's neurons re-initialised
     "fine-32x8": {"experts": 32, "top_k": 8, "granularity": 4},  # fine-grained: quarter-width experts
 }
+
+
+MOE_TRAIN_OPTIONS = ("aux_loss_coef", "z_loss_coef", "expert_lr_mult")  # upcycle train options for the MoE runs only
 
 
 class _Lock:
@@ -121,12 +125,42 @@ def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dic
                           save_every=args.save_every, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                           heldout_fraction=args.heldout_fraction, precision=args.precision,
                           keep_checkpoints=1, resume=out.exists(),
-                          **{k: getattr(args, k) for k in ("aux_loss_coef", "z_loss_coef") if getattr(args, k) is not None})
-        train(cfg)
+                          **{k: getattr(args, k) for k in MOE_TRAIN_OPTIONS if getattr(args, k) is not None
+                             and model_dir.name.startswith("moe-")})
+        if args.dense_mlp_lr_mult is not None and not model_dir.name.startswith("moe-"):
+            with _mlp_lr(args.dense_mlp_lr_mult):
+                train(cfg)
+        else:
+            train(cfg)
         for ck in out.glob("checkpoint-*"):  # optimizer states of a 692M-parameter MoE: ~8 GB each
             shutil.rmtree(ck, ignore_errors=True)
     rows = _metrics(out)
     return {"rows": rows, "seconds": sum(r.get("step_time", 0.0) for r in rows)}
+
+
+@contextlib.contextmanager
+def _mlp_lr(mult: float):
+    """upcycle train's AdamW groups with every dense MLP tensor at lr x mult (a study control, not a train option:
+    the same change --expert-lr-mult makes to an MoE's routed experts)."""
+    import upcycle.train.freeze as freeze
+
+    original = freeze.param_groups
+
+    def groups(model, layers, **kw):
+        mlp = {id(p) for n, p in model.named_parameters() if ".mlp." in n}
+        out = []
+        for g in original(model, layers, **kw):
+            for is_mlp in (False, True):
+                ps = [p for p in g["params"] if (id(p) in mlp) == is_mlp]
+                if ps:
+                    out.append({**g, "params": ps, "lr": g["lr"] * (mult if is_mlp else 1.0)})
+        return out
+
+    freeze.param_groups = groups
+    try:
+        yield
+    finally:
+        freeze.param_groups = original
 
 
 def _paired(moe: Path, dense: Path, data: list[str], out: Path, args, layers: str = "none") -> dict:
@@ -178,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aux-loss-coef", type=float, default=None, help="upcycle train's default unless given")
     ap.add_argument("--z-loss-coef", type=float, default=None, help="upcycle train's default unless given")
+    ap.add_argument("--expert-lr-mult", type=float, default=None, help="upcycle train's default unless given")
+    ap.add_argument("--dense-mlp-lr-mult", type=float, default=None,
+                    help="the dense runs' MLP learning rate = --lr x this (the control for --expert-lr-mult)")
     ap.add_argument("--no-same-flops", action="store_true",
                     help="skip the dense run at the MoE's training FLOPs (replicate seeds of the same-tokens question)")
     ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
@@ -204,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {"experts": args.experts, "top_k": args.top_k, "seed": args.seed, **ARMS[args.arm]}
     train_settings = {k: getattr(args, k) for k in ("seq_len", "batch_size", "lr", "warmup", "eval_every", "eval_blocks",
                                                      "heldout_fraction", "precision", "seed", "quick")}
-    dense_settings = dict(train_settings)  # router losses do not touch a dense model: its runs are shared
-    for k in ("aux_loss_coef", "z_loss_coef"):  # only when given: runs made before these options keep their hashes
+    dense_settings = dict(train_settings)  # MOE_TRAIN_OPTIONS do not touch a dense model: its runs are shared
+    if args.dense_mlp_lr_mult is not None:
+        dense_settings["dense_mlp_lr_mult"] = args.dense_mlp_lr_mult
+    for k in MOE_TRAIN_OPTIONS:  # only when given: runs made before these options keep their hashes
         if getattr(args, k) is not None:
             train_settings[k] = getattr(args, k)
     # what names the MoE and its run: the recipe, plus the k-means rows' version where the arm's router is k-means

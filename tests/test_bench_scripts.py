@@ -26,6 +26,27 @@ def test_bench_experts_reports_both_floors(tmp_path):
     assert all(r["ms"] > 0 for r in rows if "ms" in r)
 
 
+def test_ops_floor_computes_what_the_experts_compute():
+    """The ops floor is a floor of the same work: its output and gradients equal the experts module's (fp32)."""
+    import torch
+    from bench_experts import build, make_inputs, ops_floor_fn
+
+    torch.manual_seed(0)
+    _, experts, cfg, (E, k, _) = build("coarse", torch.device("cpu"), 64, 128)
+    x, idx, w, gout = make_inputs(96, E, k, 64, torch.device("cpu"))
+    step = ops_floor_fn(experts, x, idx, w, gout, bf16=False, hidden=64)
+    step()
+    out, gx, g1, g2 = step.results
+    cfg._experts_implementation = "eager"
+    xx = x.detach().requires_grad_()
+    ref = experts(xx, idx, w)
+    ref.backward(gout)
+    torch.testing.assert_close(out[:96], ref, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(gx[:96], xx.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(g1, experts.gate_up_proj.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(g2, experts.down_proj.grad, rtol=1e-4, atol=1e-8)
+
+
 def test_bench_convert_reads_the_step_timings():
     from bench_convert import phases
 

@@ -140,6 +140,8 @@ E = dict(data=["d"])
     (lambda: TrainConfig(**T, precision="fp16"), "--precision 'fp16': use auto, bf16 or fp32"),
     (lambda: TrainConfig(**T, train=["nope"]), "--train 'nope'"),
     (lambda: TrainConfig(**T, train=["experts"], router_lr_mult=2.0), "does not train the router"),
+    (lambda: TrainConfig(**T, train=["router"], expert_lr_mult=0.5), "does not train the routed experts"),
+    (lambda: TrainConfig(**T, expert_lr_mult=-1.0), "--expert-lr-mult -1 must be zero or positive"),
     (lambda: TrainConfig(**T, heldout_fraction=0.0, eval_every=5), "--eval-every needs a held-out split"),
     (lambda: EvalOptions(data=[]), "give the text to score with --data"),
     (lambda: EvalOptions(**E, split="train"), "--split 'train': use heldout or all"),

@@ -152,6 +152,10 @@ class TrainSelection:
     def touches_router(self) -> bool:
         return self.everything or "router" in self.groups
 
+    @property
+    def touches_experts(self) -> bool:
+        return self.everything or "experts" in self.groups or self.some_experts
+
 
 def parse_train(values: list[str], default: tuple[str, ...] = ("all",)) -> TrainSelection:
     """--train values: group names (comma-separated allowed), experts:SPEC, or a JSON file {layer: [experts]}.
@@ -215,6 +219,7 @@ class TrainConfig:
     aux_free_bias: bool = False
     bias_update_rate: float = 1e-3
     router_lr_mult: float = 1.0
+    expert_lr_mult: float = 1.0  # the routed experts' learning rate = lr x this (shared experts keep lr)
     # domain experts: forced routing and router steering (MoE only); SPEC = the grammar of --train experts:SPEC
     force_route: str | None = None  # every training token goes to these experts (the rest of top-k: the router's)
     route_target: str | None = None  # cross-entropy of the router's distribution toward these experts
@@ -270,7 +275,7 @@ class TrainConfig:
             raise UsageError(f"--min-lr-ratio {self.min_lr_ratio:g} must be between 0 and 1")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UsageError(f"--warmup-steps {self.warmup_steps} must not be negative")
-        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "router_lr_mult"):
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "router_lr_mult", "expert_lr_mult"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise UsageError(f"--{name.replace('_', '-')} {v:g} must be zero or positive")
@@ -301,6 +306,8 @@ class TrainConfig:
         self._check_domain_options()
         if self.router_lr_mult != 1.0 and not self.trains_router:
             raise UsageError("--router-lr-mult is set but --train does not train the router")
+        if self.expert_lr_mult != 1.0 and not (self.selection.touches_experts or "experts" in (self.lora or ())):
+            raise UsageError("--expert-lr-mult is set but --train does not train the routed experts")
         if self.report_to != "none":
             _check_tracker(self.report_to)
 
@@ -379,6 +386,8 @@ class TrainConfig:
             used.append("--aux-free-bias")
         if self.router_lr_mult != 1.0:
             used.append("--router-lr-mult")
+        if self.expert_lr_mult != 1.0:
+            used.append("--expert-lr-mult")
         sel = self.selection
         if sel.groups & {"router", "experts", "shared"} or sel.some_experts:
             used.append("--train " + ",".join(sorted(sel.groups & {"router", "experts", "shared"}) or ["experts:..."]))

@@ -146,17 +146,20 @@ def mask_experts(experts: "nn.Module", mask: "torch.Tensor") -> None:
 
 
 def param_groups(model, layers: list[MoELayer], *, lr: float, weight_decay: float, router_lr_mult: float,
-                 router_adapters: frozenset[int] = frozenset()) -> list[dict]:
+                 router_adapters: frozenset[int] = frozenset(), expert_lr_mult: float = 1.0,
+                 expert_adapters: frozenset[int] = frozenset()) -> list[dict]:
     """AdamW groups: decay on matrices, none on vectors (norms, biases, selection bias is a buffer anyway) and
-    none on partly frozen expert tensors; the router (and its LoRA adapters, router_adapters) at lr * router_lr_mult."""
+    none on partly frozen expert tensors; the router (and its LoRA adapters, router_adapters) at lr * router_lr_mult,
+    the routed experts' own tensors (and their adapters, expert_adapters) at lr * expert_lr_mult."""
     router_ids = {id(m.router.weight) for m in layers} | set(router_adapters)
+    expert_ids = {id(p) for m in layers for p in m.experts.parameters()} | set(expert_adapters)
     masked_ids = {id(p) for m in layers if hasattr(m.experts, "_upcycle_expert_mask")
                   for p in m.experts.parameters(recurse=False)}
     groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        g_lr = lr * router_lr_mult if id(p) in router_ids else lr
+        g_lr = lr * router_lr_mult if id(p) in router_ids else lr * expert_lr_mult if id(p) in expert_ids else lr
         wd = weight_decay if p.dim() >= 2 and id(p) not in masked_ids else 0.0
         groups.setdefault((g_lr, wd), []).append(p)
     return [{"params": ps, "lr": k[0], "weight_decay": k[1]} for k, ps in groups.items()]

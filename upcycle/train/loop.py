@@ -213,7 +213,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:  # pragma: no cover - transformers before the rename
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(hf_model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult,
-                          router_adapters=lora.router_ids if lora else frozenset())
+                          router_adapters=lora.router_ids if lora else frozenset(), expert_lr_mult=cfg.expert_lr_mult,
+                          expert_adapters=lora.expert_ids if lora else frozenset())
     optimizer, optimizer_impl = adamw(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                       device=accelerator.device.type)
     warmup = cfg.warmup(total)
@@ -350,6 +351,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_time": dt}
                 if cfg.router_lr_mult != 1.0:
                     row["router_lr"] = lr_now * cfg.router_lr_mult
+                if cfg.expert_lr_mult != 1.0:
+                    row["expert_lr"] = lr_now * cfg.expert_lr_mult
                 if cfg.route_target is not None:
                     row["route_target_loss"], row["route_target_share"] = target_v, on_target_v
                 row.update(stats.summary())

@@ -47,6 +47,7 @@ class LoraSetup:
     adapter_ids: frozenset[int] = frozenset()  # ids of every adapter parameter
     router_ids: frozenset[int] = frozenset()  # ids of the routers' adapter parameters
     counts: dict[str, int] = field(default_factory=dict)  # adapter parameters per group
+    expert_ids: frozenset[int] = frozenset()  # ids of the routed experts' adapter parameters
 
     def describe(self) -> dict:
         return {"targets": {g: len(self.modules.get(g, [])) + len(self.parameters.get(g, []))
@@ -100,7 +101,7 @@ def apply_lora(model, layers: list[MoELayer], cfg: "TrainConfig", resume_dir: Pa
     if resume_dir is not None:
         load_adapter(peft_model, resume_dir / ADAPTER_DIR)
     group_of = {n: g for g, ns in modules.items() for n in ns} | {n: g for g, ns in params.items() for n in ns}
-    ids, router_ids, counts = set(), set(), {}
+    ids, router_ids, expert_ids, counts = set(), set(), set(), {}
     for name, p in peft_model.named_parameters():
         if ".lora_" not in name:
             continue
@@ -110,7 +111,9 @@ def apply_lora(model, layers: list[MoELayer], cfg: "TrainConfig", resume_dir: Pa
         counts[group] = counts.get(group, 0) + p.numel()
         if group == "router":
             router_ids.add(id(p))
-    return LoraSetup(peft_model, modules, params, frozenset(ids), frozenset(router_ids), counts)
+        elif group == "experts":
+            expert_ids.add(id(p))
+    return LoraSetup(peft_model, modules, params, frozenset(ids), frozenset(router_ids), counts, frozenset(expert_ids))
 
 
 def _hf_name(peft_name: str) -> str:
