@@ -200,9 +200,10 @@ def test_kmeans_pass_runs_a_bf16_parent_in_bf16(tiny_parent, tmp_path, monkeypat
         ids = np.arange(3, 67).reshape(2, 32)
         got = {}
         for dtype in (torch.bfloat16, torch.float32):
-            xs = []
-            stream_parent(ckpt, ids, None, lambda i, x, y: xs.append(x.float()), dtype=dtype, attention="sdpa")
-            got[dtype] = torch.stack(xs)
+            got[dtype] = []
+            stream_parent(ckpt, ids, None, lambda i, x, y, d=dtype: got[d].append(x.float()), dtype=dtype,
+                          attention="sdpa")
+            got[dtype] = torch.stack(got[dtype])
         rel = (got[torch.bfloat16] - got[torch.float32]).norm() / got[torch.float32].norm()
         assert 0 < float(rel) < 0.03  # bf16 arithmetic, not another function
     finally:
