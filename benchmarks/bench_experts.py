@@ -212,14 +212,9 @@ def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
     I = w2.shape[2]
     dev = w1.device
     order, token, counts = K._plan(idx, E)
-    rows = K.padded_counts(counts, K._quantum(dt, dev))
+    rows, token, ws, _ = K.pad_rows(counts, token, w.detach().reshape(-1)[order].to(acc), K._quantum(dt, dev), T)
     xz = torch.cat([x.detach().to(dt), x.new_zeros(1, hidden, dtype=dt)])  # row T: the padding rows' zero input
     goz = torch.cat([gout.to(dt), gout.new_zeros(1, hidden, dtype=dt)])
-    ws = w.detach().reshape(-1)[order].to(acc)
-    if rows != counts:
-        dest = K._pad_index(counts, rows, dev)
-        token = torch.full((sum(rows),), T, dtype=token.dtype, device=dev).index_copy_(0, dest, token)
-        ws = torch.zeros(sum(rows), dtype=acc, device=dev).index_copy_(0, dest, ws)
     n = sum(rows)
     wsa, wsc = ws.unsqueeze(1), ws.to(dt).unsqueeze(1)
 

@@ -163,6 +163,13 @@ def _mlp_lr(mult: float):
         freeze.param_groups = original
 
 
+def study_data() -> list[str]:
+    """The study's corpus: every non-empty top-level .py file of this Python's standard library."""
+    from upcycle.core.assets import stdlib_dir
+
+    return [str(p) for p in sorted(stdlib_dir().glob("*.py")) if p.stat().st_size > 0]
+
+
 def _paired(moe: Path, dense: Path, data: list[str], out: Path, args, layers: str = "none") -> dict:
     """The final MoE against a final dense model on the same held-out blocks, through upcycle eval."""
     from upcycle.evaluate.run import EvalOptions, evaluate
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         args.precision = default_precision()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    data = [str(p) for p in sorted(stdlib_dir().glob("*.py")) if p.stat().st_size > 0]
+    data = study_data()
     parent = work / "parent"
     if not parent.is_dir():
         export_dense(smollm2_gguf(), parent, dtype="float32")
@@ -249,12 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             train_settings[k] = getattr(args, k)
     # what names the MoE and its run: the recipe, plus the k-means rows' version where the arm's router is k-means
     # (runs made before the rows were centred keep their folders and are never mistaken for the new ones)
-    ident = recipe
-    kmeans = recipe.get("router_init") == "kmeans" or (recipe.get("router_init") is None
-                                                       and recipe.get("routing", "renorm") == "renorm")
+    from upcycle.convert.recipe import Recipe
     from upcycle.convert.router_init import CENTRED
 
-    if kmeans and CENTRED:
+    ident = recipe
+    if CENTRED and Recipe(**recipe).router_init_mode[0] == "kmeans":
         ident = {**recipe, "kmeans_rows": "centred"}
     moe = work / f"moe-{args.arm}-{_hash(ident)}"
     if not moe.is_dir():

@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
 
-    from upcycle.core.assets import stdlib_dir
-    from upcycle.evaluate.run import EvalOptions, evaluate
+    from study import _paired, study_data  # this folder: the study's corpus and its paired comparison
 
-    data = [str(p) for p in sorted(stdlib_dir().glob("*.py")) if p.stat().st_size > 0]  # as study.py
+    data = study_data()
     results = []
     for spec in args.pair:
         try:
@@ -42,17 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         for run in (run_a, run_b):
             if not (args.work / run / "final").is_dir():
                 ap.error(f"{args.work / run} has no final model")
-        out = args.work / f"pair-{run_a}-vs-{run_b}"
-        if not (out / "report.json").is_file():
-            opts = EvalOptions(data=data, parent=args.work / run_b / "final", out=out, split="heldout",
-                               seq_len=args.seq_len, max_blocks=args.final_blocks, seed=args.seed,
-                               heldout_fraction=args.heldout_fraction, layers="none", plots=False, overwrite=True)
-            evaluate(args.work / run_a / "final", opts, quiet=True)
-        rep = json.loads((out / "report.json").read_text())
-        diff = rep["comparison"]["loss_diff"]
+        c = _paired(args.work / run_a / "final", args.work / run_b / "final", data,
+                    args.work / f"pair-{run_a}-vs-{run_b}", args)
         row = {"a": name_a, "b": name_b, "run_a": run_a, "run_b": run_b, "seed": args.seed,
-               "loss_a": rep["model"]["loss"], "loss_b": rep["parent"]["loss"], "mean": diff["mean"],
-               "ci95": diff["ci95"], "blocks": diff["n"]}
+               "loss_a": c["moe_loss"], "loss_b": c["dense_loss"], "mean": c["mean"], "ci95": c["ci95"],
+               "blocks": c["blocks"]}
         results.append(row)
         lo, hi = row["ci95"]
         verdict = "A better" if hi < 0 else "B better" if lo > 0 else "no significant difference"

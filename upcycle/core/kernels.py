@@ -226,6 +226,23 @@ def _pad_index(counts: list[int], padded: list[int], device) -> "torch.Tensor":
     return (torch.arange(int(c.sum())) + shift.repeat_interleave(c)).to(device)
 
 
+def pad_rows(counts: list[int], token: "torch.Tensor", ws: "torch.Tensor", quantum: int, T: int):
+    """(rows per expert, token, ws, dest): the sorted assignments laid out with each expert's rows padded to
+    `quantum` (padded_counts); dest is each real row's place in that layout, None when nothing was padded.
+
+    Padding rows read token T, a zero row the caller appends to the input, and write to row T of the output, which
+    is dropped; their routing weight is 0. Zero rows add exact zeros to every product."""
+    import torch
+
+    rows = padded_counts(counts, quantum)
+    if rows == counts:
+        return rows, token, ws, None
+    dest = _pad_index(counts, rows, token.device)
+    token = torch.full((sum(rows),), T, dtype=token.dtype, device=token.device).index_copy_(0, dest, token)
+    ws = torch.zeros(sum(rows), dtype=ws.dtype, device=ws.device).index_copy_(0, dest, ws)
+    return rows, token, ws, dest
+
+
 def _compute_dtype(x: "torch.Tensor", weight: "torch.Tensor") -> "torch.dtype":
     import torch
 
@@ -272,14 +289,8 @@ def _make_function():
             with no_autocast(x.device.type):
                 ws = weights.reshape(-1).index_select(0, order)
                 xc = x.to(cdtype)
-                rows = padded_counts(counts, _quantum(cdtype, x.device))
-                dest = None
-                if rows != counts:
-                    # padding rows read token T, a zero row appended to the input, and write to row T of the output,
-                    # which is dropped; their routing weight is 0. Zero rows add exact zeros to every product.
-                    dest = _pad_index(counts, rows, x.device)
-                    token = torch.full((sum(rows),), T, dtype=token.dtype, device=x.device).index_copy_(0, dest, token)
-                    ws = torch.zeros(sum(rows), dtype=ws.dtype, device=x.device).index_copy_(0, dest, ws)
+                rows, token, ws, dest = pad_rows(counts, token, ws, _quantum(cdtype, x.device), T)
+                if dest is not None:
                     xc = torch.cat([xc, xc.new_zeros(1, H)])
                 max_rows = max(1, CHUNK_BYTES // (2 * i * torch.finfo(cdtype).bits // 8))
                 chunks = _chunks(rows, max_rows)
