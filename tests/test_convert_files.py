@@ -155,6 +155,25 @@ def test_kmeans_router_is_data_driven_and_exact(tiny_parent, tmp_path):
     assert abs(float(np.linalg.norm(r, axis=1).mean()) - float(np.linalg.norm(r2, axis=1).mean())) > 1e-3
 
 
+def test_spherical_kmeans_finds_separated_directions_and_is_a_fixed_point():
+    """The centroid update (each cluster's sum as one one-hot product) gives the normalised mean of each cluster."""
+    import torch
+
+    from upcycle.convert.router_init import spherical_kmeans
+
+    g = torch.Generator().manual_seed(3)
+    truth = torch.nn.functional.normalize(torch.randn(4, 64, generator=g), dim=-1)
+    x = truth.repeat_interleave(100, dim=0) + 0.05 * torch.randn(400, 64, generator=g)
+    c = spherical_kmeans(x, 4, seed=0)
+    assert torch.allclose(c.norm(dim=-1), torch.ones(4), atol=1e-6)
+    assert ((truth @ c.T).max(dim=1).values > 0.99).all()  # every true direction has its centroid
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    assign = (xn @ c.T).argmax(dim=1)
+    for j in range(4):  # converged: one more update by a plain per-cluster sum changes nothing
+        mean = torch.nn.functional.normalize(xn[assign == j].double().sum(0), dim=0)
+        assert torch.allclose(c[j].double(), mean, atol=1e-5)
+
+
 def test_kmeans_rows_are_centred_without_changing_any_routing(tiny_parent, tmp_path, monkeypatch):
     """Centring the k-means rows removes the logit offset every expert shares (what the z-loss penalises) and
     changes no token's softmax: the same probabilities for any hidden state."""

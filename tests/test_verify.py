@@ -227,3 +227,49 @@ def test_an_error_in_the_parent_thread_reaches_the_caller(tiny_parent, tmp_path,
     with pytest.raises(InputError, match="no tokenizer here"):
         res = convert(tiny_parent("llama"), tmp_path / "m", quiet=True, full_check="never")
     assert res is None and not (tmp_path / "m").exists()
+
+
+def test_bf16_parent_experts_are_compared_as_stored_and_one_ulp_is_caught(tiny_parent, tmp_path):
+    """A bf16 parent into a bf16 MoE: the expected expert bytes are the parent's stored values (no widening), and
+    one expert off by a single bf16 step in one weight is still named."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    parent = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_parent("llama"), dtype=torch.bfloat16).save_pretrained(parent)
+    for f in tiny_parent("llama").iterdir():
+        if "token" in f.name:
+            (parent / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "m"
+    res = convert(parent, out, experts=4, top_k=2, router_init="random", quiet=True, full_check="never")
+    assert res.plan.out_dtype == "BF16" and res.verification["max_rel_diff"] <= FUNCTION_RTOL
+    name = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+    t = load_file(out / "model.safetensors")
+    t[name] = t[name].clone()
+    t[name].view(torch.int16).reshape(-1)[7] += 1  # the neighbouring bf16 value of one weight
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    ckpt = open_parent(parent)
+    plan, _ = build_plan(ckpt, Recipe(experts=4, top_k=2, router_init="random"))
+    try:
+        with pytest.raises(VerificationError, match=rf"layer 1: {name.replace('.', '[.]')} \(expert 3, gate_proj\)"):
+            verify_layers(ckpt, plan, out, exact=True)
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.parametrize("code", ["BF16", "F16", "F32"])
+def test_float64_widening_and_byte_comparison_are_exact(code):
+    from upcycle.convert.verify import _f64, _same_bytes
+    from upcycle.core.tensors import STORAGE, to_f32
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 256, size=(3, 37 * STORAGE[code].itemsize), dtype=np.uint8).view(STORAGE[code])
+    got = _f64(bits, code).numpy()
+    want = to_f32(bits, code).astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+    assert _same_bytes(bits, bits.copy())
+    for i in (0, bits.size - 1):  # a change in the first or the last byte of an odd-length array is seen
+        other = bits.copy()
+        other.view(np.uint8).reshape(-1)[i * STORAGE[code].itemsize] ^= 1
+        assert not _same_bytes(bits, other)

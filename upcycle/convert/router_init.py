@@ -77,14 +77,17 @@ def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
     x = torch.nn.functional.normalize(x.float(), dim=-1)
     n = x.shape[0]
     centroids = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+    sim = x @ centroids[0]  # each point's similarity to its nearest centroid so far (a running max)
     for _ in range(1, k):
-        sim = torch.stack([x @ c for c in centroids], dim=1).max(dim=1).values
         dist = (1 - sim).clamp_min(1e-12)
         centroids.append(x[torch.multinomial(dist, 1, generator=g)].squeeze(0))
+        sim = torch.maximum(sim, x @ centroids[-1])
     c = torch.stack(centroids)
     for _ in range(iterations):
         assign = (x @ c.T).argmax(dim=1)
-        new = torch.zeros_like(c).index_add_(0, assign, x)
+        # the sum of each cluster's points as one (k, N) x (N, H) product: index_add_ into k rows runs nearly
+        # serially on CPU (about 9x slower at 2,048 x 2,048 here)
+        new = torch.nn.functional.one_hot(assign, k).T.to(x.dtype) @ x
         empty = new.norm(dim=1) == 0
         new[empty] = c[empty]  # keep a centroid that lost all its points rather than dropping an expert
         c = torch.nn.functional.normalize(new, dim=-1)

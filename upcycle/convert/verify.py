@@ -29,6 +29,7 @@ and greedy decoding); convert runs it only where its memory estimate fits (upcyc
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -54,9 +55,18 @@ COPIED_KINDS = ("embed", "attention", "norm", "dense_mlp")
 # ------------------------------------------------------------------------------------------------ small helpers
 
 def _f64(raw: np.ndarray, code: str):
+    """A fresh, writable float64 torch tensor of stored values (exact: every storage type widens exactly)."""
     import torch
 
-    return torch.from_numpy(to_f32(raw, code).astype(np.float64))  # a fresh, writable float64 array
+    half = {"BF16": torch.bfloat16, "F16": torch.float16}.get(code)
+    if half is None or raw.dtype.itemsize != 2:
+        return torch.from_numpy(to_f32(raw, code).astype(np.float64))
+    # torch widens 16-bit floats in one multi-threaded pass, about twice as fast as numpy's bit shift then astype;
+    # the source may be a read-only file map, which torch only reads here (.to copies)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16))
+    return bits.view(half).to(torch.float64)
 
 
 def _rows(source, name: str, lo: int, hi: int) -> np.ndarray:
@@ -91,8 +101,10 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     if a.size == 0:
         return True
-    u = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-    return bool(np.array_equal(np.ascontiguousarray(a).view(u), np.ascontiguousarray(b).view(u)))
+    a, b = np.ascontiguousarray(a).reshape(-1).view(np.uint8), np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    # compared as the widest words the length allows: fewer, larger comparisons (~30% faster on 32 MB)
+    u = next(t for t in (np.uint64, np.uint32, np.uint16, np.uint8) if a.size % np.dtype(t).itemsize == 0)
+    return bool(np.array_equal(a.view(u), b.view(u)))
 
 
 # ------------------------------------------------------------------------------------------------ the check
@@ -170,14 +182,18 @@ class _Checker:
 
     def _expected(self, mlp: dict, origin, which: str) -> np.ndarray:
         """The parent neurons an expert should hold, in the output dtype (down_proj times its scale)."""
-        w = mlp[which]
+        w, code = mlp[which]
         n = origin.neurons
         if n.size and np.array_equal(n, np.arange(n[0], n[0] + n.size)):
             n = slice(int(n[0]), int(n[0]) + n.size)  # a contiguous run: a view, not a gathered copy
         part = w[:, n] if which == "down" else w[n]
         if origin.copies > 1:
             part = np.concatenate([part] * origin.copies, axis=1 if which == "down" else 0)
-        if which == "down" and origin.down_scale != 1.0:
+        scaled = which == "down" and origin.down_scale != 1.0
+        if code == self.code and not scaled:
+            return part  # the stored values themselves: widening and narrowing again would give the same bytes
+        part = to_f32(part, code)
+        if scaled:
             # float64 product of two float32 values is exact, so one rounding to float32 follows
             part = (part.astype(np.float64) * origin.down_scale).astype(np.float32)
         return from_f32(part, self.code)
@@ -227,13 +243,15 @@ class _Checker:
         return jobs
 
     def _mlp_of(self, layer: int, origin, cache: dict) -> dict:
-        """The float32 MLP of `layer` that `origin`'s neurons come from, read once per layer into cache["mlps"]: the
-        parent's (the mean with --average-shared for a shared expert), or its own --expert-from source's."""
+        """{which: (stored values, dtype code)} of the MLP of `layer` that `origin`'s neurons come from, read once per
+        layer into cache["mlps"]: the parent's (the mean with --average-shared for a shared expert), or its own
+        --expert-from source's."""
         mlps = cache.setdefault("mlps", {})
         if origin.source not in mlps:
             pre = f"model.layers.{layer}.mlp."
             reader = self.reader if origin.source is None else self.expert_readers[origin.source]
-            mlps[origin.source] = {w: reader.f32(f"{pre}{w}_proj.weight") for w in ("gate", "up", "down")}
+            mlps[origin.source] = {w: (reader.raw(f"{pre}{w}_proj.weight"), reader.code(f"{pre}{w}_proj.weight"))
+                                   for w in ("gate", "up", "down")}
         return mlps[origin.source]
 
     def expert_bytes(self, layer: int, lay) -> tuple[set, dict]:
