@@ -598,9 +598,13 @@ class ParentStates:
             import torch
 
             self.threads = torch.get_num_threads()
-            # the operations are small (a few dozen tokens): one thread avoids the cost of waking the others for
-            # each, which dominates on a busy machine (and leaves the other cores to the writer and byte checks)
-            torch.set_num_threads(1)
+            if self._thread is not None:
+                # beside the writer and the byte checks: the operations are small (a few dozen tokens), and one
+                # thread avoids the cost of waking the others for each, which dominates on a busy machine (and
+                # leaves the other cores to the writer and byte checks). Run alone (a parent too large to overlap),
+                # the float64 products and the weights' widening are big enough that every core helps (1B-class:
+                # 10 s of the verification on one of two cores)
+                torch.set_num_threads(1)
             try:
                 ids = self.ids = prompt_ids(self._folder)
                 self.tokens = int(ids.size)
