@@ -53,11 +53,18 @@ def run_output(cmd: list[str]) -> tuple[float, int, str]:
 
 
 def phases(summary: str) -> dict[str, float]:
-    """{step: seconds} from the 'wrote ... in 93.1s (router init 31.0s, write 20.1s, ...)' line of convert."""
+    """{step: seconds} from the 'wrote ... in 93.1s (router init 31.0s, write 20.1s, ...)' line of convert; work
+    that ran on a thread beside the steps ('...; beside the writer: router init 22.1s)') as '<name> beside the writer'."""
     m = re.search(r" in [\d.]+s \(([^)]*)\)", " ".join(summary.split()))
     if not m:
         return {}
-    return {name.strip(): float(sec) for name, sec in re.findall(r"([a-z ]+?) ([\d.]+)s", m.group(1).replace(",", " "))}
+    steps, _, beside = m.group(1).partition("; beside the writer:")
+
+    def parse(text: str, suffix: str = "") -> dict[str, float]:
+        return {name.strip() + suffix: float(sec)
+                for name, sec in re.findall(r"([a-z ]+?) ([\d.]+)s", text.replace(",", " "))}
+
+    return {**parse(steps), **parse(beside, " beside the writer")}
 
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -54,3 +54,7 @@ def test_bench_convert_reads_the_step_timings():
             "31.0s, write\n 20.1s, verify 38.2s)\nverified (exact): ...")
     assert phases(line) == {"router init": 31.0, "write": 20.1, "verify": 38.2}
     assert phases("wrote out: ... in 0.4s\n") == {}
+    line = ("wrote out: mixtral, 8 experts top-2, 13.42 GB in 37.1s (write 16.5s, router init wait 5.1s, verify 14.6s; "
+            "beside the \nwriter: router init 22.1s)")
+    assert phases(line) == {"write": 16.5, "router init wait": 5.1, "verify": 14.6,
+                            "router init beside the writer": 22.1}

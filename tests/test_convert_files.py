@@ -229,7 +229,7 @@ def test_kmeans_pass_runs_a_bf16_parent_in_bf16(tiny_parent, tmp_path, monkeypat
         ckpt.close()
     monkeypatch.setattr(hardware, "bf16_is_fast", lambda device="cpu": True)
     res = convert(parent, tmp_path / "k", experts=4, top_k=2, verify=True, quiet=True)
-    assert res.plan.recipe.router_init_mode[0] == "kmeans" and "router init" in res.phases
+    assert res.plan.recipe.router_init_mode[0] == "kmeans" and "router init" in {**res.phases, **res.beside}
     assert res.verification["exact_expected"] and res.verification["max_rel_diff"] < 1e-9
 
 
@@ -332,3 +332,33 @@ convert({str(tiny_parent('llama'))!r}, {str(out)!r}, verify=False, quiet=True)
     assert leftovers and all(name.startswith(".m.upcycle-partial-") for name in leftovers)
     convert(tiny_parent("llama"), out, verify=False, quiet=True)  # the next run clears the dead run's leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "started"]
+
+
+def test_kmeans_beside_the_writer_writes_the_same_bytes(tiny_parent, tmp_path, monkeypatch):
+    """The k-means pass on a thread beside the writer (router tensors written last, into their planned places) gives
+    byte-identical files to the pass run before writing; an error in that thread reaches the caller and leaves no
+    output behind."""
+    import upcycle.convert.router_init as router_init
+    from upcycle.convert.sources import SafetensorsSource
+
+    parent = tiny_parent("llama")
+    beside = convert(parent, tmp_path / "beside", experts=4, top_k=2, max_shard_size="40KB", quiet=True)
+    assert "router init" in beside.beside and "router init" not in beside.phases
+    monkeypatch.setattr(SafetensorsSource, "thread_safe", False)  # a source one thread at a time: before writing
+    before = convert(parent, tmp_path / "before", experts=4, top_k=2, max_shard_size="40KB", quiet=True)
+    assert "router init" in before.phases and not before.beside
+    files = sorted(f.name for f in (tmp_path / "before").glob("model*.safetensors*"))
+    assert len(files) > 2 and files == sorted(f.name for f in (tmp_path / "beside").glob("model*.safetensors*"))
+    for name in files:
+        assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "beside" / name).read_bytes(), name
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        def run():
+            raise RuntimeError("the k-means pass failed")
+        return run
+
+    monkeypatch.setattr(router_init, "kmeans_job", broken)
+    with pytest.raises(RuntimeError, match="the k-means pass failed"):
+        convert(parent, tmp_path / "broken", experts=4, top_k=2, quiet=True)
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".*broken*"))

@@ -65,7 +65,7 @@ def print_summary(result: ConvertResult, console: Console) -> None:
     plan, r, v = result.plan, result.plan.recipe, result.verification
     console.print(f"[green]wrote[/] {result.out}: {plan.fmt.model_type}, {r.experts} experts top-{r.top_k}, "
                   f"{human_count(plan.total_params)} params ({human_count(plan.active_params)} active), "
-                  f"{human_bytes(plan.output_bytes)} in {result.seconds:.1f}s{_phases(result.phases)}")
+                  f"{human_bytes(plan.output_bytes)} in {result.seconds:.1f}s{_phases(result.phases, result.beside)}")
     if v is not None:
         from upcycle.convert.verify import summary
 
@@ -81,7 +81,11 @@ def print_summary(result: ConvertResult, console: Console) -> None:
                       "from the parent", soft_wrap=True)
 
 
-def _phases(phases: dict) -> str:
-    """' (router init 31.0s, write 20.1s, verify 38.2s)': the steps that took a second or more."""
-    shown = [f"{name} {sec:.1f}s" for name, sec in phases.items() if sec >= 1.0]
-    return f" ({', '.join(shown)})" if shown else ""
+def _phases(phases: dict, beside: dict | None = None) -> str:
+    """' (router init 31.0s, write 20.1s, verify 38.2s)': the steps that took a second or more, then what ran on a
+    thread beside them (' (write 12.0s, verify 11.7s; beside the writer: router init 13.1s)')."""
+    parts = [", ".join(f"{name} {sec:.1f}s" for name, sec in phases.items() if sec >= 1.0)]
+    if beside:
+        parts.append("beside the writer: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in beside.items()))
+    text = "; ".join(p for p in parts if p)
+    return f" ({text})" if text else ""

@@ -20,6 +20,7 @@ side of upcycle's own split), which exist on every machine.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -96,8 +97,15 @@ def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
 
 def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> dict[int, np.ndarray]:
     """{layer: (copies, H) float32 router rows} from the parent's activations on `text` (None: the default sample)."""
+    return kmeans_job(ckpt, text, plan, quiet)()
 
-    from upcycle.convert.verify import encode, stream_parent
+
+def kmeans_job(ckpt, text: Path | None, plan, quiet: bool = False,
+               stop: Callable[[], bool] | None = None) -> Callable[[], dict[int, np.ndarray] | None]:
+    """Read and tokenise the sample now (a bad --router-init fails here, before anything is written) and return the
+    parent pass that computes kmeans_router_bases' rows; it returns None when stop() ended it early."""
+
+    from upcycle.convert.verify import encode
 
     if not quiet:
         ui.info(f"router init: k-means of the parent's hidden states on {describe(text)}")
@@ -111,22 +119,64 @@ def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> d
     block = min(BLOCK, ids.size)
     ids = ids[: ids.size // block * block].reshape(-1, block)
     moe_layers = set(plan.moe_layers)
-    bases: dict[int, np.ndarray] = {}
 
-    def on_mlp(i: int, x, y) -> None:
-        if i not in moe_layers:
-            return
-        c = spherical_kmeans(x, plan.recipe.copies, seed=plan.recipe.seed * 1000 + i)
-        logits = x.float() @ c.T
-        scale = 1.0 / float(logits.std().clamp_min(1e-6))
-        if CENTRED:
-            c = c - c.mean(0, keepdim=True)
-        bases[i] = (c * scale).numpy().astype(np.float32)
+    def run() -> dict[int, np.ndarray] | None:
+        from upcycle.convert.verify import stream_parent
 
-    # float32 (bf16 for a bf16 parent where the CPU multiplies bf16 natively) and torch's fused attention are plenty
-    # for choosing directions, and several times faster than the float64 eager attention the verification uses
-    stream_parent(ckpt, ids, None, on_mlp, dtype=pass_dtype(ckpt), attention="sdpa")
-    return bases
+        bases: dict[int, np.ndarray] = {}
+
+        def on_mlp(i: int, x, y) -> None:
+            if i not in moe_layers:
+                return
+            c = spherical_kmeans(x, plan.recipe.copies, seed=plan.recipe.seed * 1000 + i)
+            logits = x.float() @ c.T
+            scale = 1.0 / float(logits.std().clamp_min(1e-6))
+            if CENTRED:
+                c = c - c.mean(0, keepdim=True)
+            bases[i] = (c * scale).numpy().astype(np.float32)
+
+        # float32 (bf16 for a bf16 parent where the CPU multiplies bf16 natively) and torch's fused attention are
+        # plenty for choosing directions, and several times faster than the float64 eager attention of verification
+        done = stream_parent(ckpt, ids, None, on_mlp, dtype=pass_dtype(ckpt), attention="sdpa", stop=stop)
+        return None if done is None else bases
+
+    return run
+
+
+class BackgroundBases:
+    """Router rows that a job computes on another thread (the k-means pass beside the writer).
+
+    Passed to the plan as its router_bases: the writer writes the router tensors last (upcycle.convert.writer's
+    `defer`), and the first `get` waits for the job and raises what it raised. `seconds`: the job's own wall time."""
+
+    def __init__(self, future, stop_flag: list[bool]):
+        import time
+
+        self._future, self._stop = future, stop_flag
+        self._start = time.perf_counter()
+        self.seconds: float | None = None
+        future.add_done_callback(lambda _: setattr(self, "seconds", time.perf_counter() - self._start))
+
+    def result(self) -> dict[int, np.ndarray]:
+        bases = self._future.result()
+        if bases is None:  # stopped: only close() asks for that, so nothing should read the rows afterwards
+            raise AssertionError("the router init was stopped before it finished")
+        return bases
+
+    def get(self, layer: int, default=None):
+        return self.result().get(layer, default)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Stop the job at its next layer (when the rows are no longer wanted) and wait for it."""
+        if not self._future.done():
+            self._stop[0] = True
+        try:
+            self._future.result()
+        except BaseException:  # reported by result() to whoever still wants the rows; nobody does after close
+            pass
 
 
 def pass_dtype(ckpt):

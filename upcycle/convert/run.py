@@ -81,6 +81,7 @@ class ConvertResult:
     seconds: float
     estimate: "memory.Estimate | None" = None  # the memory estimate made before any work (shown by --dry-run)
     phases: dict = field(default_factory=dict)  # wall seconds of each step, in order (router init, write, verify, ...)
+    beside: dict = field(default_factory=dict)  # wall seconds of work that ran on a thread beside those steps
 
     @property
     def out(self) -> Path | None:
@@ -161,7 +162,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         mark[0] = now
 
     recipe, out, allow_pickle = options.recipe, options.out, options.allow_pickle
-    dry_run, overwrite, max_shard_bytes = options.dry_run, options.overwrite, options.max_shard_bytes
+    dry_run, overwrite = options.dry_run, options.overwrite
     verify, full_check = options.verify, options.full_check
     if not dry_run:
         check_output(out, overwrite)
@@ -186,65 +187,107 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         # verification's parent run reads the parent's own source only, with or without --expert-from (the other
         # checkpoints and the --average-shared mean are read in this thread): its thread safety is what counts
         overlap = verify and memory.overlap_parent(plan, ckpt.source.thread_safe)
-        estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap)
+        # the k-means pass runs beside the writer (its router tensors are written last) where the source can be
+        # read by two threads and the memory of both at once is there; else before writing
+        beside = mode == "kmeans" and ckpt.source.thread_safe
+        estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap, router_beside=beside)
+        if beside and estimate.total > memory.available()[0]:
+            beside = False
+            estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap)
         if dry_run:
             return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
         check_space(out, plan.output_bytes + (64 << 20))
         have = memory.require(estimate)
         whole, whole_note = whole_model_decision(plan, verify, full_check, have)
         phase("plan")
-        if mode == "kmeans":
-            from upcycle.convert.router_init import kmeans_router_bases
+        # one thread runs convert's torch work beside the writer, in order (the k-means pass, then verification's
+        # parent layers), so that the imports of the two never race each other
+        executor = background = None
+        if beside or overlap:
+            from concurrent.futures import ThreadPoolExecutor
 
-            bases = kmeans_router_bases(ckpt, init_file, plan, quiet=quiet)
-            plan, _ = build_plan(ckpt, recipe, bases, sources)
-        elif mode == "prompts":
-            from upcycle.convert.router_init import prompt_router_bases
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upcycle-torch")
+        try:
+            if mode == "kmeans":
+                from upcycle.convert.router_init import BackgroundBases, kmeans_job
 
-            bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, quiet=quiet)
-            plan, _ = build_plan(ckpt, recipe, bases, sources)
-        if mode in ("kmeans", "prompts"):
-            phase("router init")
-        if command is None:
-            command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
-        verification = None
-        with atomic_folder(out, overwrite) as tmp:
-            (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-            if not quiet:
-                ui.info("copying the tokenizer" + (" (converted from GGUF, slow)" if ckpt.gguf else ""))
-            copied = ckpt.copy_tokenizer(tmp)
-            if "generation_config.json" not in copied:
-                gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
-                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            parent_states = None
-            if overlap:
-                from upcycle.convert.verify import ParentStates
+                stop = [False]
+                job = kmeans_job(ckpt, init_file, plan, quiet=quiet, stop=lambda: stop[0])
+                if beside:
+                    background = BackgroundBases(executor.submit(job), stop)
+                    plan, _ = build_plan(ckpt, recipe, background, sources)
+                else:
+                    plan, _ = build_plan(ckpt, recipe, job(), sources)
+                    phase("router init")
+            elif mode == "prompts":
+                from upcycle.convert.router_init import prompt_router_bases
 
-                # the parent's float64 layers (and the imports they need) run while the shards are written
-                parent_states = ParentStates(ckpt, plan, tmp, background=True)
-            try:
-                phase("tokenizer")
-                _write_weights(plan, tmp, max_shard_bytes, quiet)
-                phase("write")
-                if verify:
-                    verification = _verify(ckpt, plan, tmp, whole, whole_note, allow_pickle, quiet, parent_states)
-                    phase("verify")
-            finally:
-                if parent_states is not None:
-                    parent_states.close()
-            from upcycle.convert.card import folder_digest, tensor_digest
-
-            fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
-            if sources is not None:
-                fingerprints["sources"] = source_entries(sources, tensor_digest)
-            write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification, fingerprints))
-            (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification, fingerprints))
-            phase("manifest")
+                bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, quiet=quiet)
+                plan, _ = build_plan(ckpt, recipe, bases, sources)
+                phase("router init")
+            verification = _write_and_verify(ckpt, plan, out, options, command, quiet, whole, whole_note, phase,
+                                             executor if overlap else None, background)
+        finally:
+            if background is not None:
+                background.close()
+            if executor is not None:
+                executor.shutdown(wait=True)
     finally:
         if sources is not None:
             sources.close()
         ckpt.close()
-    return ConvertResult(options, plan, verification, time.perf_counter() - start, phases=phases)
+    beside_s = {"router init": background.seconds} if background is not None and background.seconds else {}
+    return ConvertResult(options, plan, verification, time.perf_counter() - start, phases=phases, beside=beside_s)
+
+
+def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: ConvertOptions, command, quiet: bool,
+                      whole: bool, whole_note: str | None, phase, executor, background) -> dict | None:
+    """Write the folder (atomically), verify it, add the manifest and card; return the verification report."""
+    if command is None:
+        command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
+    verification = None
+    with atomic_folder(out, options.overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        if not quiet:
+            ui.info("copying the tokenizer" + (" (converted from GGUF, slow)" if ckpt.gguf else ""))
+        copied = ckpt.copy_tokenizer(tmp)
+        if "generation_config.json" not in copied:
+            gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        parent_states = None
+        if executor is not None:
+            from upcycle.convert.verify import ParentStates
+
+            # the parent's float64 layers (and the imports they need) run while the shards are written
+            parent_states = ParentStates(ckpt, plan, tmp, background=True, executor=executor)
+        try:
+            phase("tokenizer")
+
+            def routers_ready() -> None:  # the writer has written everything but the routers
+                phase("write")
+                background.result()
+                phase("router init wait")
+
+            _write_weights(plan, tmp, options.max_shard_bytes, quiet,
+                           defer=(lambda t: t.kind == "router") if background is not None else None,
+                           before_deferred=routers_ready if background is not None else None)
+            phase("write")
+            if options.verify:
+                verification = _verify(ckpt, plan, tmp, whole, whole_note, options.allow_pickle, quiet, parent_states)
+                phase("verify")
+        finally:
+            if parent_states is not None:
+                parent_states.close()
+        from upcycle.convert.card import folder_digest, tensor_digest
+
+        fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
+        if plan.sources is not None:
+            fingerprints["sources"] = source_entries(plan.sources, tensor_digest)
+        write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification, fingerprints))
+        (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification, fingerprints))
+        phase("manifest")
+    return verification
+
 
 
 FULL_CHECKS = ("auto", "always", "never")
@@ -295,12 +338,21 @@ def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_no
     return report
 
 
-def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool) -> None:
+def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool, defer=None,
+                   before_deferred=None) -> None:
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
     with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else nullcontext() as prog:
         task = prog.add_task("writing experts", total=plan.output_bytes) if not quiet else None
+
+        def waiting() -> None:
+            if not quiet:
+                prog.update(task, description="waiting for the k-means router")
+            if before_deferred is not None:
+                before_deferred()
+
         write_shards(folder, plan.tensors, max_shard_bytes,
-                     on_tensor=(lambda t: prog.advance(task, t.nbytes)) if not quiet else None)
+                     on_tensor=(lambda t: prog.advance(task, t.nbytes)) if not quiet else None,
+                     defer=defer, before_deferred=waiting if defer is not None else None)
 
 

@@ -560,9 +560,11 @@ def parent_round_code(ckpt, plan) -> str | None:
 class ParentStates:
     """The parent's MLP input and output at every MoE layer, on the verification prompts (`stream_parent`).
 
-    background=True computes them in a thread started here, so that importing torch and transformers and running
-    the parent's float64 layers overlap with writing the shards and with the byte checks (convert starts it before
-    it writes); otherwise they are computed in the calling thread at the first `ready` or `get`. Either way one
+    background=True computes them in a thread started here (or, given an `executor`, on its one thread after the
+    jobs queued there before: convert's k-means router pass, whose imports then never race these), so that
+    importing torch and transformers and running the parent's float64 layers overlap with writing the shards and
+    with the byte checks (convert starts it before it writes); otherwise they are computed in the calling thread
+    at the first `ready` or `get`. Either way one
     parent layer is in memory at a time, plus T x H float64 twice per MoE layer (T is about 60 tokens), which is
     small next to one layer's weights. `close()` stops the run and must be called.
 
@@ -572,7 +574,7 @@ class ParentStates:
     hidden states for the end-to-end measurement (upcycle.convert.verify_mix), with `ids` and `round_code`.
     """
 
-    def __init__(self, ckpt, plan, tokenizer_folder: Path, *, background: bool):
+    def __init__(self, ckpt, plan, tokenizer_folder: Path, *, background: bool, executor=None):
         import threading
 
         self._ckpt, self._plan, self._folder = ckpt, plan, Path(tokenizer_folder)
@@ -588,8 +590,13 @@ class ParentStates:
         self._hidden = None  # the parent's final hidden states (mixed only)
         self.threads: int | None = None  # torch's intra-op threads before the run set them to one
         self._seen = -1  # the last layer the run finished
-        self._thread = threading.Thread(target=self._run, name="upcycle-parent-layers", daemon=True) if background else None
-        if self._thread is not None:
+        self._background = background
+        self._thread = self._future = None
+        if background and executor is not None:  # after the jobs already queued there (the k-means router's pass)
+            self._started = True
+            self._future = executor.submit(self._run)
+        elif background:
+            self._thread = threading.Thread(target=self._run, name="upcycle-parent-layers", daemon=True)
             self._started = True
             self._thread.start()
 
@@ -598,7 +605,7 @@ class ParentStates:
             import torch
 
             self.threads = torch.get_num_threads()
-            if self._thread is not None:
+            if self._background:
                 # beside the writer and the byte checks: the operations are small (a few dozen tokens), and one
                 # thread avoids the cost of waking the others for each, which dominates on a busy machine (and
                 # leaves the other cores to the writer and byte checks). Run alone (a parent too large to overlap),
@@ -668,6 +675,8 @@ class ParentStates:
         self._stop = True
         if self._thread is not None:
             self._thread.join()
+        if self._future is not None:
+            self._future.result()  # _run keeps its errors for get(); this only waits
         if self.threads is not None:
             import torch
 

@@ -87,41 +87,66 @@ def _copy_range(src_fds: dict, fd: int, where: tuple) -> bool:
 
 
 def write_shards(folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
-                 on_tensor: Callable[[OutTensor], None] | None = None) -> list[str]:
-    """Write all tensors into safetensors shards under `folder` (plus the index when sharded)."""
+                 on_tensor: Callable[[OutTensor], None] | None = None,
+                 defer: Callable[[OutTensor], bool] | None = None,
+                 before_deferred: Callable[[], None] | None = None) -> list[str]:
+    """Write all tensors into safetensors shards under `folder` (plus the index when sharded).
+
+    Tensors for which defer(t) is true keep their planned place in the files but are written last, after every
+    other tensor of every shard (the writer skips over their bytes): their producers may wait for work that runs
+    beside the writer, such as the k-means router. before_deferred() is called once before they are written."""
     shards = assign_shards(tensors, max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     src_fds: dict = {}
+    later: list[tuple[str, int, OutTensor]] = []  # (file, byte offset, tensor) of the deferred tensors
     for fname, shard in zip(names, shards):
         fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, memoryview(_header(shard)))
+            header = _header(shard)
+            _write_all(fd, memoryview(header))
+            offset = len(header)
             for t in shard:
-                if t.copy_from is not None and _copy_range(src_fds, fd, t.copy_from):
-                    weight_map[t.name] = fname
-                    if on_tensor:
-                        on_tensor(t)
-                    continue
-                written = 0
-                for chunk in t.produce():
-                    chunk = np.ascontiguousarray(chunk)
-                    if chunk.size:
-                        _write_all(fd, memoryview(chunk).cast("B"))
-                    written += chunk.nbytes
-                if written != t.nbytes:  # a planner/producer mismatch is a bug, never a user error
-                    raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
                 weight_map[t.name] = fname
-                if on_tensor:
+                if defer is not None and defer(t):
+                    later.append((fname, offset, t))
+                    os.lseek(fd, t.nbytes, os.SEEK_CUR)  # a hole until the tensor is written
+                elif not (t.copy_from is not None and _copy_range(src_fds, fd, t.copy_from)):
+                    _write_produced(fd, t)
+                offset += t.nbytes
+                if on_tensor and not (defer is not None and defer(t)):
                     on_tensor(t)
+            os.ftruncate(fd, offset)  # the full size even when the last tensor is deferred
         finally:
             os.close(fd)
     for src in src_fds.values():
         os.close(src)
+    if later and before_deferred is not None:
+        before_deferred()
+    for fname, offset, t in later:
+        fd = os.open(folder / fname, os.O_WRONLY)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            _write_produced(fd, t)
+        finally:
+            os.close(fd)
+        if on_tensor:
+            on_tensor(t)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def _write_produced(fd: int, t: OutTensor) -> None:
+    written = 0
+    for chunk in t.produce():
+        chunk = np.ascontiguousarray(chunk)
+        if chunk.size:
+            _write_all(fd, memoryview(chunk).cast("B"))
+        written += chunk.nbytes
+    if written != t.nbytes:  # a planner/producer mismatch is a bug, never a user error
+        raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
 
 
 def check_output(out: Path, overwrite: bool) -> None:
