@@ -95,15 +95,11 @@ def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
     return c
 
 
-def kmeans_router_bases(ckpt, text: Path | None, plan, quiet: bool = False) -> dict[int, np.ndarray]:
-    """{layer: (copies, H) float32 router rows} from the parent's activations on `text` (None: the default sample)."""
-    return kmeans_job(ckpt, text, plan, quiet)()
-
-
 def kmeans_job(ckpt, text: Path | None, plan, quiet: bool = False,
                stop: Callable[[], bool] | None = None) -> Callable[[], dict[int, np.ndarray] | None]:
     """Read and tokenise the sample now (a bad --router-init fails here, before anything is written) and return the
-    parent pass that computes kmeans_router_bases' rows; it returns None when stop() ended it early."""
+    parent pass that computes {layer: (copies, H) float32 router rows} from the parent's activations on `text`
+    (None: the default sample); the pass returns None when stop() ended it early."""
 
     from upcycle.convert.verify import encode
 
@@ -153,9 +149,9 @@ class BackgroundBases:
         import time
 
         self._future, self._stop = future, stop_flag
-        self._start = time.perf_counter()
+        start = time.perf_counter()
         self.seconds: float | None = None
-        future.add_done_callback(lambda _: setattr(self, "seconds", time.perf_counter() - self._start))
+        future.add_done_callback(lambda _: setattr(self, "seconds", time.perf_counter() - start))
 
     def result(self) -> dict[int, np.ndarray]:
         bases = self._future.result()

@@ -269,8 +269,7 @@ def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: Co
                 phase("router init wait")
 
             _write_weights(plan, tmp, options.max_shard_bytes, quiet,
-                           defer=(lambda t: t.kind == "router") if background is not None else None,
-                           before_deferred=routers_ready if background is not None else None)
+                           routers_ready=routers_ready if background is not None else None)
             phase("write")
             if options.verify:
                 verification = _verify(ckpt, plan, tmp, whole, whole_note, options.allow_pickle, quiet, parent_states)
@@ -338,8 +337,9 @@ def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_no
     return report
 
 
-def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool, defer=None,
-                   before_deferred=None) -> None:
+def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool, routers_ready=None) -> None:
+    """routers_ready: given when the router rows are computed beside the writer; the router tensors are then
+    written last, after routers_ready() has waited for them."""
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
     with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else nullcontext() as prog:
@@ -348,11 +348,11 @@ def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool, 
         def waiting() -> None:
             if not quiet:
                 prog.update(task, description="waiting for the k-means router")
-            if before_deferred is not None:
-                before_deferred()
+            routers_ready()
 
         write_shards(folder, plan.tensors, max_shard_bytes,
                      on_tensor=(lambda t: prog.advance(task, t.nbytes)) if not quiet else None,
-                     defer=defer, before_deferred=waiting if defer is not None else None)
+                     defer=(lambda t: t.kind == "router") if routers_ready is not None else None,
+                     before_deferred=waiting if routers_ready is not None else None)
 
 

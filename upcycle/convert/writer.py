@@ -111,11 +111,12 @@ def write_shards(folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
                 if defer is not None and defer(t):
                     later.append((fname, offset, t))
                     os.lseek(fd, t.nbytes, os.SEEK_CUR)  # a hole until the tensor is written
-                elif not (t.copy_from is not None and _copy_range(src_fds, fd, t.copy_from)):
-                    _write_produced(fd, t)
+                else:
+                    if not (t.copy_from is not None and _copy_range(src_fds, fd, t.copy_from)):
+                        _write_produced(fd, t)
+                    if on_tensor:
+                        on_tensor(t)
                 offset += t.nbytes
-                if on_tensor and not (defer is not None and defer(t)):
-                    on_tensor(t)
             os.ftruncate(fd, offset)  # the full size even when the last tensor is deferred
         finally:
             os.close(fd)
