@@ -233,8 +233,8 @@ def overlap_parent(plan, thread_safe: bool) -> bool:
 def convert_estimate(plan, *, verify: bool, overlap: bool | None = None, router_beside: bool = False) -> Estimate:
     """Streaming conversion, plus the layer-by-layer float64 verification when asked, and the parent run of the
     k-means or prompts router init (before writing: the larger of the two phases counts; with router_beside, the
-    k-means pass runs during writing, so it adds to the writer and to the verification's parent layers that run
-    beside the writer when overlap is on).
+    k-means pass runs during writing, so it adds to the writer; the verification's parent layers, when they overlap
+    the writer, follow it on the same thread, so the larger of the two counts).
 
     overlap: whether the parent layers run beside the writer (see overlap_parent; None: decide as convert does,
     for a source that can be read by two threads)."""
@@ -268,8 +268,10 @@ def convert_estimate(plan, *, verify: bool, overlap: bool | None = None, router_
         # + the tokenizer through transformers (measured about 60 MB) and a GGUF embedding table decoded whole
         init = TOKENIZER_RUNTIME + _layer_params(p) * 4 + attention + activations + emb * 4
         (label, size) = parts[-1]
-        if router_beside:  # during writing: the writer, the k-means pass and (overlap) the parent's float64 layer
-            writing = c["stream"] + init + (c["layer64"] + c["states"] if verify and overlap else 0)
+        if router_beside:
+            # during writing: the writer, plus the one torch thread beside it, which runs the k-means pass and then
+            # (overlap) the verification's float64 parent layers, never both at once
+            writing = c["stream"] + max(init, c["layer64"] + c["states"] if verify and overlap else 0)
             parts = [("runtime", TORCH_RUNTIME), (f"{label} or writing with the router init beside it",
                                                    max(size, writing))]
         else:  # router init runs before writing: the larger of the two phases counts
