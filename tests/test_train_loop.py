@@ -210,7 +210,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(moe, tmp_path,
     calls = {"n": 0}
 
     def poisoned(layers, records):
-        calls["n"] += 1
+        # the forward's own call (live logits), not the router-gradient split's recomputation on detached copies
+        calls["n"] += any(r.logits is not None and r.logits.grad_fn is not None for r in records.values())
         aux, z = real(layers, records)
         return (aux * float("nan"), z) if calls["n"] == 3 else (aux, z)
 
@@ -264,6 +265,53 @@ def test_router_gradient_split_is_exact(moe, tmp_path):
     # the parts cannot add to more than the whole's norm allows
     assert a["router_grad_norm"] <= a["router_grad_norm_lm"] + a["router_grad_norm_aux"] + 1e-9
     assert a["router_grad_norm"] < a["grad_norm"]
+
+
+def test_router_gradient_split_takes_each_routers_own_losses_only(moe, tmp_path):
+    """With several MoE layers the router-loss part of a router's gradient is its own layer's losses, through its
+    own matmul only: checked against the logits recomputed from the router's recorded input (another way to cut
+    the graph), and shown to differ from the router loss's total derivative, which also flows through later layers'
+    hidden states (the part the split counts as LM, and a second backward through every block)."""
+    import shutil
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.core.routing import RoutingRecorder, moe_layers
+    from upcycle.train.losses import RouterGradients, router_losses
+    from upcycle.train.router import RouterControls, RouterPatch
+
+    src = tmp_path / "m"
+    shutil.copytree(moe("qwen2_moe"), src)
+    _no_renorm(src)  # the routing weights reach the output, so later layers depend on earlier routers
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, experts_implementation="eager").train()
+    layers = moe_layers(model)
+    assert len(layers) >= 2
+    RouterPatch(layers, RouterControls())
+    inputs = {}
+    for m in layers:
+        m.router.register_forward_pre_hook(lambda mod, args, i=m.index: inputs.__setitem__(i, args[0]))
+
+    def loss_of(records):
+        aux, z = router_losses(layers, records)
+        return 0.01 * aux + 0.001 * z
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with RoutingRecorder(model, detach=False, layers=layers) as rec:
+        model(input_ids=ids, use_cache=False)
+        records = rec.drain()
+    split = RouterGradients(layers)
+    split.add(records, loss_of)
+    for j, m in enumerate(layers):
+        W = m.router.weight
+        x = inputs[m.index].detach().reshape(-1, m.hidden_size).float()
+        cut = {i: type(r)(r.layer, r.indices, logits=r.logits.detach()) for i, r in records.items()}
+        cut[m.index].logits = F.linear(x, W.float())
+        (own,) = torch.autograd.grad(loss_of(cut), W)
+        assert torch.allclose(split.direct[j].float(), own, rtol=1e-5, atol=1e-9), m.index
+        (whole,) = torch.autograd.grad(loss_of(records), W, retain_graph=True)
+        if j < len(layers) - 1:  # an earlier router also feeds the later layers' router losses
+            assert not torch.allclose(whole, own, rtol=1e-3, atol=0), m.index
 
 
 def test_router_gradient_split_leaves_the_step_unchanged(moe, tmp_path, monkeypatch):

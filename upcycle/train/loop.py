@@ -276,6 +276,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.train()
         return total_loss / n
 
+    def router_terms(records) -> tuple:
+        """(weighted router loss, aux, z, route-target loss, on-target share) of one forward's records."""
+        aux, z = router_losses(layers, records)
+        target, on_target = (route_target_loss(layers, records, cfg.target_spec)
+                             if cfg.route_target is not None else (torch.zeros(()), torch.zeros(())))
+        router_loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+        if cfg.route_target is not None:
+            router_loss = router_loss + cfg.route_target_coef * target.to(router_loss.device)
+        return router_loss, aux, z, target, on_target
+
     last_good = resume_dir
     last_loss = None
     step = start
@@ -302,17 +312,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                     with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
                         out_ = model(input_ids=batch, labels=batch, use_cache=False)
                         records = recorder.drain()
-                        aux, z = router_losses(layers, records)
-                        aux, z = aux.to(out_.loss.device), z.to(out_.loss.device)
-                        target, on_target = (route_target_loss(layers, records, cfg.target_spec)
-                                             if cfg.route_target is not None else (torch.zeros(()), torch.zeros(())))
+                        router_loss, aux, z, target, on_target = router_terms(records)
+                        router_loss, aux, z = (t.to(out_.loss.device) for t in (router_loss, aux, z))
                         target, on_target = target.to(out_.loss.device), on_target.to(out_.loss.device)
-                        router_loss = (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-                                       + (cfg.route_target_coef * target if cfg.route_target is not None else 0.0))
                         loss = out_.loss + router_loss
                         if router_grads is not None and (cfg.aux_loss_coef or cfg.z_loss_coef or cfg.route_target):
                             with recorder.pause():
-                                router_grads.add(records, router_loss / cfg.grad_accum)
+                                router_grads.add(records, lambda r: router_terms(r)[0] / cfg.grad_accum)
                         with recorder.pause():  # activation checkpointing re-runs forwards in backward
                             accelerator.backward(loss / cfg.grad_accum)
                     stats.update(records)
