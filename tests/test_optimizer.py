@@ -13,7 +13,8 @@ from upcycle.convert import convert
 from upcycle.core.kernels import register_experts_kernel
 from upcycle.core.routing import moe_layers
 from upcycle.train.config import parse_train
-from upcycle.train.freeze import adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw, param_groups
+from upcycle.train.freeze import (adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw,
+                                   global_grad_norm, param_groups)
 from upcycle.train.model import load_for_training
 
 
@@ -140,3 +141,19 @@ def test_clip_folded_into_the_fused_kernel_equals_clip_then_reference_step(tiny_
     for (name, p), r, b in zip(model_fused.named_parameters(), model_ref.parameters(), before):
         torch.testing.assert_close(p.detach() - b, r.detach() - b, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_global_grad_norm_matches_float64():
+    """The dot-product norm of fp32 CPU gradients is the float64 norm to float32 rounding, like torch's own; other
+    gradients (bf16, non-contiguous) take torch's path."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3072, 576, generator=g) * 1e-3, torch.zeros(7), torch.randn(1_000_003, generator=g) * 50,
+             torch.randn(5, generator=g)]
+    exact = torch.stack([x.double().square().sum() for x in grads]).sum().sqrt()
+    ours = global_grad_norm(grads)
+    assert ours.dtype == torch.float32 and float(ours) == pytest.approx(float(exact), rel=2e-6)
+    transposed = [grads[0].t()]
+    assert torch.equal(global_grad_norm(transposed), torch.nn.utils.get_total_norm(transposed, 2.0))
+    half = [x.bfloat16() for x in grads]
+    assert torch.equal(global_grad_norm(half), torch.nn.utils.get_total_norm(half, 2.0))
+    assert float(global_grad_norm([torch.full((4,), 1e20)])) == float("inf")  # overflow shows, as a non-finite norm

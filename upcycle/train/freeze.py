@@ -189,6 +189,22 @@ def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: flo
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw), impl
 
 
+def global_grad_norm(grads: list) -> "torch.Tensor":
+    """The L2 norm of all `grads` together (float32 scalar), as `torch.nn.utils.get_total_norm(grads, 2.0)`.
+
+    For contiguous fp32 CPU gradients it sums BLAS dot products instead: on the 2-core AMD EPYC 692M gradients
+    take 0.14 s against 0.24 s (a memory-bound pass at 19 against 11 GB/s), and the result is closer to the
+    float64 norm (relative error 6e-5 against 4e-4 there: each dot accumulates in blocks, and the per-tensor sums
+    add in float64). Anything else keeps torch's own.
+    """
+    import torch
+
+    if not all(g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    squares = torch.stack([torch.dot(g.view(-1), g.view(-1)) for g in grads])
+    return squares.double().sum().sqrt().float()
+
+
 def clip_into_fused_adamw(optimizer: "torch.optim.Optimizer", params: list, max_norm: float) -> "torch.Tensor":
     """The global L2 norm of the gradients (before clipping); the clip itself is left to the fused AdamW kernel.
 
@@ -208,7 +224,7 @@ def clip_into_fused_adamw(optimizer: "torch.optim.Optimizer", params: list, max_
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    norm = global_grad_norm(grads)
     inner.grad_scale = None
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
