@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -58,3 +60,21 @@ def test_bench_convert_reads_the_step_timings():
             "beside the \nwriter: router init 22.1s)")
     assert phases(line) == {"write": 16.5, "router init wait": 5.1, "verify": 14.6,
                             "router init beside the writer": 22.1}
+
+
+def test_train_phases_times_the_real_loop(tiny_moe, tmp_path):
+    """A smoke run of benchmarks/train_phases.py on a tiny MoE: every wrapped phase of the loop was seen, the
+    router-gradient split among them, and the phases add up to the step (the rest is forward and bookkeeping)."""
+    out = tmp_path / "p.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_phases.py"), "--model", str(tiny_moe),
+                          "--steps", "3", "--skip", "1", "--seq-len", "32", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(out.read_text())
+    phases = got["phases_s"]
+    for label in ("backward", "AdamW step", "router-gradient split: router-loss part", "router losses (aux, z)",
+                  "forward and the rest"):
+        assert label in phases, label
+    assert all(v >= 0 for v in phases.values())  # the forward runs inside the step: nothing is counted twice
+    assert sum(phases.values()) == pytest.approx(got["step_s"], rel=1e-9)
+    assert "| **whole step** |" in res.stdout
