@@ -208,7 +208,7 @@ class RouterGradients:
     (it was 3.2 s of a 12 s SmolLM2 8 x top-2 step).
 
     Nothing here writes a .grad or draws a random number, so the training step is unchanged. With gradient
-    checkpointing the autograd call re-runs each layer's checkpointed router forward once more.
+    checkpointing the autograd call re-runs each layer's checkpointed forward once more.
     """
 
     def __init__(self, layers: list[MoELayer]):
