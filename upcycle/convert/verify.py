@@ -560,8 +560,8 @@ def parent_round_code(ckpt, plan) -> str | None:
 class ParentStates:
     """The parent's MLP input and output at every MoE layer, on the verification prompts (`stream_parent`).
 
-    background=True computes them in a thread started here (or, given an `executor`, on its one thread after the
-    jobs queued there before: convert's k-means router pass, whose imports then never race these), so that
+    background=True computes them on the one thread of `executor` after the jobs queued there before (convert's
+    k-means router pass, whose imports then never race these), or of an executor of its own if none is given, so that
     importing torch and transformers and running the parent's float64 layers overlap with writing the shards and
     with the byte checks (convert starts it before it writes); otherwise they are computed in the calling thread
     at the first `ready` or `get`. Either way one
@@ -591,14 +591,14 @@ class ParentStates:
         self.threads: int | None = None  # torch's intra-op threads before the run set them to one
         self._seen = -1  # the last layer the run finished
         self._background = background
-        self._thread = self._future = None
-        if background and executor is not None:  # after the jobs already queued there (the k-means router's pass)
+        self._future = self._own = None
+        if background:
+            if executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                executor = self._own = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upcycle-parent-layers")
             self._started = True
             self._future = executor.submit(self._run)
-        elif background:
-            self._thread = threading.Thread(target=self._run, name="upcycle-parent-layers", daemon=True)
-            self._started = True
-            self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -673,10 +673,10 @@ class ParentStates:
 
     def close(self) -> None:
         self._stop = True
-        if self._thread is not None:
-            self._thread.join()
         if self._future is not None:
             self._future.result()  # _run keeps its errors for get(); this only waits
+        if self._own is not None:
+            self._own.shutdown()
         if self.threads is not None:
             import torch
 
