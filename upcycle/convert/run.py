@@ -191,13 +191,14 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         # read by two threads and the memory of both at once is there; else before writing
         beside = mode == "kmeans" and ckpt.source.thread_safe
         estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap, router_beside=beside)
-        if beside and estimate.total > memory.available()[0]:
+        probed = memory.available() if beside else None  # one reading for this decision and the check below
+        if beside and estimate.total > probed[0]:
             beside = False
             estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap)
         if dry_run:
             return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
         check_space(out, plan.output_bytes + (64 << 20))
-        have = memory.require(estimate)
+        have = memory.require(estimate, probed)
         whole, whole_note = whole_model_decision(plan, verify, full_check, have)
         phase("plan")
         # one thread runs convert's torch work beside the writer, in order (the k-means pass, then verification's

@@ -128,9 +128,10 @@ def available() -> tuple[int, str]:
     return min(found)
 
 
-def require(estimate: Estimate) -> int:
-    """Raise InsufficientMemory (one line) unless the estimate fits; return the bytes available."""
-    have, where = available()
+def require(estimate: Estimate, probed: tuple[int, str] | None = None) -> int:
+    """Raise InsufficientMemory (one line) unless the estimate fits; return the bytes available. probed: what
+    `available()` returned earlier in the same decision, so that one decision reads the memory once."""
+    have, where = probed or available()
     if estimate.total > have:
         raise InsufficientMemory(estimate.refusal(have, where))
     return have
