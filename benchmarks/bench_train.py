@@ -32,17 +32,29 @@ import time
 from pathlib import Path
 
 
+def train_data() -> list[str]:
+    """The stdlib sources every training benchmark trains on."""
+    from upcycle.core.assets import stdlib_dir
+
+    return [str(stdlib_dir() / "json"), str(stdlib_dir() / "email")]
+
+
+def skip_final_save() -> None:
+    """Throughput only: the final model save (seconds of disk I/O for a 2.8 GB model) is not part of a step."""
+    import upcycle.train.checkpoint as ck
+
+    ck.save_checkpoint = lambda accelerator, model, tokenizer, out, step, state, src, **kw: out / ck.FINAL
+
+
 def _child(spec: dict) -> dict:
     """One case, in this (child) process: train and report."""
     import resource
 
     import torch
 
-    import upcycle.train.checkpoint as ck
     from upcycle.train import TrainConfig, train
 
-    # Throughput only: the final model save (seconds of disk I/O for a 2.8 GB model) is not part of it.
-    ck.save_checkpoint = lambda accelerator, model, tokenizer, out, step, state, src, **kw: out / ck.FINAL
+    skip_final_save()
     cfg = TrainConfig(model=spec["model"], data=spec["data"], out=Path(spec["out"]),
                       steps=spec["warmup"] + spec["steps"], seq_len=spec["seq_len"], batch_size=spec["batch_size"],
                       precision=spec["precision"], experts_impl=spec["impl"] or "auto", save_every=0, eval_every=0,
@@ -212,7 +224,6 @@ def main() -> None:
         print(json.dumps(_floor_child(spec) if spec.get("floor") else _child(spec)))
         return
 
-    from upcycle.core.assets import stdlib_dir
 
     impls = args.impls.split(",") if args.impls else (
         ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.core.kernels") else []))
@@ -220,7 +231,7 @@ def main() -> None:
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.work))
-    data = [str(stdlib_dir() / "json"), str(stdlib_dir() / "email")]
+    data = train_data()
     results, floors = [], []
     try:
         dense, moe = _models(work, args.parent)

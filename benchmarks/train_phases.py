@@ -73,7 +73,8 @@ def main() -> None:
         raise SystemExit("--steps must exceed --skip")
 
     import upcycle.train.checkpoint as ck
-    from upcycle.core.assets import stdlib_dir
+    from bench_train import skip_final_save, train_data
+
     from upcycle.train import TrainConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="train-phases-", dir=args.work))
@@ -87,10 +88,9 @@ def main() -> None:
             model = dense if args.dense else moe
         times: dict = collections.defaultdict(list)
         _wrap(times)
-        # the final save is not part of a step
-        ck.save_checkpoint = lambda accelerator, model, tokenizer, out, step, state, src, **kw: out / ck.FINAL
+        skip_final_save()
         out = work / "run"
-        cfg = TrainConfig(model=str(model), data=[str(stdlib_dir() / "json"), str(stdlib_dir() / "email")], out=out,
+        cfg = TrainConfig(model=str(model), data=train_data(), out=out,
                           steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, precision=args.precision,
                           save_every=0, eval_every=0, seed=0)
         train(cfg)
