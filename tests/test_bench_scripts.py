@@ -78,3 +78,49 @@ def test_train_phases_times_the_real_loop(tiny_moe, tmp_path):
     assert all(v >= 0 for v in phases.values())  # the forward runs inside the step: nothing is counted twice
     assert sum(phases.values()) == pytest.approx(got["step_s"], rel=1e-9)
     assert "| **whole step** |" in res.stdout
+
+
+def _study_json(path: Path, seed: int, mean: float, ci: tuple[float, float], steps: int = 144) -> Path:
+    path.write_text(json.dumps({
+        "arm": "default", "settings": {"seed": seed, "steps": steps, "lr": 1e-4, "work": f"/w{seed}", "save_every": seed},
+        "summary": {"paired": {"same_tokens": {"mean": mean, "ci95": list(ci), "blocks": 64}}}}))
+    return path
+
+
+def test_study_pool_weights_seeds_by_their_intervals(tmp_path):
+    """Inverse-variance pooling, worked by hand: each seed's standard error is its half-width over t(0.975, 63)."""
+    from study_pool import main, pool
+    from upcycle.evaluate.stats import t975
+
+    a = {"mean": -0.002, "ci95": [-0.004, 0.0], "blocks": 64}  # SE 0.002 / t63
+    b = {"mean": 0.001, "ci95": [-0.003, 0.005], "blocks": 64}  # SE 0.004 / t63: a quarter of a's weight
+    got = pool([a, b])
+    t63 = t975(63)
+    se_a, se_b = 0.002 / t63, 0.004 / t63
+    assert got["mean"] == pytest.approx((-0.002 / se_a**2 + 0.001 / se_b**2) / (1 / se_a**2 + 1 / se_b**2))
+    assert got["mean"] == pytest.approx(-0.0014)
+    se = (1 / se_a**2 + 1 / se_b**2) ** -0.5
+    assert got["ci95"] == pytest.approx([-0.0014 - t975(126) * se, -0.0014 + t975(126) * se])
+    assert got["cochran_q"] == pytest.approx(((-0.002 + 0.0014) / se_a) ** 2 + ((0.001 + 0.0014) / se_b) ** 2)
+    # two equal seeds: the same mean, the interval about 1/sqrt(2) as wide
+    same = pool([a, a])
+    assert same["mean"] == pytest.approx(-0.002) and same["cochran_q"] == pytest.approx(0.0)
+    assert (same["ci95"][1] - same["ci95"][0]) / 0.004 == pytest.approx(t975(126) / t63 / 2 ** 0.5)
+
+    out = tmp_path / "pooled.json"
+    assert main([str(_study_json(tmp_path / "s0.json", 0, -0.0014, (-0.0036, 0.0007))),
+                 str(_study_json(tmp_path / "s1.json", 1, -0.0023, (-0.0041, -0.0004))), "--json", str(out)]) == 0
+    pooled = json.loads(out.read_text())["comparisons"]["same_tokens"]["pooled"]
+    assert pooled["verdict"] == "MoE better" and pooled["seeds"] == 2 and pooled["blocks"] == 128
+
+
+def test_study_pool_refuses_other_studies(tmp_path, capsys):
+    from study_pool import main
+
+    s0 = _study_json(tmp_path / "s0.json", 0, -0.001, (-0.003, 0.001))
+    other_budget = _study_json(tmp_path / "s1.json", 1, -0.001, (-0.003, 0.001), steps=96)
+    assert main([str(s0), str(other_budget)]) == 2
+    assert "differs in steps" in capsys.readouterr().err
+    again = _study_json(tmp_path / "s0b.json", 0, -0.001, (-0.003, 0.001))
+    assert main([str(s0), str(again)]) == 2
+    assert "the same seed twice" in capsys.readouterr().err
