@@ -224,7 +224,6 @@ def main() -> None:
         print(json.dumps(_floor_child(spec) if spec.get("floor") else _child(spec)))
         return
 
-
     impls = args.impls.split(",") if args.impls else (
         ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.core.kernels") else []))
     precisions = args.precisions.split(",")

@@ -65,7 +65,8 @@ def _same_study(studies: list[dict], paths: list[Path]) -> None:
 
     ref = key(studies[0])
     for s, p in zip(studies[1:], paths[1:]):
-        diff = sorted(k for k in set(ref) | set(key(s)) if ref.get(k) != key(s).get(k))
+        other = key(s)
+        diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
         if diff:
             raise PoolError(f"{p} is another study than {paths[0]} (differs in {', '.join(diff)}); pool one arm at "
                             "one budget over seeds only")

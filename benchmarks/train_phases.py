@@ -73,8 +73,7 @@ def main() -> None:
         raise SystemExit("--steps must exceed --skip")
 
     import upcycle.train.checkpoint as ck
-    from bench_train import skip_final_save, train_data
-
+    from bench_train import _machine, _models, skip_final_save, train_data
     from upcycle.train import TrainConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="train-phases-", dir=args.work))
@@ -82,8 +81,6 @@ def main() -> None:
         if args.model:
             model = args.model
         else:
-            from bench_train import _models
-
             dense, moe = _models(work, None)
             model = dense if args.dense else moe
         times: dict = collections.defaultdict(list)
@@ -107,8 +104,6 @@ def main() -> None:
         tail = ts[args.skip * per_step:]
         phases[label] = sum(tail) / len(kept)
     phases["forward and the rest"] = step_s - sum(phases.values())
-    from bench_train import _machine
-
     machine = _machine()
     name = Path(str(model)).name
     lines = [f"upcycle train step phases, {name} ({run['experts_impl'] or 'dense'}), {args.seq_len} x {args.batch_size} "
