@@ -44,6 +44,7 @@ IMPLS = ("eager", "batched_mm", "grouped_mm", "upcycle")
 # "upcycle-split", the kernel's previous CPU bf16 layout: rows as they are, each group's product cut into a multiple
 # of 32 rows plus a second product for the remainder (split_grouped_mm below, through the kernel's grouped_mm hook)
 WHOLE, SPLIT = "upcycle-whole", "upcycle-split"
+CAST_FLOOR = "cast floor"  # bf16 only: the ops floor plus casting fp32 master weights and gradients (ops_floor_fn)
 IDEAL = 2.0
 TARGET = 1.10
 
@@ -195,12 +196,17 @@ def mm_floor_fn(experts, idx, bf16: bool, hidden: int):
     return step
 
 
-def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
+def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int, casts: bool = False):
     """The 'mm floor' products plus the data movement no kernel made of torch ops can skip: gather the routed
     rows, SiLU(gate) * up and its backward, scale by the routing weight, scatter-add the outputs (and, backward,
     gather the upstream gradient and scatter-add the input gradient), each op once, over all experts' rows at
     once, every buffer preallocated, no sort, no weight cast, no autograd. The dense MLP it is compared with does the
-    products and the activation over T rows; an MoE does them over k*T rows and adds the gathers and scatters."""
+    products and the activation over T rows; an MoE does them over k*T rows and adds the gathers and scatters.
+
+    casts=True (the 'cast floor', bf16 only): also the two copies a bf16 kernel over fp32 master weights cannot
+    skip when it runs once per optimizer step (training under autocast, no gradient accumulation): the experts'
+    fp32 weights cast to bf16 into preallocated buffers, and their bf16 weight gradients converted to the
+    parameters' fp32 (torch's CPU mm has no bf16-in, fp32-out form) expert by expert, as the kernel does."""
     import torch
 
     from upcycle.core import kernels as K
@@ -226,12 +232,18 @@ def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
     xs, h1, sg, a, y, yw = buf(hidden), buf(2 * I), buf(I), buf(I), buf(hidden), buf(hidden, acc)
     go, da, dh1, dxs, dxa = buf(hidden), buf(I), buf(2 * I), buf(hidden), buf(hidden, acc)
     g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+    masters = tuple(p.detach().float().clone() for p in (experts.gate_up_proj, experts.down_proj)) if casts else ()
+    # with casts the weight-gradient products go straight into fp32 buffers, one expert at a time while the bf16
+    # product is in cache (grouped_mm_loop converts), as the kernel does
+    gw1, gw2 = (torch.zeros_like(m) for m in masters) if casts else (g1, g2)
     out, gx = torch.empty(T + 1, hidden, dtype=acc, device=dev), torch.empty(T + 1, hidden, dtype=acc, device=dev)
     for t in (xs, h1, sg, a, y, yw, go, da, dh1, dxs, dxa, g1, g2):
         t.zero_()  # mapped in now: the step is built afresh for every round's routing and timed once
     silu_out, silu_backward = torch.ops.aten.silu.out, torch.ops.aten.silu_backward.grad_input
 
     def step():
+        for cast, master in zip((w1, w2), masters):
+            cast.copy_(master)
         out.zero_()
         gx.zero_()
         torch.index_select(xz, 0, token, out=xs)
@@ -243,16 +255,17 @@ def ops_floor_fn(experts, x, idx, w, gout, bf16: bool, hidden: int):
         out.index_add_(0, token, yw)
         torch.index_select(goz, 0, token, out=go)
         go.mul_(wsc)
-        K.grouped_mm_loop(go.t(), a, rows, out=g2)
+        K.grouped_mm_loop(go.t(), a, rows, out=gw2)
         K.grouped_mm_loop(go, w2, rows, out=da)
         torch.mul(da, sg, out=dh1[:, I:])
         silu_backward(da.mul_(h1[:, I:]), h1[:, :I], grad_input=dh1[:, :I])
-        K.grouped_mm_loop(dh1.t(), xs, rows, out=g1)
+        K.grouped_mm_loop(dh1.t(), xs, rows, out=gw1)
         K.grouped_mm_loop(dh1, w1, rows, out=dxs)
         dxa.copy_(dxs)
         gx.index_add_(0, token, dxa)
 
-    step.results = (out, gx, g1, g2)  # output, input gradient (row T: padding), expert weight gradients
+    # output, input gradient (row T: padding), expert weight gradients (fp32 with casts=True)
+    step.results = (out, gx, gw1, gw2)
     return step
 
 
@@ -286,6 +299,8 @@ def run_cell(layout, dtype, T, impls, args, device):
     if args.floor:
         steps["mm floor"] = None  # built per round, for that round's routing
         steps["ops floor"] = None
+        if bf16:
+            steps[CAST_FLOOR] = None
     times = {name: [] for name in steps}
     ratios = {name: [] for name in steps if name != "dense"}
 
@@ -296,6 +311,8 @@ def run_cell(layout, dtype, T, impls, args, device):
             return timed(mm_floor_fn(experts, idx, bf16, args.hidden), device)
         if name == "ops floor":
             return timed(ops_floor_fn(experts, x, idx, w, gout, bf16, args.hidden), device)
+        if name == CAST_FLOOR:
+            return timed(ops_floor_fn(experts, x, idx, w, gout, bf16, args.hidden, casts=True), device)
         from upcycle.core import kernels as K
 
         quantum, mm = K.ROW_QUANTUM, K.grouped_mm
@@ -325,7 +342,8 @@ def run_cell(layout, dtype, T, impls, args, device):
                 ratios[name].append(t / round_t["dense"])
     rows = []
     dense_ms = statistics.median(times["dense"]) * 1e3
-    for name in ["dense", *impls, *(["mm floor", "ops floor"] if args.floor else [])]:
+    for name in ["dense", *impls, *(["mm floor", "ops floor"] if args.floor else []),
+                 *([CAST_FLOOR] if args.floor and bf16 else [])]:
         row = dict(layout=layout, experts=E, top_k=k, granularity=G, dtype=dtype, tokens=T, impl=name)
         if name in skipped:
             row.update(skipped=skipped[name])
@@ -383,8 +401,9 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     ap.add_argument("--batched-limit-gb", type=float, default=2.0)
     ap.add_argument("--no-floor", dest="floor", action="store_false",
-                    help="leave out the 'mm floor' row (the per-expert matmuls alone) and the 'ops floor' row "
-                         "(those plus the gathers, activation and scatters any kernel of torch ops runs)")
+                    help="leave out the 'mm floor' row (the per-expert matmuls alone), the 'ops floor' row "
+                         "(those plus the gathers, activation and scatters any kernel of torch ops runs) and, in "
+                         "bf16, the 'cast floor' row (that plus casting fp32 master weights and gradients)")
     ap.add_argument("--fixed-routing", action="store_true",
                     help="one routing for every round (default: a fresh draw per round, as in training)")
     ap.add_argument("--json", type=Path, help="write the results here")

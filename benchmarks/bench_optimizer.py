@@ -8,7 +8,13 @@ MoE / dense throughput ratio (benchmarks/bench_train.py). Cases, on --params fp3
 - AdamW for-loop / foreach / fused: `optimizer.step()` of torch's three implementations.
 - clip_grad_norm_: torch's norm + scale (what accelerate runs on one process or DDP).
 - fused AdamW + folded clip: upcycle's path, the global norm then the fused step with the clip divisor
-  (upcycle.train.freeze.clip_into_fused_adamw).
+  (upcycle.train.freeze.clip_into_fused_adamw), once with gradients over the limit (the kernel divides them and
+  writes them back) and once under it (no divisor is set).
+- memory: three streaming passes over the same number of fp32 elements (a sum, a copy, an in-place add), the
+  machine's memory rates. "GB/s" is each case's minimum traffic (bytes per parameter: AdamW reads the parameter,
+  its gradient and two moments and writes three of them, 28 B; the norm reads the gradient, 4 B; a divisor writes
+  the gradient back, 4 B) over its time: an optimizer case near the in-place add's rate is bound by memory, and
+  no implementation of the same update in fp32 can be much faster.
 
 Each case: one untimed step, then the median of --repeats timed steps.
 
@@ -60,37 +66,44 @@ def main() -> None:
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
-    rows = []
+    rows = []  # (case, seconds, minimum bytes moved per parameter)
     for impl in ("for-loop", "foreach", "fused"):
         ps = fresh()
         opt, _ = adamw([{"params": ps, "weight_decay": 0.1}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, impl=impl)
-        rows.append(("AdamW " + impl, timed(opt.step)))
+        rows.append(("AdamW " + impl, timed(opt.step), 28))
         del opt, ps
     ps = fresh()
-    rows.append(("clip_grad_norm_", timed(lambda: torch.nn.utils.clip_grad_norm_(ps, 1.0))))
+    rows.append(("clip_grad_norm_", timed(lambda: torch.nn.utils.clip_grad_norm_(ps, 1.0)), 12))
     opt, _ = adamw([{"params": ps, "weight_decay": 0.1}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, impl="fused")
 
-    def folded():
-        clip_into_fused_adamw(opt, ps, 1.0)
+    def folded(max_norm):
+        clip_into_fused_adamw(opt, ps, max_norm)
         opt.step()
         clear_fused_clip(opt)
 
-    rows.append(("fused AdamW + folded clip", timed(folded)))
+    rows.append(("fused AdamW + folded clip, clipped", timed(lambda: folded(1.0)), 36))  # random grads: norm >> 1
+    rows.append(("fused AdamW + folded clip, under the limit", timed(lambda: folded(1e30)), 32))
+    opt = ps = None  # free them before the memory cases
+    a, b = torch.randn(total, generator=g), torch.randn(total, generator=g)
+    rows.append(("memory: read (sum)", timed(a.sum), 4))
+    rows.append(("memory: copy", timed(lambda: b.copy_(a)), 8))
+    rows.append(("memory: in-place add", timed(lambda: a.add_(b, alpha=0.5)), 12))
     per = 100e6 / total
     head = (f"{cpu_name()} ({cpu_isa()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
             f"{total / 1e6:.0f}M fp32 parameters in {n} tensors; median of {args.repeats}; "
             f"1-min load {os.getloadavg()[0]:.1f}")
     print(head)
-    print("| case | s per step | s per 100M params |")
-    print("|---|---:|---:|")
-    for name, t in rows:
-        print(f"| {name} | {t:.3f} | {t * per:.3f} |")
+    print("| case | s per step | s per 100M params | minimum bytes per param | GB/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t, nbytes in rows:
+        print(f"| {name} | {t:.3f} | {t * per:.3f} | {nbytes} | {nbytes * total / t / 1e9:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": {"cpu": cpu_name(), "isa": cpu_isa(), "torch": torch.__version__,
                                                      "threads": torch.get_num_threads()},
                                          "params": total, "tensors": n, "repeats": args.repeats,
                                          "load_avg_1min_after": os.getloadavg()[0],
-                                         "rows": [{"case": a, "s": t, "s_per_100M": t * per} for a, t in rows]},
+                                         "rows": [{"case": name, "s": t, "s_per_100M": t * per, "bytes_per_param": nb,
+                                                   "gb_per_s": nb * total / t / 1e9} for name, t, nb in rows]},
                                         indent=1) + "\n")
 
 

@@ -25,6 +25,7 @@ def test_bench_experts_reports_both_floors(tmp_path):
     for layout in ("coarse", "fine"):
         for dtype in ("fp32", "bf16"):
             assert {(layout, dtype, i) for i in ("dense", "upcycle", "mm floor", "ops floor")} <= impls
+        assert (layout, "bf16", "cast floor") in impls and (layout, "fp32", "cast floor") not in impls
     assert all(r["ms"] > 0 for r in rows if "ms" in r)
 
 
@@ -47,6 +48,24 @@ def test_ops_floor_computes_what_the_experts_compute():
     torch.testing.assert_close(gx[:96], xx.grad, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(g1, experts.gate_up_proj.grad, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(g2, experts.down_proj.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_cast_floor_converts_the_bf16_gradients_into_fp32():
+    """The bf16 'cast floor' runs the ops floor on bf16 casts of fp32 master weights and hands back fp32 weight
+    gradients: the same numbers as the plain bf16 ops floor's gradients, converted."""
+    import torch
+    from bench_experts import build, make_inputs, ops_floor_fn
+
+    torch.manual_seed(0)
+    _, experts, _, (E, k, _) = build("coarse", torch.device("cpu"), 64, 128)
+    x, idx, w, gout = make_inputs(96, E, k, 64, torch.device("cpu"))
+    plain = ops_floor_fn(experts, x, idx, w, gout, bf16=True, hidden=64)
+    cast = ops_floor_fn(experts, x, idx, w, gout, bf16=True, hidden=64, casts=True)
+    plain()
+    cast()
+    for a, b in zip(plain.results, cast.results):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.float(), rtol=0, atol=0)
 
 
 def test_bench_convert_reads_the_step_timings():
