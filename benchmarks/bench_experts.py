@@ -19,6 +19,10 @@ reported is the median over rounds of (impl time / dense time in the same round)
 a ratio of medians on a machine shared with other jobs. `batched_mm` gathers one weight matrix per
 (token, expert) assignment; it is skipped where that gather alone would exceed --batched-limit-gb.
 
+Floors (rows of their own, built for each round's routing): "mm floor", the per-expert products alone; "ops floor",
+those plus the gathers, activation and scatters any kernel of torch ops runs; in bf16 "cast floor", that plus the
+casts of fp32 master weights to bf16 and of the weight gradients back to fp32 (ops_floor_fn).
+
     python benchmarks/bench_experts.py [--tokens 4096,128] [--dtypes fp32,bf16] [--layouts coarse,fine]
         [--impls eager,batched_mm,grouped_mm,upcycle] [--repeats 5] [--warmup 1] [--threads N]
         [--device cpu|cuda] [--json PATH] [--quick]

@@ -13,7 +13,12 @@ the case: above the case's own thread count, other work shared the cores and the
 The header names the machine: CPU model, the ISA that matters for bf16 (avx512_bf16, amx_bf16) and torch's CPU
 capability.
 
-    python benchmarks/bench_train.py [--steps 3] [--warmup 2] [--seq-len 256] [--batch-size 2]
+--rounds N runs the whole list of cases N times, interleaved (round 1: dense, MoE, ...; round 2: the same again).
+On a shared VM the speed of the machine drifts over minutes (the same code gave 0.50-0.66 x dense in bf16 in
+single runs an hour apart), so with several rounds each "x dense" is the median over rounds of the ratio measured
+within the round (a MoE case against the dense case run just before it), and s/step and tokens/s are medians.
+
+    python benchmarks/bench_train.py [--steps 3] [--warmup 2] [--seq-len 256] [--batch-size 2] [--rounds 1]
                                      [--precisions bf16,fp32] [--impls grouped_mm,upcycle] [--json PATH] [--work DIR]
 """
 
@@ -172,6 +177,34 @@ def _models(work: Path, parent: Path | None) -> tuple[Path, Path]:
     return dense, moe
 
 
+def _combine(runs: list[dict]) -> list[dict]:
+    """One record per case from its rounds: medians of the times, the largest peak RSS, the lowest and highest load,
+    and x dense as the median of the per-round ratios (each MoE case against the dense case of its round and
+    precision). With one round: that round's numbers."""
+    import statistics
+
+    dense = {(r["round"], r["precision"]): r["tokens_per_s"] for r in runs if r["model"] == "dense parent"}
+    for r in runs:
+        r["x_dense"] = r["tokens_per_s"] / dense.get((r["round"], r["precision"]), float("nan"))
+    cases: dict = {}
+    for r in runs:
+        cases.setdefault((r["model"], r["impl"], r["precision"]), []).append(r)
+    out = []
+    for rs in cases.values():
+        rec = {k: v for k, v in rs[0].items() if k not in ("round", "step_s_all", "losses")}
+        rec.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in rs),
+                   step_s=statistics.median(r["step_s"] for r in rs),
+                   x_dense=statistics.median(r["x_dense"] for r in rs),
+                   x_dense_rounds=[r["x_dense"] for r in rs],
+                   peak_rss_gb=max(r["peak_rss_gb"] for r in rs),
+                   load_avg_1min_before=min(r["load_avg_1min_before"] for r in rs),
+                   load_avg_1min_after=max(r["load_avg_1min_after"] for r in rs),
+                   rounds=[{k: r[k] for k in ("step_s", "tokens_per_s", "x_dense", "step_s_all", "losses",
+                                              "load_avg_1min_before", "load_avg_1min_after", "wall_s")} for r in rs])
+        out.append(rec)
+    return out
+
+
 def _floor_table(results: list[dict], floors: list[dict]) -> list[str]:
     """The best MoE / dense ratio the parameter-bound work allows: everything else in the dense step scaled by the
     training FLOPs per token (the FLOP-matched ratio's assumption), plus the MoE's own parameter-bound work."""
@@ -195,7 +228,7 @@ def _floor_table(results: list[dict], floors: list[dict]) -> list[str]:
         ratio = by["8x top-2 MoE"]["train_flops_per_token"] / by["dense parent"]["train_flops_per_token"]
         best_step = (dense["step_s"] - by["dense parent"]["param_bound_s"]) * ratio + by["8x top-2 MoE"]["param_bound_s"]
         best = dense["step_s"] / best_step
-        measured = max(r["tokens_per_s"] for r in moes) / dense["tokens_per_s"]
+        measured = max(r["x_dense"] for r in moes)
         for f in by.values():
             f["best_x_dense"], f["flop_matched_x_dense"] = best, 1 / ratio
         lines.append(f"| {precision} | {dense['step_s']:.2f} | {ratio:.3f} | {1 / ratio:.2f} | {best:.2f} "
@@ -212,6 +245,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--impls", default=None, help="experts implementations (default: grouped_mm, and upcycle if "
                                                    "upcycle.core.kernels exists)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every case this many times, interleaved; x dense = median of the per-round ratios")
     ap.add_argument("--floor-reps", type=int, default=3,
                     help="timed repetitions of the parameter-bound work (0: do not measure the floor)")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -238,14 +273,18 @@ def main() -> None:
         for precision in precisions:
             cases.append(("dense parent", None, precision, dense))
             cases += [("8x top-2 MoE", impl, precision, moe) for impl in impls]
-        for name, impl, precision, model in cases:
-            spec = {"name": f"{name} {impl or ''} {precision}", "model": str(model), "data": data,
-                    "out": str(work / f"run-{len(results)}"), "warmup": args.warmup, "steps": args.steps,
-                    "seq_len": args.seq_len, "batch_size": args.batch_size, "precision": precision, "impl": impl}
-            print(f"{spec['name']}...", file=sys.stderr)
-            r = _run_child(spec)
-            shutil.rmtree(spec["out"], ignore_errors=True)
-            results.append({"model": name, "impl": impl or "-", "precision": precision, **r})
+        runs = []
+        for rnd in range(args.rounds):
+            for name, impl, precision, model in cases:
+                spec = {"name": f"{name} {impl or ''} {precision}", "model": str(model), "data": data,
+                        "out": str(work / f"run-{len(runs)}"), "warmup": args.warmup, "steps": args.steps,
+                        "seq_len": args.seq_len, "batch_size": args.batch_size, "precision": precision, "impl": impl}
+                print(f"{spec['name']}{f' (round {rnd + 1}/{args.rounds})' if args.rounds > 1 else ''}...",
+                      file=sys.stderr)
+                r = _run_child(spec)
+                shutil.rmtree(spec["out"], ignore_errors=True)
+                runs.append({"model": name, "impl": impl or "-", "precision": precision, "round": rnd, **r})
+        results = _combine(runs)
         if args.floor_reps:
             for precision in precisions:
                 for name, model in (("dense parent", dense), ("8x top-2 MoE", moe)):
@@ -256,29 +295,28 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    dense_tps = {r["precision"]: r["tokens_per_s"] for r in results if r["model"] == "dense parent"}
     parent_name = args.parent.name if args.parent else "SmolLM2-135M"
     machine = _machine()
     header = (f"upcycle train throughput, {parent_name} dense vs 8x top-2 upcycle; seq-len {args.seq_len} x batch "
               f"{args.batch_size} = {args.seq_len * args.batch_size} tokens/step; {args.steps} timed steps after "
-              f"{args.warmup}; {machine['cpu']} ({machine['isa']}; torch CPU capability {machine['capability']}), "
+              f"{args.warmup}{f', {args.rounds} interleaved rounds (medians)' if args.rounds > 1 else ''}; {machine['cpu']} ({machine['isa']}; torch CPU capability {machine['capability']}), "
               f"torch {machine['torch']}, {results[0]['threads']} threads")
+    per_round = args.rounds > 1
     lines = [header, "",
-             "| model | experts impl | precision | optimizer | tokens/s | s/step | x dense | trainable params "
-             "| peak RSS GB | load before/after |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | experts impl | precision | optimizer | tokens/s | s/step | x dense "
+             + ("| x dense per round " if per_round else "") + "| trainable params | peak RSS GB | load before/after |",
+             "|---|---|---|---|---:|---:|---:|" + ("---|" if per_round else "") + "---:|---:|---:|"]
     for r in results:
-        rel = r["tokens_per_s"] / dense_tps[r["precision"]] if r["precision"] in dense_tps else float("nan")
-        r["x_dense"] = rel
+        rounds = (" | " + " ".join(f"{x:.2f}" for x in r["x_dense_rounds"])) if per_round else ""
         lines.append(f"| {r['model']} | {r['experts_impl'] if r['model'] != 'dense parent' else '-'} | {r['precision']} "
-                     f"| {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {rel:.2f} "
+                     f"| {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['x_dense']:.2f}{rounds} "
                      f"| {r['trainable_params'] / 1e6:,.1f}M | {r['peak_rss_gb']:.1f} "
                      f"| {r['load_avg_1min_before']:.1f} / {r['load_avg_1min_after']:.1f} |")
     lines += _floor_table(results, floors)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-                                         "warmup": args.warmup, "machine": {**machine, "os": platform.platform()},
+                                         "warmup": args.warmup, "rounds": args.rounds, "machine": {**machine, "os": platform.platform()},
                                          "cpu_count": os.cpu_count(),
                                          "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                                          "results": results, "floor": floors}, indent=2) + "\n")

@@ -143,3 +143,26 @@ def test_study_pool_refuses_other_studies(tmp_path, capsys):
     again = _study_json(tmp_path / "s0b.json", 0, -0.001, (-0.003, 0.001))
     assert main([str(s0), str(again)]) == 2
     assert "the same seed twice" in capsys.readouterr().err
+
+
+def test_bench_train_rounds_take_the_median_of_per_round_ratios():
+    """With interleaved rounds, x dense is the median of the ratios within each round (each MoE case against the
+    dense case of its own round), not a ratio of medians; times are medians, the peak RSS the largest."""
+    from bench_train import _combine
+
+    def run(model, rnd, tps, rss=1.0):
+        return {"model": model, "impl": "-" if model == "dense parent" else "upcycle", "precision": "bf16",
+                "round": rnd, "tokens_per_s": tps, "step_s": 512 / tps, "step_s_all": [], "losses": [],
+                "peak_rss_gb": rss, "load_avg_1min_before": 1.0 + rnd, "load_avg_1min_after": 2.0 + rnd,
+                "wall_s": 1.0}
+
+    # the machine speeds up in round 1 and slows down in round 2
+    runs = [run("dense parent", 0, 200), run("MoE", 0, 120, 13.0), run("dense parent", 1, 400),
+            run("MoE", 1, 200, 13.5), run("dense parent", 2, 100), run("MoE", 2, 30, 12.0)]
+    dense, moe = _combine(runs)
+    assert dense["x_dense"] == 1.0
+    assert moe["x_dense_rounds"] == [0.6, 0.5, 0.3]
+    assert moe["x_dense"] == 0.5  # the ratio of the median tokens/s would be 120 / 200 = 0.6
+    assert moe["tokens_per_s"] == 120 and moe["peak_rss_gb"] == 13.5
+    assert (moe["load_avg_1min_before"], moe["load_avg_1min_after"]) == (1.0, 4.0)
+    assert len(moe["rounds"]) == 3
