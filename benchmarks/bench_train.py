@@ -299,7 +299,8 @@ def main() -> None:
     machine = _machine()
     header = (f"upcycle train throughput, {parent_name} dense vs 8x top-2 upcycle; seq-len {args.seq_len} x batch "
               f"{args.batch_size} = {args.seq_len * args.batch_size} tokens/step; {args.steps} timed steps after "
-              f"{args.warmup}{f', {args.rounds} interleaved rounds (medians)' if args.rounds > 1 else ''}; {machine['cpu']} ({machine['isa']}; torch CPU capability {machine['capability']}), "
+              f"{args.warmup}{f', {args.rounds} interleaved rounds (medians)' if args.rounds > 1 else ''}; "
+              f"{machine['cpu']} ({machine['isa']}; torch CPU capability {machine['capability']}), "
               f"torch {machine['torch']}, {results[0]['threads']} threads")
     per_round = args.rounds > 1
     lines = [header, "",
@@ -309,14 +310,16 @@ def main() -> None:
     for r in results:
         rounds = (" | " + " ".join(f"{x:.2f}" for x in r["x_dense_rounds"])) if per_round else ""
         lines.append(f"| {r['model']} | {r['experts_impl'] if r['model'] != 'dense parent' else '-'} | {r['precision']} "
-                     f"| {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['x_dense']:.2f}{rounds} "
+                     f"| {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} "
+                     f"| {r['x_dense']:.2f}{rounds} "
                      f"| {r['trainable_params'] / 1e6:,.1f}M | {r['peak_rss_gb']:.1f} "
                      f"| {r['load_avg_1min_before']:.1f} / {r['load_avg_1min_after']:.1f} |")
     lines += _floor_table(results, floors)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-                                         "warmup": args.warmup, "rounds": args.rounds, "machine": {**machine, "os": platform.platform()},
+                                         "warmup": args.warmup, "rounds": args.rounds,
+                                         "machine": {**machine, "os": platform.platform()},
                                          "cpu_count": os.cpu_count(),
                                          "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                                          "results": results, "floor": floors}, indent=2) + "\n")
