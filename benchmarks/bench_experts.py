@@ -46,7 +46,8 @@ LAYOUTS = {"coarse": (8, 2, 1), "fine": (32, 8, 4)}  # experts, top-k, granulari
 IMPLS = ("eager", "batched_mm", "grouped_mm", "upcycle")
 # also accepted by --impls: "upcycle-whole", upcycle's kernel with each expert's rows as they are (ROW_QUANTUM 0), and
 # "upcycle-split", the kernel's previous CPU bf16 layout: rows as they are, each group's product cut into a multiple
-# of 32 rows plus a second product for the remainder (split_grouped_mm below, through the kernel's grouped_mm hook)
+# of 32 rows plus a second product for the remainder (split_grouped_mm below, through the kernel's grouped_mm hook),
+# and "upcycle-qN", the kernel with ROW_QUANTUM N (its rows padded to multiples of N on CPU in bf16)
 WHOLE, SPLIT = "upcycle-whole", "upcycle-split"
 CAST_FLOOR = "cast floor"  # bf16 only: the ops floor plus casting fp32 master weights and gradients (ops_floor_fn)
 IDEAL = 2.0
@@ -324,6 +325,9 @@ def run_cell(layout, dtype, T, impls, args, device):
             K.ROW_QUANTUM = 0
             if name == SPLIT and device.type == "cpu" and bf16:
                 K.grouped_mm = split_grouped_mm
+            name = "upcycle"
+        elif name.startswith("upcycle-q"):
+            K.ROW_QUANTUM = int(name[len("upcycle-q"):])
             name = "upcycle"
         cfg._experts_implementation = name  # the decorator reads it at every call
         try:

@@ -60,9 +60,14 @@ def _child(spec: dict) -> dict:
     from upcycle.train import TrainConfig, train
 
     skip_final_save()
+    impl = spec["impl"]
+    if impl and impl.startswith("upcycle-q"):  # upcycle's kernel with another CPU bf16 row quantum (A/B runs)
+        from upcycle.core import kernels
+
+        kernels.ROW_QUANTUM, impl = int(impl[len("upcycle-q"):]), "upcycle"
     cfg = TrainConfig(model=spec["model"], data=spec["data"], out=Path(spec["out"]),
                       steps=spec["warmup"] + spec["steps"], seq_len=spec["seq_len"], batch_size=spec["batch_size"],
-                      precision=spec["precision"], experts_impl=spec["impl"] or "auto", save_every=0, eval_every=0,
+                      precision=spec["precision"], experts_impl=impl or "auto", save_every=0, eval_every=0,
                       seed=0)
     load_before = os.getloadavg()[0]  # on a shared machine: how many cores others were using
     t0 = time.perf_counter()
@@ -78,7 +83,7 @@ def _child(spec: dict) -> dict:
         "step_s": seconds / len(timed),
         "step_s_all": [round(r["step_time"], 3) for r in rows],
         "losses": [round(r["loss"], 4) for r in rows],
-        "experts_impl": run["experts_impl"],
+        "experts_impl": spec["impl"] if impl != spec["impl"] else run["experts_impl"],
         "optimizer": run.get("optimizer", "AdamW"),
         "trainable_params": sum(run["trainable"].values()),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -244,7 +249,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--impls", default=None, help="experts implementations (default: grouped_mm, and upcycle if "
-                                                   "upcycle.core.kernels exists)")
+                                                   "upcycle.core.kernels exists); upcycle-qN: upcycle's kernel with "
+                                                   "ROW_QUANTUM N")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every case this many times, interleaved; x dense = median of the per-round ratios")
     ap.add_argument("--floor-reps", type=int, default=3,
