@@ -54,6 +54,11 @@ IDEAL = 2.0
 TARGET = 1.10
 
 
+def row_quantum_of(impl: str | None) -> int | None:
+    """N for an "upcycle-qN" implementation name (bench_train takes them too), None for any other name."""
+    return int(impl[len("upcycle-q"):]) if impl and impl.startswith("upcycle-q") else None
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -326,9 +331,8 @@ def run_cell(layout, dtype, T, impls, args, device):
             if name == SPLIT and device.type == "cpu" and bf16:
                 K.grouped_mm = split_grouped_mm
             name = "upcycle"
-        elif name.startswith("upcycle-q"):
-            K.ROW_QUANTUM = int(name[len("upcycle-q"):])
-            name = "upcycle"
+        elif row_quantum_of(name) is not None:
+            K.ROW_QUANTUM, name = row_quantum_of(name), "upcycle"
         cfg._experts_implementation = name  # the decorator reads it at every call
         try:
             return timed(step_fn(experts, x, idx, w, gout, bf16, moe=True), device)

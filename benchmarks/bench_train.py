@@ -60,11 +60,13 @@ def _child(spec: dict) -> dict:
     from upcycle.train import TrainConfig, train
 
     skip_final_save()
-    impl = spec["impl"]
-    if impl and impl.startswith("upcycle-q"):  # upcycle's kernel with another CPU bf16 row quantum (A/B runs)
+    from bench_experts import row_quantum_of
+
+    impl, quantum = spec["impl"], row_quantum_of(spec["impl"])
+    if quantum is not None:  # upcycle's kernel with another CPU bf16 row quantum (A/B runs)
         from upcycle.core import kernels
 
-        kernels.ROW_QUANTUM, impl = int(impl[len("upcycle-q"):]), "upcycle"
+        kernels.ROW_QUANTUM, impl = quantum, "upcycle"
     cfg = TrainConfig(model=spec["model"], data=spec["data"], out=Path(spec["out"]),
                       steps=spec["warmup"] + spec["steps"], seq_len=spec["seq_len"], batch_size=spec["batch_size"],
                       precision=spec["precision"], experts_impl=impl or "auto", save_every=0, eval_every=0,
@@ -83,7 +85,7 @@ def _child(spec: dict) -> dict:
         "step_s": seconds / len(timed),
         "step_s_all": [round(r["step_time"], 3) for r in rows],
         "losses": [round(r["loss"], 4) for r in rows],
-        "experts_impl": spec["impl"] if impl != spec["impl"] else run["experts_impl"],
+        "experts_impl": spec["impl"] if quantum is not None else run["experts_impl"],
         "optimizer": run.get("optimizer", "AdamW"),
         "trainable_params": sum(run["trainable"].values()),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -166,3 +166,10 @@ def test_bench_train_rounds_take_the_median_of_per_round_ratios():
     assert moe["tokens_per_s"] == 120 and moe["peak_rss_gb"] == 13.5
     assert (moe["load_avg_1min_before"], moe["load_avg_1min_after"]) == (1.0, 4.0)
     assert len(moe["rounds"]) == 3
+
+
+def test_row_quantum_of_reads_only_upcycle_q_names():
+    from bench_experts import row_quantum_of
+
+    assert row_quantum_of("upcycle-q8") == 8 and row_quantum_of("upcycle-q0") == 0
+    assert [row_quantum_of(n) for n in ("upcycle", "upcycle-whole", "grouped_mm", None)] == [None] * 4
