@@ -67,7 +67,7 @@ def _score(folder: Path, domain_blocks, general_blocks, target: dict[int, int] |
     import torch
 
     from upcycle.core.loading import load_causal_lm
-    from upcycle.core.routing import RoutingRecorder, moe_layers
+    from upcycle.families.moe.routing import RoutingRecorder, moe_layers
 
     model = load_causal_lm(str(folder), dtype="float32").eval()
     out = {}

@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         ident = {**recipe, "kmeans_rows": "centred"}
     moe = work / f"moe-{args.arm}-{_hash(ident)}"
     if not moe.is_dir():
-        from upcycle.convert.report import print_summary
-        from upcycle.core import ui
+        from upcycle.cli.convert_report import print_summary
+        from upcycle.cli import ui
 
         with _Lock(args.lock):
             print_summary(convert(parent, moe, verify=True, **recipe), ui.console)

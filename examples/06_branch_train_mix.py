@@ -76,8 +76,8 @@ def first_texts(files: list[str], n: int) -> list[str]:
 
 
 def eval_domain(args, model, parent, baseline, data, out):
-    from upcycle.core import ui
-    from upcycle.evaluate.report import print_report
+    from upcycle.cli import ui
+    from upcycle.cli.eval_report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate
 
     opts = EvalOptions(data=data, parent=parent, baseline=str(baseline), out=out, split="all", seq_len=args.seq_len,

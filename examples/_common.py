@@ -67,22 +67,22 @@ def train_config(args, model, out, **overrides):
 
 def print_conversion(result):
     """What upcycle convert prints after writing: the output and how it verified."""
-    from upcycle.convert.report import print_summary
-    from upcycle.core import ui
+    from upcycle.cli.convert_report import print_summary
+    from upcycle.cli import ui
 
     print_summary(result, ui.console)
     return result
 
 
 def evaluate(args, model, parent_dir, out, **kw):
-    from upcycle.evaluate.report import print_report
+    from upcycle.cli.eval_report import print_report
     from upcycle.evaluate.run import EvalOptions
     from upcycle.evaluate.run import evaluate as run_eval
 
     opts = EvalOptions(data=heldout_data(args), parent=parent_dir, out=out, split="all", seq_len=args.seq_len,
                        max_blocks=args.eval_blocks, plots=False, **kw)
     report = run_eval(model, opts)
-    from upcycle.core import ui
+    from upcycle.cli import ui
 
     print_report(report, ui.out)
     return report

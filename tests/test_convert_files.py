@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from upcycle.convert import convert
-from upcycle.convert.card import read_manifest
-from upcycle.convert.sources import read_safetensors_header
+from upcycle.storage.manifest import read_manifest
+from upcycle.storage.sources import read_safetensors_header
 
 
 def keys(folder):
@@ -201,9 +201,9 @@ def test_kmeans_pass_runs_a_bf16_parent_in_bf16(tiny_parent, tmp_path, monkeypat
     from transformers import AutoModelForCausalLM
 
     import upcycle.core.hardware as hardware
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.parent import open_parent
     from upcycle.convert.router_init import pass_dtype
-    from upcycle.convert.verify import stream_parent
+    from upcycle.convert.parent_pass import stream_parent
 
     parent = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_parent("llama"), dtype=torch.bfloat16).save_pretrained(parent)
@@ -238,7 +238,7 @@ def test_dry_run_writes_nothing(tiny_parent, tmp_path, capsys):
 
     from rich.console import Console
 
-    from upcycle.convert.report import print_plan
+    from upcycle.cli.convert_report import print_plan
 
     res = convert(tiny_parent("llama"), tmp_path / "m", dry_run=True, experts=16, top_k=4, granularity=2)
     assert not (tmp_path / "m").exists() and res.out is None and res.verification is None
@@ -339,7 +339,7 @@ def test_kmeans_beside_the_writer_writes_the_same_bytes(tiny_parent, tmp_path, m
     byte-identical files to the pass run before writing; an error in that thread reaches the caller and leaves no
     output behind."""
     import upcycle.convert.router_init as router_init
-    from upcycle.convert.sources import SafetensorsSource
+    from upcycle.storage.sources import SafetensorsSource
 
     parent = tiny_parent("llama")
     beside = convert(parent, tmp_path / "beside", experts=4, top_k=2, max_shard_size="40KB", quiet=True)

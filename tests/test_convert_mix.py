@@ -153,8 +153,8 @@ def test_each_expert_holds_its_sources_mlp(sources, tmp_path, family, g, options
 # ---------------------------------------------------------------- manifest, card, summary
 
 def test_manifest_lists_every_source_with_its_hash(sources, tmp_path):
-    from upcycle.convert.card import read_manifest, tensor_digest
-    from upcycle.convert.sources import SafetensorsSource
+    from upcycle.storage.manifest import read_manifest, tensor_digest
+    from upcycle.storage.sources import SafetensorsSource
 
     base, srcs = sources("llama")
     convert(base, tmp_path / "m", experts=6, top_k=2, expert_from=[str(srcs[0]), str(base), str(srcs[1])],
@@ -174,7 +174,7 @@ def test_manifest_lists_every_source_with_its_hash(sources, tmp_path):
 
 def test_eval_measures_drift_of_mixed_experts_against_the_mean_expert(sources, tmp_path):
     """The parent's neurons are not where a mixed expert came from: eval says so instead of reporting drift from it."""
-    from upcycle.convert.card import read_manifest
+    from upcycle.storage.manifest import read_manifest
     from upcycle.evaluate.drift import REFERENCE_MEAN, ExpertWeights, ParentMLP, layer_drift
 
     base, srcs = sources("llama")
@@ -190,7 +190,7 @@ def test_verification_measures_the_distance_and_the_card_says_so(sources, tmp_pa
     float64 on the same tokens, and the card and summary print them."""
     from transformers import AutoModelForCausalLM
 
-    from upcycle.convert.verify import prompt_ids
+    from upcycle.convert.parent_pass import prompt_ids
     from upcycle.convert.verify_mix import compare_logits
 
     base, srcs = sources("qwen3")
@@ -222,7 +222,7 @@ def test_a_wrong_expert_byte_fails_verification_naming_its_source(sources, tmp_p
     from safetensors.numpy import save_file
 
     from upcycle.convert.mix import open_sources
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.parent import open_parent
     from upcycle.convert.recipe import Recipe
     from upcycle.convert.run import build_plan
     from upcycle.convert.verify import verify_layers
@@ -361,11 +361,11 @@ def test_parent_run_beside_the_checks_gives_the_same_mixed_report(sources, tmp_p
     included, is the very one of the run in the calling thread. (Tiny parents are below the size where convert
     chooses the thread on its own: it is forced here.)"""
     from upcycle.convert.mix import open_sources
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.parent import open_parent
     from upcycle.convert.recipe import Recipe
     from upcycle.convert.run import build_plan
     from upcycle.convert.verify import verify_layers
-    from upcycle.core import memory
+    from upcycle.convert import memory
 
     base, srcs = sources("llama")
     recipe = Recipe(experts=4, top_k=2, expert_from=(str(srcs[0]), str(base)), average_shared=True,

@@ -39,7 +39,7 @@ def parents(tmp_path_factory):
 @pytest.fixture
 def no_weight_reads(monkeypatch):
     """Any tensor read fails the test: the checks must work from headers and config files alone."""
-    from upcycle.convert import sources
+    from upcycle.storage import sources
 
     def refuse(self, name):
         raise AssertionError(f"read {name} before the inputs were checked")
@@ -63,7 +63,7 @@ def test_cli_builds_the_recipe(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr("upcycle.convert.convert", lambda *a, **k: seen.append(a) or
                         SimpleNamespace(options=SimpleNamespace(dry_run=False)))
-    monkeypatch.setattr("upcycle.convert.report.print_summary", lambda *a: None)
+    monkeypatch.setattr("upcycle.cli.show.show", lambda *a: None)
     r = run("p", tmp_path / "o", "-e", "2", "--expert-from", "x", "--expert-from", "y.gguf", "--average-shared")
     assert r.exit_code == 0, r.output
     assert seen[0][1] == ConvertOptions(out=tmp_path / "o", recipe=Recipe(experts=2, expert_from=("x", "y.gguf"),

@@ -17,7 +17,7 @@ from tests.tiny import one_line
 from upcycle.cli import app
 from upcycle.core.assets import stdlib_dir
 from upcycle.core.errors import UsageError
-from upcycle.core.routing import MoELayer, RoutingRecorder, moe_layers, select_experts
+from upcycle.families.moe.routing import MoELayer, RoutingRecorder, moe_layers, select_experts
 from upcycle.train import TrainConfig, train
 from upcycle.train import checkpoint as ck
 from upcycle.train.config import ExpertSpec, parse_expert_spec
@@ -213,7 +213,7 @@ def test_force_route_trains_an_expert_its_router_never_picks(moe, tmp_path):
 def test_route_target_loss_is_the_cross_entropy_toward_the_targets():
     layer = _layer("softmax", E=4)
     logits = torch.randn(16, 4)
-    from upcycle.core.routing import RouterRecord
+    from upcycle.families.moe.routing import RouterRecord
 
     rec = RouterRecord(0, logits.topk(2, -1).indices, logits=logits)
     loss, share = route_target_loss([layer], {0: rec}, ExpertSpec((1, 2)))

@@ -60,7 +60,7 @@ def setup(tiny_parent, tmp_path_factory):
 
 
 def test_manifest_records_the_parent_and_weights_digests(setup):
-    from upcycle.convert.card import folder_digest, read_manifest
+    from upcycle.storage.manifest import folder_digest, read_manifest
 
     m = read_manifest(setup["moe"])
     assert m.parent_digest == folder_digest(setup["parent"]) and len(m.parent_digest) == 64

@@ -287,7 +287,7 @@ def test_full_model_with_capacity_factor(tmp_path):
     """upcycle's training router with a capacity factor (dropped assignments) gives eager's logits and grads."""
     from transformers import AutoModelForCausalLM
 
-    from upcycle.core.routing import moe_layers
+    from upcycle.families.moe.routing import moe_layers
     from upcycle.train.router import RouterControls, RouterPatch
 
     path = tiny_moe("mixtral", tmp_path, num_local_experts=8, num_experts_per_tok=2)

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from upcycle.cli import app
 from upcycle.convert import convert
+from upcycle.convert.memory import convert_estimate
 from upcycle.core import memory
+from upcycle.train.memory import train_estimate
 from upcycle.core.assets import stdlib_dir
 
 runner = CliRunner()
@@ -111,7 +113,7 @@ def _train_estimate(model_dir, extra):
 
     opts = {k: ([v] if k == "train" else v) for k, v in extra.items()}
     cfg = TrainConfig(model=str(model_dir), data=[str(DATA)], out="unused", steps=3, **opts)
-    est, _, _ = memory.train_estimate(str(model_dir), cfg, precision=extra.get("precision", "fp32"))
+    est, _, _ = train_estimate(str(model_dir), cfg, precision=extra.get("precision", "fp32"))
     return est.total
 
 
@@ -136,7 +138,7 @@ def test_train_estimate_matches_peak_rss_on_a_small_model(tiny_parent, tmp_path)
 def test_convert_estimate_covers_measured_peak(tiny_parent, tmp_path):
     parent = tiny_parent("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4, head_dim=64)
     peak = _peak_child_rss(["convert", str(parent), str(tmp_path / "m"), "--full-check", "never"], tmp_path)
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.parent import open_parent
     from upcycle.convert.recipe import Recipe
     from upcycle.convert.run import build_plan
 
@@ -144,7 +146,7 @@ def test_convert_estimate_covers_measured_peak(tiny_parent, tmp_path):
     plan, _ = build_plan(ckpt, Recipe())
     ckpt.close()
     # as convert runs it: the k-means router pass beside the writer (the parent's source is thread-safe)
-    est = memory.convert_estimate(plan, verify=True, router_beside=True).total
+    est = convert_estimate(plan, verify=True, router_beside=True).total
     assert abs(est - peak) <= 0.25 * peak, (est, peak)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from upcycle.convert import convert
 from upcycle.core.kernels import register_experts_kernel
-from upcycle.core.routing import moe_layers
+from upcycle.families.moe.routing import moe_layers
 from upcycle.train.config import parse_train
 from upcycle.train.freeze import (adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw,
                                    global_grad_norm, param_groups)

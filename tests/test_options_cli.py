@@ -74,12 +74,12 @@ def test_convert_builds_one_convert_options(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     seen = _capture(monkeypatch, "upcycle.convert", "convert", result=SimpleNamespace(options=SimpleNamespace(dry_run=False)))
-    monkeypatch.setattr("upcycle.convert.report.print_summary", lambda *a: None)
+    monkeypatch.setattr("upcycle.cli.show.show", lambda *a: None)
     r = runner.invoke(app, ["convert", "p", str(tmp_path / "o"), "-e", "16", "-k", "4", "-g", "2", "--seed", "7",
                             "--dtype", "bfloat16", "--max-shard-size", "1GB", "--no-verify", "--allow-pickle"])
     assert r.exit_code == 0, r.output
     (parent, options), kwargs = seen[0]
-    assert parent == "p" and kwargs == {}
+    assert parent == "p" and set(kwargs) == {"events"}  # progress goes to the terminal's events
     assert options == ConvertOptions(out=tmp_path / "o", recipe=Recipe(experts=16, top_k=4, granularity=2, seed=7,
                                                                        dtype="bfloat16"),
                                      max_shard_size="1GB", verify=False, allow_pickle=True)
@@ -87,6 +87,7 @@ def test_convert_builds_one_convert_options(monkeypatch, tmp_path):
 
 def test_train_builds_one_train_config(monkeypatch, tmp_path):
     seen = _capture(monkeypatch, "upcycle.train", "train")
+    monkeypatch.setattr("upcycle.cli.show.show", lambda *a: None)
     r = runner.invoke(app, ["train", "m", "-d", "a.txt", "-d", "b.txt", "-o", str(tmp_path / "r"), "--tokens", "2M",
                             "--train", "router", "--router-lr-mult", "10", "--seed", "3", "--allow-pickle"])
     assert r.exit_code == 0, r.output
@@ -98,12 +99,12 @@ def test_train_builds_one_train_config(monkeypatch, tmp_path):
 
 def test_eval_builds_one_eval_options(monkeypatch, tmp_path):
     seen = _capture(monkeypatch, "upcycle.evaluate.run", "evaluate", result=object())
-    monkeypatch.setattr("upcycle.evaluate.report.print_report", lambda *a: None)
+    monkeypatch.setattr("upcycle.cli.show.show", lambda *a: None)
     r = runner.invoke(app, ["eval", "m", "-d", "x.txt", "-p", "parent", "-o", str(tmp_path / "rep"), "--domain", "d",
                             "--tasks", "hellaswag, arc_easy", "--seed", "5", "--dtype", "bfloat16", "--overwrite"])
     assert r.exit_code == 0, r.output
     (model, options), kwargs = seen[0]
-    assert model == "m" and kwargs == {}
+    assert model == "m" and set(kwargs) == {"events"}
     assert options == EvalOptions(data=("x.txt",), parent="parent", out=tmp_path / "rep", domain=("d",),
                                   tasks=("hellaswag", "arc_easy"), seed=5, dtype="bfloat16", overwrite=True)
 

@@ -21,7 +21,7 @@ from tests.test_convert_exact import FAMILIES, SUPPORT, TYPES
 from upcycle.cli import app
 from upcycle.convert import convert
 from upcycle.core.errors import UnsupportedError, UsageError
-from upcycle.core.routing import moe_layers
+from upcycle.families.moe.routing import moe_layers
 from upcycle.train.model import load_for_training
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -136,7 +136,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from upcycle.core.routing import RoutingRecorder, moe_layers
+from upcycle.families.moe.routing import RoutingRecorder, moe_layers
 from upcycle.train.config import parse_train
 from upcycle.train.freeze import apply_selection, param_groups
 from upcycle.train.losses import router_losses

@@ -12,7 +12,7 @@ import torch
 
 from upcycle.core.assets import stdlib_dir
 from upcycle.core.errors import TrainingError
-from upcycle.convert.sources import read_safetensors_header
+from upcycle.storage.sources import read_safetensors_header
 from upcycle.train import TrainConfig, train
 from upcycle.train import checkpoint as ck
 
@@ -277,7 +277,7 @@ def test_router_gradient_split_takes_each_routers_own_losses_only(moe, tmp_path)
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from upcycle.core.routing import RoutingRecorder, moe_layers
+    from upcycle.families.moe.routing import RoutingRecorder, moe_layers
     from upcycle.train.losses import RouterGradients, router_losses
     from upcycle.train.router import RouterControls, RouterPatch
 
@@ -340,18 +340,22 @@ def test_dead_router_warning(moe, tmp_path, monkeypatch):
     """Mixtral's renormalised top-2 over identical copies with a small random router (the old default): the LM loss
     sends the routers no gradient at step 1, and the tiny routers stay near uniform; the progress display says so
     once, with what to do. The default k-means router prefers experts from the start: no warning."""
-    from upcycle.core import ui
+    from upcycle.core.events import Events
 
     said: list[str] = []
-    monkeypatch.setattr(ui, "warn", said.append)
-    train(config(moe(router_init="random"), tmp_path / "r", steps=3))
+
+    class Warnings(Events):
+        def warn(self, message: str) -> None:
+            said.append(message)
+
+    train(config(moe(router_init="random"), tmp_path / "r", steps=3), events=Warnings())
     rows = metrics(tmp_path / "r")
     assert rows[0]["router_grad_lm_share"] < 1e-4  # copies + renormalisation: ~0 (rounding only)
     assert len(said) == 1
     assert "near uniform after 3 steps" in said[0] and "--expert-init noise:STD or a small drop:R" in said[0]
     assert "k-means router" in said[0] and "--router-init kmeans:TEXT" in said[0]
     said.clear()
-    train(config(moe(), tmp_path / "kmeans", steps=3))
+    train(config(moe(), tmp_path / "kmeans", steps=3), events=Warnings())
     assert said == [], said
     # frozen routers: no router gradient to split; then the check itself
     said.clear()

@@ -16,7 +16,7 @@ from tests.test_train_loop import metrics
 from tests.tiny import assert_same_logits, one_line
 from upcycle.cli import app
 from upcycle.core.errors import UsageError
-from upcycle.core.routing import moe_layers
+from upcycle.families.moe.routing import moe_layers
 from upcycle.train import TrainConfig, train
 from upcycle.train import checkpoint as ck
 from upcycle.train.model import load_for_training

@@ -14,7 +14,7 @@ from tests.tiny import routers_before_and_after_patch
 import torch
 
 from upcycle.core.errors import OutputError, TrainingError, UsageError
-from upcycle.core.routing import MoELayer, RouterRecord, RoutingRecorder, moe_layers, router_probs, select_experts
+from upcycle.families.moe.routing import MoELayer, RouterRecord, RoutingRecorder, moe_layers, router_probs, select_experts
 from upcycle.train import checkpoint as ck
 from upcycle.train.config import TrainConfig, parse_count, parse_train
 from upcycle.train.freeze import apply_selection, param_groups, parameter_role

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from upcycle.convert import convert
-from upcycle.convert.parent import open_parent
+from upcycle.storage.parent import open_parent
 from upcycle.convert.recipe import Recipe
 from upcycle.convert.run import build_plan, exact_claim
 from upcycle.convert.verify import FUNCTION_RTOL, verify_layers
@@ -136,6 +136,7 @@ def test_copied_tensor_is_checked_by_bytes(tiny_parent, tmp_path):
 
 def test_function_check_alone_sees_an_error_of_1e6(tiny_parent, tmp_path):
     """Behind the byte checks, the float64 function check by itself catches one expert off by 1e-6 relative."""
+    from upcycle.convert import parent_pass as pp
     from upcycle.convert import verify as v
 
     parent, out = tiny_parent("llama"), tmp_path / "m"
@@ -155,7 +156,7 @@ def test_function_check_alone_sees_an_error_of_1e6(tiny_parent, tmp_path):
         caught.append(i)
 
     try:
-        v.stream_parent(ckpt, v.prompt_ids(out), None, on_mlp)
+        pp.stream_parent(ckpt, pp.prompt_ids(out), None, on_mlp)
     finally:
         chk.close()
         ckpt.close()
@@ -192,7 +193,7 @@ def test_parent_states_in_a_thread_match_the_calling_thread(tiny_parent, tmp_pat
     and leaves torch's thread count as it found it."""
     import torch
 
-    from upcycle.convert.verify import ParentStates
+    from upcycle.convert.parent_pass import ParentStates
 
     parent, out = tiny_parent("llama"), tmp_path / "m"
     convert(parent, out, experts=4, top_k=2, verify=False, quiet=True)
@@ -216,13 +217,13 @@ def test_parent_states_in_a_thread_match_the_calling_thread(tiny_parent, tmp_pat
 
 
 def test_an_error_in_the_parent_thread_reaches_the_caller(tiny_parent, tmp_path, monkeypatch):
-    from upcycle.convert import verify as v
+    from upcycle.convert import parent_pass as pp
     from upcycle.core.errors import InputError
 
     def broken(folder):
         raise InputError("no tokenizer here")
 
-    monkeypatch.setattr(v, "prompt_ids", broken)
+    monkeypatch.setattr(pp, "prompt_ids", broken)
     res = None
     with pytest.raises(InputError, match="no tokenizer here"):
         res = convert(tiny_parent("llama"), tmp_path / "m", quiet=True, full_check="never")
@@ -260,12 +261,13 @@ def test_bf16_parent_experts_are_compared_as_stored_and_one_ulp_is_caught(tiny_p
 
 @pytest.mark.parametrize("code", ["BF16", "F16", "F32"])
 def test_float64_widening_and_byte_comparison_are_exact(code):
-    from upcycle.convert.verify import _f64, _same_bytes
+    from upcycle.convert.parent_pass import f64
+    from upcycle.convert.verify import _same_bytes
     from upcycle.core.tensors import STORAGE, to_f32
 
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 256, size=(3, 37 * STORAGE[code].itemsize), dtype=np.uint8).view(STORAGE[code])
-    got = _f64(bits, code).numpy()
+    got = f64(bits, code).numpy()
     want = to_f32(bits, code).astype(np.float64)
     assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
     assert _same_bytes(bits, bits.copy())

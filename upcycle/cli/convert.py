@@ -62,12 +62,7 @@ def convert_command(
       upcycle convert ./base out -e 2 -k 2 --expert-from ./a --expert-from ./b
     """
     options = {name: value for name, value in locals().items() if name != "parent"}
+    from upcycle.cli.show import events, show
     from upcycle.convert import ConvertOptions, convert
-    from upcycle.convert.report import print_plan, print_summary
-    from upcycle.core import ui
 
-    result = convert(parent, ConvertOptions.from_fields(**options))
-    if result.options.dry_run:
-        print_plan(result, ui.out)
-    else:
-        print_summary(result, ui.console)
+    show(convert(parent, ConvertOptions.from_fields(**options), events=events()))

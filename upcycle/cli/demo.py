@@ -44,4 +44,6 @@ def demo_command(
     options = {name: value for name, value in locals().items() if name != "out"}
     from upcycle.demo import DemoOptions, run_demo
 
-    run_demo(out, DemoOptions(**options))
+    from upcycle.cli.show import events
+
+    run_demo(out, DemoOptions(**options), events=events())

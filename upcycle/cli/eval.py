@@ -92,14 +92,13 @@ def eval_command(
       upcycle eval ./Mixtral-folder --data eval.txt --split all --layers all
     """
     options = {name: value for name, value in locals().items() if name not in ("model", "json_out")}
-    from upcycle.core import ui
-    from upcycle.evaluate.report import print_report
+    from upcycle.cli.show import events, show
     from upcycle.evaluate.run import EvalOptions, evaluate
 
-    report = evaluate(model, EvalOptions(**options))
+    report = evaluate(model, EvalOptions(**options), events=events())
     if json_out:
         import json
 
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
-        print_report(report, ui.out)
+        show(report)

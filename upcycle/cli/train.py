@@ -124,4 +124,16 @@ def train_command(
     from upcycle.train import TrainConfig
     from upcycle.train import train as run_training
 
-    run_training(TrainConfig(**options))
+    from upcycle.cli.show import events, show
+
+    config = TrainConfig(**options)  # checks itself before anything is loaded
+    result = run_training(config, events=events())
+    if _is_main_process():
+        show(result)
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` only rank 0 shows the result (every rank returns one)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

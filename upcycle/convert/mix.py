@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from upcycle.convert.sources import TensorMeta, TensorSource
+from upcycle.storage.sources import TensorMeta, TensorSource
 from upcycle.core.errors import InputError, UpcycleError
 from upcycle.core.tensors import FLOAT_CODES, to_f32
 
@@ -156,7 +156,7 @@ class ExpertSources:
 
 def open_sources(base, specs: tuple[str, ...], *, average: bool, allow_pickle: bool = False) -> ExpertSources:
     """Open every --expert-from source (headers and config only) and check it against the parent."""
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.parent import open_parent
 
     base_id = _identity(Path(base.gguf or base.folder))
     mix = ExpertSources(base, tuple(specs), average=average)

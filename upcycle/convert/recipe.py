@@ -1,45 +1,29 @@
-"""The upcycling recipe: what the user asked for, validated, and the expert layout that follows from it.
-
-Notation (as in docs/background.md, section 2): dense intermediate size I, granularity G (each expert is I/G wide),
-S shared experts, E routed experts, top-k K. The MLP's neurons are cut into G slices. Routed experts come in
-"virtual groups" of v slices that together rebuild the part of the MLP the shared experts do not hold; the
-router rows of a group are tied, so a token always picks whole groups and the sum of what it picks is exactly
-the parent's MLP (times the group's scale, undone on down_proj).
-
-The routing rule (`--routing`, see upcycle.families.moe.ROUTINGS) decides what weight each chosen expert gets at
-the start, and so the factor that makes the start reproduce the parent (`routed_scale`): renormalised weights
-are exact with any router; softmax and sigmoid weights without renormalisation are exact only with a zero
-router (every expert then gets exactly 1/E, or sigmoid(0) = 1/2), which is what gives the router a gradient
-from the language-modelling loss at step 0.
-"""
+"""The upcycling recipe: the MoE shape the user asked for (upcycle.families.moe.shape.MoEShape: experts, top-k,
+granularity, shared experts, routing rule) plus how convert initialises it (output type, layers, router and expert
+init, slice order, seed, dtype, expert sources), validated when it is made."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 from upcycle.core.errors import UsageError
 from upcycle.core.layers import parse_layers
 from upcycle.core.tensors import FLOAT_DTYPES
-from upcycle.families.moe import ROUTINGS, format_names
+from upcycle.families.moe import format_names
+from upcycle.families.moe.shape import MoEShape
 
 FORMATS = format_names()
 DTYPES = ("auto", *FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)
-class Recipe:
-    experts: int = 8
-    top_k: int = 2
-    granularity: int = 1
-    shared_experts: int = 0
+class Recipe(MoEShape):
     format: str = "auto"
     moe_layers: str = "all"
     router_init: str = "auto"
     router_std: float = 0.02
-    routing: str = "renorm"
     expert_init: str = "copy"
     slice_order: str = "contiguous"
     seed: int = 0
@@ -53,21 +37,14 @@ class Recipe:
         object.__setattr__(self, "expert_from", tuple(str(s) for s in sources))
         if any(not s.strip() for s in self.expert_from):
             raise UsageError("--expert-from needs a checkpoint (a folder or a .gguf file), not an empty string")
-        for name in ("experts", "top_k", "granularity"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.shared_experts < 0:
-            raise UsageError("--shared-experts must be 0 or more")
-        if self.top_k > self.experts:
-            raise UsageError(f"--top-k {self.top_k} is larger than --experts {self.experts}")
+        self._check_counts()
         if self.format not in FORMATS:
             raise UsageError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.slice_order not in ("contiguous", "random"):
             raise UsageError(f"unknown --slice-order {self.slice_order!r}; choose contiguous or random")
-        if self.routing not in ROUTINGS:
-            raise UsageError(f"unknown --routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
+        self._check_routing()
         if not self.router_std >= 0:
             raise UsageError("--router-std must be 0 (a zero router) or positive")
         self.expert_init_mode  # noqa: B018 - parse now so errors come before any work
@@ -79,19 +56,7 @@ class Recipe:
             mode = self.router_init_mode[0]
             raise UsageError(f"--router-std 0 asks for a zero router, --router-init {mode} sets it from "
                              f"{'centroids' if mode == 'kmeans' else 'the texts of each source'}; drop one of them")
-        v = self.group_size
-        if self.shared_experts >= self.granularity and self.shared_experts % self.granularity:
-            raise UsageError(
-                f"--shared-experts {self.shared_experts} with --granularity {self.granularity}: shared experts must be "
-                f"fewer than G (they take whole slices) or a multiple of G (they take whole copies) for an exact init"
-            )
-        if self.experts % v or self.top_k % v:
-            why = f"granularity {self.granularity}" + (f" minus {self.shared_experts} shared" if 0 < self.shared_experts < self.granularity else "")
-            raise UsageError(
-                f"--experts {self.experts} and --top-k {self.top_k} must be multiples of the virtual-group size {v} ({why}): "
-                f"a token must pick whole groups of slices for the MoE to stay exact; "
-                f"e.g. --experts {max(v, self.experts // v * v)} --top-k {max(v, self.top_k // v * v)}"
-            )
+        self._check_groups()
         self._check_sources()
 
     def _check_sources(self) -> None:
@@ -197,53 +162,6 @@ class Recipe:
             return (f"--routing {self.routing} reproduces the parent only with a zero router (--router-std 0); "
                     f"with a {router} the chosen weights vary per token")
         return None
-
-    # ------------------------------------------------------------------ layout
-
-    @property
-    def group_size(self) -> int:
-        """v: routed slices that together rebuild the routed share of one MLP copy."""
-        g, s = self.granularity, self.shared_experts
-        return g - s if 0 < s < g else g
-
-    @property
-    def copies(self) -> int:
-        return self.experts // self.group_size
-
-    @property
-    def groups_per_token(self) -> int:
-        return self.top_k // self.group_size
-
-    @property
-    def shared_full_copies(self) -> int:
-        """c: whole MLP copies held by the shared experts when S is a multiple of G (0 otherwise)."""
-        g, s = self.granularity, self.shared_experts
-        return s // g if s >= g else 0
-
-    @property
-    def routed_down_scale(self) -> float:
-        """Factor on routed down_proj: the selected weights sum to 1 over v slices of each picked group."""
-        c = self.shared_full_copies
-        return self.group_size / (c + 1) if c else float(self.group_size)
-
-    @property
-    def routed_scale(self) -> float:
-        """Factor on each routed expert's output that makes the start reproduce the parent under the routing rule.
-
-        A token picks k/v whole groups; each chosen expert gets the weight w0 of a tied router (renorm: 1/k,
-        softmax with a zero router: 1/E, sigmoid: 1/2), so the routed part is (k/v) * w0 * scale * (routed MLP
-        share); that must equal the routed share 1/(c+1): scale = routed_down_scale / (k * w0).
-        """
-        if self.routing == "renorm":
-            return self.routed_down_scale
-        per_expert = {"softmax": Fraction(1, self.experts), "sigmoid": Fraction(1, 2)}[self.routing]
-        c = self.shared_full_copies
-        return float(Fraction(self.group_size, c + 1) / (self.top_k * per_expert))
-
-    @property
-    def shared_down_scale(self) -> float:
-        c = self.shared_full_copies
-        return 1.0 / (c + 1) if c else 1.0
 
     def parse_moe_layers(self, num_layers: int) -> list[int]:
         return parse_layers(self.moe_layers, num_layers, option="--moe-layers")

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from upcycle.core import ui
+from upcycle.core.events import SILENT, Events
 from upcycle.core.errors import InputError
 
 MAX_TOKENS = 2048
@@ -95,16 +95,15 @@ def spherical_kmeans(x, k: int, seed: int, iterations: int = ITERATIONS):
     return c
 
 
-def kmeans_job(ckpt, text: Path | None, plan, quiet: bool = False,
+def kmeans_job(ckpt, text: Path | None, plan, events: Events = SILENT,
                stop: Callable[[], bool] | None = None) -> Callable[[], dict[int, np.ndarray] | None]:
     """Read and tokenise the sample now (a bad --router-init fails here, before anything is written) and return the
     parent pass that computes {layer: (copies, H) float32 router rows} from the parent's activations on `text`
     (None: the default sample); the pass returns None when stop() ended it early."""
 
-    from upcycle.convert.verify import encode
+    from upcycle.convert.parent_pass import encode
 
-    if not quiet:
-        ui.info(f"router init: k-means of the parent's hidden states on {describe(text)}")
+    events.info(f"router init: k-means of the parent's hidden states on {describe(text)}")
     texts = [t for t in _texts(text) if t.strip()]
     if not texts:
         raise InputError(f"--router-init kmeans: {text} holds no text")
@@ -117,7 +116,7 @@ def kmeans_job(ckpt, text: Path | None, plan, quiet: bool = False,
     moe_layers = set(plan.moe_layers)
 
     def run() -> dict[int, np.ndarray] | None:
-        from upcycle.convert.verify import stream_parent
+        from upcycle.convert.parent_pass import stream_parent
 
         bases: dict[int, np.ndarray] = {}
 
@@ -193,13 +192,13 @@ def pass_dtype(ckpt):
 MAX_PROMPT_TOKENS = 512  # per source: enough for a mean direction, and the float64 pass stays small
 
 
-def prompt_router_bases(ckpt, shared_source, texts: list[list[str]], plan, quiet: bool = False) -> dict[int, np.ndarray]:
+def prompt_router_bases(ckpt, shared_source, texts: list[list[str]], plan, events: Events = SILENT) -> dict[int, np.ndarray]:
     """{layer: (sources, H) float32 router rows}: one row per --expert-from source, from the hidden states at the
     input of each MoE layer's MLP on that source's example texts (mergekit-moe's "hidden" gate mode, centred).
 
     The dense model that gives the hidden states is the one whose attention, norms and embeddings the MoE takes
     (the parent, or the mean with --average-shared), run one decoder layer at a time in float64
-    (upcycle.convert.verify.stream_parent): each source's texts, joined by blank lines and cut at
+    (upcycle.convert.parent_pass.stream_parent): each source's texts, joined by blank lines and cut at
     MAX_PROMPT_TOKENS, form one row of a right-padded batch, so no source's tokens see another's. A source's row
     is the mean of its tokens' unit-normalised hidden states minus the mean of those means over the sources (what
     every source shares tells no expert apart), normalised, then all rows scaled as the k-means rows are: the
@@ -207,11 +206,10 @@ def prompt_router_bases(ckpt, shared_source, texts: list[list[str]], plan, quiet
     """
     import torch
 
-    from upcycle.convert.verify import stream_parent
+    from upcycle.convert.parent_pass import stream_parent
     from upcycle.core.loading import load_tokenizer
 
-    if not quiet:
-        ui.info(f"router init: the hidden states of {len(texts)} sources' example texts")
+    events.info(f"router init: the hidden states of {len(texts)} sources' example texts")
     tok = load_tokenizer(ckpt.load_spec)
     ids = [tok("\n\n".join(t)).input_ids[:MAX_PROMPT_TOKENS] for t in texts]
     for spec, row in zip(plan.recipe.expert_from, ids):

@@ -3,7 +3,7 @@
 Plan first (parent facts, format, every output tensor), then execute: stream tensors into shards inside a
 temporary folder, add config, tokenizer, manifest and card, verify against the parent, and only then move
 the folder into place. convert() shows progress only; the CLI prints the plan and the summary from the
-returned ConvertResult (upcycle.convert.report).
+returned ConvertResult (upcycle.cli.convert_report).
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from upcycle.core import memory, ui
+from upcycle.convert import memory as convert_memory
+from upcycle.core import memory
+from upcycle.core.events import Events, events_or_silent
 from upcycle.core.errors import InputError, UsageError
 from upcycle.families.moe import choose_format
-from upcycle.convert.card import manifest_dict, model_card, write_manifest
+from upcycle.convert.card import manifest_dict, model_card
+from upcycle.storage.manifest import write_manifest
 from upcycle.convert.mix import ExpertSources, load_prompts, open_sources, source_entries
-from upcycle.convert.parent import ParentCheckpoint, open_parent
+from upcycle.storage.parent import ParentCheckpoint, open_parent
 from upcycle.convert.plan import Plan, make_plan
 from upcycle.convert.recipe import Recipe
 from upcycle.core.tensors import CODE_OF, NAME_OF, parse_size, human_bytes
@@ -128,7 +130,7 @@ def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None
             f"divisors up to 16: {', '.join(str(g) for g in range(1, 17) if p.intermediate_size % g == 0)}"
         )
     moe_layers = recipe.parse_moe_layers(p.num_layers)
-    fmt = choose_format(p, recipe, moe_layers)
+    fmt = choose_format(p, recipe, moe_layers, recipe.format)
     reader = ParentReader(sources.shared_source if sources is not None else ckpt.source, p)
     out_dtype = ckpt.source.float_dtype() if recipe.dtype == "auto" else CODE_OF[recipe.dtype]
     try:
@@ -140,8 +142,9 @@ def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None
 
 
 def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: bool = False,
-            command: list[str] | None = None, **values) -> ConvertResult:
-    """Convert PARENT as OPTIONS say; return what was planned, written and verified. Prints nothing but progress.
+            events: Events | None = None, command: list[str] | None = None, **values) -> ConvertResult:
+    """Convert PARENT as OPTIONS say; return what was planned, written and verified. Prints nothing: progress goes
+    to `events` (none when quiet), and the caller shows the result.
 
     OPTIONS is a ConvertOptions, or (a convenience for scripts and tests) the output folder, with any field of
     ConvertOptions or Recipe as a keyword: convert(parent, "out", experts=4, verify=False).
@@ -152,6 +155,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         options = ConvertOptions.from_fields(out=options, **values)
     elif values:
         raise TypeError(f"convert(): give the options as a ConvertOptions or as keywords, not both: {sorted(values)}")
+    ev = events_or_silent(events, quiet)
     start = time.perf_counter()
     phases: dict[str, float] = {}
     mark = [start]
@@ -171,11 +175,8 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         raise InputError(f"--router-init kmeans: no such file or folder {init_file}")
     # the prompts file is read (texts only) before any model is opened: a missing source fails in a second
     prompts = load_prompts(init_file, recipe.expert_from) if mode == "prompts" else None
-    if quiet:
+    with ev.status(f"reading {parent}" + (" (GGUF metadata is slow to parse)" if str(parent).endswith(".gguf") else "")):
         ckpt = open_parent(parent, allow_pickle=allow_pickle)
-    else:
-        with ui.console.status(f"reading {parent}" + (" (GGUF metadata is slow to parse)" if str(parent).endswith(".gguf") else "")):
-            ckpt = open_parent(parent, allow_pickle=allow_pickle)
     sources = None
     try:
         if recipe.expert_from:
@@ -186,15 +187,15 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                              f"{_exact_alternative(plan)}")
         # verification's parent run reads the parent's own source only, with or without --expert-from (the other
         # checkpoints and the --average-shared mean are read in this thread): its thread safety is what counts
-        overlap = verify and memory.overlap_parent(plan, ckpt.source.thread_safe)
+        overlap = verify and convert_memory.overlap_parent(plan, ckpt.source.thread_safe)
         # the k-means pass runs beside the writer (its router tensors are written last) where the source can be
         # read by two threads and the memory of both at once is there; else before writing
         beside = mode == "kmeans" and ckpt.source.thread_safe
-        estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap, router_beside=beside)
+        estimate = convert_memory.convert_estimate(plan, verify=verify, overlap=overlap, router_beside=beside)
         probed = memory.available() if beside else None  # one reading for this decision and the check below
         if beside and estimate.total > probed[0]:
             beside = False
-            estimate = memory.convert_estimate(plan, verify=verify, overlap=overlap)
+            estimate = convert_memory.convert_estimate(plan, verify=verify, overlap=overlap)
         if dry_run:
             return ConvertResult(options, plan, None, time.perf_counter() - start, estimate)
         check_space(out, plan.output_bytes + (64 << 20))
@@ -213,7 +214,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                 from upcycle.convert.router_init import BackgroundBases, kmeans_job
 
                 stop = [False]
-                job = kmeans_job(ckpt, init_file, plan, quiet=quiet, stop=lambda: stop[0])
+                job = kmeans_job(ckpt, init_file, plan, events=ev, stop=lambda: stop[0])
                 if beside:
                     background = BackgroundBases(executor.submit(job), stop)
                     plan, _ = build_plan(ckpt, recipe, background, sources)
@@ -223,10 +224,10 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
             elif mode == "prompts":
                 from upcycle.convert.router_init import prompt_router_bases
 
-                bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, quiet=quiet)
+                bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, events=ev)
                 plan, _ = build_plan(ckpt, recipe, bases, sources)
                 phase("router init")
-            verification = _write_and_verify(ckpt, plan, out, options, command, quiet, whole, whole_note, phase,
+            verification = _write_and_verify(ckpt, plan, out, options, command, ev, whole, whole_note, phase,
                                              executor if overlap else None, background)
         finally:
             if background is not None:
@@ -241,7 +242,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     return ConvertResult(options, plan, verification, time.perf_counter() - start, phases=phases, beside=beside_s)
 
 
-def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: ConvertOptions, command, quiet: bool,
+def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: ConvertOptions, command, ev: Events,
                       whole: bool, whole_note: str | None, phase, executor, background) -> dict | None:
     """Write the folder (atomically), verify it, add the manifest and card; return the verification report."""
     if command is None:
@@ -249,15 +250,14 @@ def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: Co
     verification = None
     with atomic_folder(out, options.overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-        if not quiet:
-            ui.info("copying the tokenizer" + (" (converted from GGUF, slow)" if ckpt.gguf else ""))
+        ev.info("copying the tokenizer" + (" (converted from GGUF, slow)" if ckpt.gguf else ""))
         copied = ckpt.copy_tokenizer(tmp)
         if "generation_config.json" not in copied:
             gen = {k: v for k, v in plan.parent.token_ids.items() if v is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         parent_states = None
         if executor is not None:
-            from upcycle.convert.verify import ParentStates
+            from upcycle.convert.parent_pass import ParentStates
 
             # the parent's float64 layers (and the imports they need) run while the shards are written
             parent_states = ParentStates(ckpt, plan, tmp, background=True, executor=executor)
@@ -269,16 +269,16 @@ def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: Co
                 background.result()
                 phase("router init wait")
 
-            _write_weights(plan, tmp, options.max_shard_bytes, quiet,
+            _write_weights(plan, tmp, options.max_shard_bytes, ev,
                            routers_ready=routers_ready if background is not None else None)
             phase("write")
             if options.verify:
-                verification = _verify(ckpt, plan, tmp, whole, whole_note, options.allow_pickle, quiet, parent_states)
+                verification = _verify(ckpt, plan, tmp, whole, whole_note, options.allow_pickle, ev, parent_states)
                 phase("verify")
         finally:
             if parent_states is not None:
                 parent_states.close()
-        from upcycle.convert.card import folder_digest, tensor_digest
+        from upcycle.storage.manifest import folder_digest, tensor_digest
 
         fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
         if plan.sources is not None:
@@ -300,7 +300,7 @@ def whole_model_decision(plan: Plan, verify: bool, full_check: str, have: int) -
         return False, None
     if full_check == "never":
         return False, "whole-model check skipped (--full-check never)"
-    est = memory.whole_model_estimate(plan)
+    est = convert_memory.whole_model_estimate(plan)
     if full_check == "always":
         if est.total > have:
             _, where = memory.available()
@@ -315,21 +315,15 @@ def whole_model_decision(plan: Plan, verify: bool, full_check: str, have: int) -
 
 
 def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_note: str | None, allow_pickle: bool,
-            quiet: bool, parent_states=None) -> dict:
+            ev: Events, parent_states=None) -> dict:
     from upcycle.convert.verify import verify_layers, verify_whole_model
 
     exact = exact_claim(plan)
-    if quiet:
-        report = verify_layers(ckpt, plan, tmp, exact=exact, parent=parent_states)
-    else:
-        with ui.progress(transient=True) as prog:
-            task = prog.add_task("verifying layer by layer (float64)", total=plan.parent.num_layers)
-            report = verify_layers(ckpt, plan, tmp, exact=exact, on_layer=lambda i: prog.advance(task),
-                                   parent=parent_states)
+    with ev.task("verifying layer by layer (float64)", plan.parent.num_layers) as task:
+        report = verify_layers(ckpt, plan, tmp, exact=exact, on_layer=lambda i: task.advance(), parent=parent_states)
     report["whole_model"], report["whole_model_note"] = None, whole_note
     if whole:
-        if not quiet:
-            ui.info("whole-model check: parent and MoE through transformers (logits and greedy decoding)")
+        ev.info("whole-model check: parent and MoE through transformers (logits and greedy decoding)")
         w = verify_whole_model(ckpt.load_spec, tmp, out_dtype=NAME_OF[plan.out_dtype], exact=exact,
                                allow_pickle=allow_pickle)
         report["whole_model"] = w
@@ -338,21 +332,16 @@ def _verify(ckpt: ParentCheckpoint, plan: Plan, tmp: Path, whole: bool, whole_no
     return report
 
 
-def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, quiet: bool, routers_ready=None) -> None:
+def _write_weights(plan: Plan, folder: Path, max_shard_bytes: int, ev: Events, routers_ready=None) -> None:
     """routers_ready: given when the router rows are computed beside the writer; the router tensors are then
     written last, after routers_ready() has waited for them."""
-    from rich.progress import DownloadColumn, TransferSpeedColumn
-
-    with ui.progress(DownloadColumn(), TransferSpeedColumn(), transient=True) if not quiet else nullcontext() as prog:
-        task = prog.add_task("writing experts", total=plan.output_bytes) if not quiet else None
+    with ev.task("writing experts", plan.output_bytes, unit="bytes") as task:
 
         def waiting() -> None:
-            if not quiet:
-                prog.update(task, description="waiting for the k-means router")
+            task.update(description="waiting for the k-means router")
             routers_ready()
 
-        write_shards(folder, plan.tensors, max_shard_bytes,
-                     on_tensor=(lambda t: prog.advance(task, t.nbytes)) if not quiet else None,
+        write_shards(folder, plan.tensors, max_shard_bytes, on_tensor=lambda t: task.advance(t.nbytes),
                      defer=(lambda t: t.kind == "router") if routers_ready is not None else None,
                      before_deferred=waiting if routers_ready is not None else None)
 

@@ -20,7 +20,7 @@ def head_logits(source, spec, hidden, round_code: str | None):
     """Logits [T, V] (float64) of the final hidden states through the output head read from `source`."""
     import torch
 
-    from upcycle.convert.verify import _f64, _rows
+    from upcycle.convert.parent_pass import f64, read_rows
     from upcycle.core.tensors import from_f32, to_f32
 
     name = "lm_head.weight" if not spec.tie_word_embeddings and "lm_head.weight" in source else "model.embed_tokens.weight"
@@ -29,8 +29,8 @@ def head_logits(source, spec, hidden, round_code: str | None):
     parts = []
     for lo in range(0, meta.shape[0], HEAD_ROWS):
         hi = min(meta.shape[0], lo + HEAD_ROWS)
-        raw = _rows(source, name, lo, hi) if whole is None else whole[lo:hi]
-        w = _f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code) if round_code else _f64(raw, meta.dtype)
+        raw = read_rows(source, name, lo, hi) if whole is None else whole[lo:hi]
+        w = f64(from_f32(to_f32(raw, meta.dtype), round_code), round_code) if round_code else f64(raw, meta.dtype)
         parts.append(hidden @ w.T)
     logits = torch.cat(parts, dim=1)
     scaling = float(spec.multipliers.get("logits_scaling", 1.0) or 1.0)  # granite divides its logits
@@ -53,7 +53,7 @@ def compare_logits(parent, moe) -> dict:
 def measure_mixed(chk, ckpt, plan, ids: np.ndarray, parent_round: str | None, parent_hidden) -> dict:
     """Run the written MoE layer by layer on `ids` and compare its logits with the parent's (parent_hidden: the
     parent's final hidden states on the same ids, from the verification pass)."""
-    from upcycle.convert.verify import stream_parent
+    from upcycle.convert.parent_pass import stream_parent
 
     parent_logits = head_logits(ckpt.source, plan.parent, parent_hidden, parent_round)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from upcycle.families.parents import ParentSpec
 from upcycle.convert.recipe import Recipe
-from upcycle.convert.sources import TensorSource
+from upcycle.storage.sources import TensorSource
 from upcycle.core.tensors import convert, from_f32, to_f32
 
 # purposes, for seeding

@@ -1,6 +1,6 @@
 """Loading whole models for the commands that run them (verify, train, eval, data-driven router init).
 
-Conversion itself never goes through here: it streams tensors (upcycle.convert.sources). This module is the one place
+Conversion itself never goes through here: it streams tensors (upcycle.storage.sources). This module is the one place
 that knows how to turn "a folder, a .gguf file or a hub id" into a transformers model and tokenizer, safely:
 no remote code unless asked, no pickle files unless asked.
 """

@@ -1,4 +1,4 @@
-"""The bridge between a running model and the statistics: which layers are MoE (upcycle.core.routing), what each
+"""The bridge between a running model and the statistics: which layers are MoE (upcycle.families.moe.routing), what each
 forward routed (RoutingRecorder), and optional lm-eval-harness tasks."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from upcycle.evaluate.specialise import TokenRouting
 
 @dataclass
 class MoEView:
-    """What evaluation needs of one MoE layer (a thin view over upcycle.core.routing.MoELayer)."""
+    """What evaluation needs of one MoE layer (a thin view over upcycle.families.moe.routing.MoELayer)."""
 
-    layer: object  # upcycle.core.routing.MoELayer
+    layer: object  # upcycle.families.moe.routing.MoELayer
 
     @property
     def index(self) -> int:
@@ -46,7 +46,7 @@ class MoEView:
 
 
 def moe_info(model) -> list[MoEView]:
-    from upcycle.core.routing import moe_layers
+    from upcycle.families.moe.routing import moe_layers
 
     return [MoEView(m) for m in moe_layers(model)]
 
@@ -65,7 +65,7 @@ class RoutingCollector:
 
     def __enter__(self):
         if self.moe:
-            from upcycle.core.routing import RoutingRecorder
+            from upcycle.families.moe.routing import RoutingRecorder
 
             self._recorder = RoutingRecorder(self.model, keep_logits=True)
             self._recorder.__enter__()

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from upcycle.core.events import SILENT, Events
 from upcycle.evaluate.stats import Estimate, mean_ci, perplexity
 
 
@@ -120,10 +121,10 @@ def _rss(page: int) -> int | None:
         return None
 
 
-def score(model, blocks, *, batch_size: int = 4, on_batch: Callable | None = None, progress=None,
+def score(model, blocks, *, batch_size: int = 4, on_batch: Callable | None = None, events: Events = SILENT,
           description: str = "scoring") -> Scores:
     """Score `blocks` ([n, seq_len] token ids) with `model`. on_batch(start, input_ids) runs after each forward
-    (routing recorders read their hooks there); progress is an optional rich Progress."""
+    (routing recorders read their hooks there); progress goes to `events` as a task named `description`."""
     import torch
     import torch.nn.functional as F
 
@@ -134,8 +135,7 @@ def score(model, blocks, *, batch_size: int = 4, on_batch: Callable | None = Non
     losses: list[float] = []
     accs: list[float] = []
     seconds = 0.0
-    task = progress.add_task(description, total=n) if progress is not None else None
-    with PeakMemory(model, device) as mem, torch.inference_mode():
+    with events.task(description, n) as task, PeakMemory(model, device) as mem, torch.inference_mode():
         for start in range(0, n, batch_size):
             ids = blocks[start:start + batch_size].to(device)
             t0 = time.perf_counter()
@@ -152,8 +152,7 @@ def score(model, blocks, *, batch_size: int = 4, on_batch: Callable | None = Non
             del logits, pred
             if on_batch is not None:
                 on_batch(start, ids)
-            if task is not None:
-                progress.advance(task, ids.shape[0])
+            task.advance(ids.shape[0])
     if not all(map(_finite, losses)):
         from upcycle.core.errors import InputError
 

@@ -1,7 +1,7 @@
 """Where the evaluated models came from: what `upcycle eval` must know before it may credit upcycling.
 
 - Is `--parent` the model this MoE was converted from? upcycle.json records a digest of the parent's tensors
-  (upcycle.convert.card.tensor_digest); the given parent is digested the same way and compared.
+  (upcycle.storage.manifest.tensor_digest); the given parent is digested the same way and compared.
 - Has the MoE been trained since conversion? upcycle.json records a digest of the tensors it wrote; the same
   digest of MODEL's files tells whether they are still those.
 - How many tokens each trained model saw, from its run folder (metrics.jsonl) or its checkpoint's
@@ -24,8 +24,8 @@ TRAINER_STATE = "trainer_state.json"
 
 def parent_digest(spec: str | Path, allow_pickle: bool = False) -> str | None:
     """The tensor digest of a dense model as `upcycle convert` reads it; None when it cannot be read that way."""
-    from upcycle.convert.card import folder_digest, tensor_digest
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.manifest import folder_digest, tensor_digest
+    from upcycle.storage.parent import open_parent
 
     try:
         ckpt = open_parent(spec, allow_pickle=allow_pickle)
@@ -41,7 +41,7 @@ def parent_digest(spec: str | Path, allow_pickle: bool = False) -> str | None:
 
 
 def weights_digest(folder: str | Path) -> str | None:
-    from upcycle.convert.card import folder_digest
+    from upcycle.storage.manifest import folder_digest
 
     p = Path(folder)
     if not p.is_dir() or not any(p.glob("*.safetensors")):

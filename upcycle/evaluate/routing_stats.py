@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from upcycle.core.routing import entropy_sum, scoring_probs
+from upcycle.families.moe.routing import entropy_sum, scoring_probs
 
 CAPACITY_FACTORS = (1.0, 1.25)
 

@@ -12,7 +12,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.core import ui
+from upcycle.core.events import Events, events_or_silent
 from upcycle.core.errors import InputError, UsageError
 from upcycle.core.layers import parse_layers
 from upcycle.core.paths import check_output_folder
@@ -144,9 +144,11 @@ def _model_type(model) -> str:
     return str(getattr(model.config, "model_type", type(model).__name__))
 
 
-def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) -> Report:
+def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, events: Events | None = None) -> Report:
     """Score MODEL (and the dense parent, if OPTIONS name one) on the same held-out blocks; report routing
-    diagnostics for an MoE. Writes the report folder and returns the Report; the caller prints it."""
+    diagnostics for an MoE. Writes the report folder and returns the Report; the caller prints it. Progress and
+    warnings go to `events` (none when quiet)."""
+    ev = events_or_silent(events, quiet)
 
     from upcycle.core.data import heldout_blocks, resolve_data_files
     from upcycle.evaluate import collect
@@ -158,7 +160,7 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     from upcycle.evaluate.runlog import read_run
     from upcycle.evaluate.stats import paired_comparison
     from upcycle.core.loading import load_causal_lm, load_tokenizer
-    from upcycle.convert.card import read_manifest
+    from upcycle.storage.manifest import read_manifest
 
     opt = options
     data, parent, out, domain, run = opt.data, opt.parent, opt.out, opt.domain, opt.run
@@ -226,27 +228,24 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                  "tokens_scored": int(blocks.shape[0] * (opt.seq_len - 1)), "text_field": opt.text_field,
                  "domain_files": [str(f) for f in domain_files] if domain_files else None,
                  "domain_blocks": int(domain_blocks.shape[0]) if domain_blocks is not None else None}
-    if blocks.shape[0] < opt.max_blocks and not quiet:
-        ui.warn(f"only {blocks.shape[0]} blocks of {opt.seq_len} tokens in the data (asked for up to "
+    if blocks.shape[0] < opt.max_blocks:
+        ev.warn(f"only {blocks.shape[0]} blocks of {opt.seq_len} tokens in the data (asked for up to "
                 f"{opt.max_blocks}): intervals will be wide")
 
     if device.type == "cpu":  # on an accelerator the weights live in device memory
         from upcycle.core import memory
+        from upcycle.evaluate.memory import eval_estimate
 
-        memory.require(memory.eval_estimate(model_spec, str(parent) if parent is not None else None, dtype=opt.dtype,
+        memory.require(eval_estimate(model_spec, str(parent) if parent is not None else None, dtype=opt.dtype,
                                             batch_tokens=opt.batch_size * opt.seq_len, allow_pickle=opt.allow_pickle))
-    prog = ui.progress(transient=True) if not quiet else None
-    if prog is not None:
-        prog.start()
-    try:
+    if True:  # one indentation level kept from when a progress display wrapped the scoring
         parent_side, parent_mlp = None, None
         tasks: dict = {}
         if parent is not None:
-            if not quiet:
-                ui.info(f"loading the parent {parent}")
+            ev.info(f"loading the parent {parent}")
             pm = load_causal_lm(str(parent), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
-            pscores = score(pm, blocks, batch_size=opt.batch_size, progress=prog, description="scoring the parent")
-            pdomain = (score(pm, domain_blocks, batch_size=opt.batch_size, progress=prog,
+            pscores = score(pm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the parent")
+            pdomain = (score(pm, domain_blocks, batch_size=opt.batch_size, events=ev,
                              description="parent on --domain") if domain_blocks is not None else None)
             pmoe = collect.moe_info(pm)
             parent_side = Side(str(parent), _model_type(pm), bool(pmoe), pscores,
@@ -264,18 +263,16 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
 
         baseline_side = None
         if baseline is not None:
-            if not quiet:
-                ui.info(f"loading the baseline {baseline.model}")
+            ev.info(f"loading the baseline {baseline.model}")
             bm = load_causal_lm(str(baseline.model), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
-            bscores = score(bm, blocks, batch_size=opt.batch_size, progress=prog, description="scoring the baseline")
+            bscores = score(bm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the baseline")
             bmoe = collect.moe_info(bm)
             baseline_side = Side(str(baseline.model), _model_type(bm), bool(bmoe), bscores,
                                  model_cost(bm, [g.group for g in bmoe], opt.seq_len))
             del bm
             _release_memory()
 
-        if not quiet:
-            ui.info(f"loading the model {model_spec}")
+        ev.info(f"loading the model {model_spec}")
         mm = load_causal_lm(model_spec, dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
         moe = collect.moe_info(mm)
         # auto: the first, middle and last MoE layer
@@ -285,7 +282,7 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
         collector = collect.RoutingCollector(mm, moe, spec_layers, vocab_size=max(len(tok), int(blocks.max()) + 1),
                                              contexts=opt.contexts, seq_len=opt.seq_len)
         with collector:
-            mscores = score(mm, blocks, batch_size=opt.batch_size, progress=prog, description="scoring the model",
+            mscores = score(mm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the model",
                             on_batch=collector.on_batch)
         routing = collector.routing()
         drift, drift_note = [], None
@@ -301,7 +298,7 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
         if domain_blocks is not None:
             dcol = collect.RoutingCollector(mm, moe, [], vocab_size=1, contexts=0, seq_len=opt.seq_len)
             with dcol:
-                mdomain = score(mm, domain_blocks, batch_size=opt.batch_size, progress=prog,
+                mdomain = score(mm, domain_blocks, batch_size=opt.batch_size, events=ev,
                                 description="model on --domain", on_batch=dcol.on_batch)
             if moe:
                 from upcycle.evaluate.specialise import domain_ranking
@@ -317,9 +314,6 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
             tasks["model"] = collect.run_tasks(mm, tok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
         del mm
         _release_memory()
-    finally:
-        if prog is not None:
-            prog.stop()
 
     tol = SAME_TOLERANCE[opt.dtype]
     comparison = (paired_comparison(mscores.block_loss, parent_side.scores.block_loss, tol)
@@ -336,11 +330,12 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                     tasks=tasks or None, notes=notes, out=out_dir, baseline=baseline_side,
                     baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol)
                                          if baseline_side is not None else None), provenance=prov)
-    write_report_folder(report, out_dir, runlog, with_plots=opt.plots, quiet=quiet)
+    write_report_folder(report, out_dir, runlog, with_plots=opt.plots, events=ev)
     return report
 
 
-def write_report_folder(report: Report, out: Path, runlog=None, *, with_plots: bool = True, quiet: bool = False) -> None:
+def write_report_folder(report: Report, out: Path, runlog=None, *, with_plots: bool = True,
+                        events: Events | None = None) -> None:
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -355,11 +350,11 @@ def write_report_folder(report: Report, out: Path, runlog=None, *, with_plots: b
         elif path.exists():
             path.unlink()  # a stale file from an earlier run must not be mistaken for this one's
     if with_plots:
-        report.plots = _plots(report, out, runlog, quiet)
+        report.plots = _plots(report, out, runlog, events_or_silent(events))
     report.write(out)
 
 
-def _plots(r: Report, out: Path, runlog, quiet: bool) -> list[str]:
+def _plots(r: Report, out: Path, runlog, ev: Events) -> list[str]:
     from upcycle.evaluate import plots
     from upcycle.core.errors import UnsupportedError
 
@@ -383,7 +378,6 @@ def _plots(r: Report, out: Path, runlog, quiet: bool) -> list[str]:
         if runlog is not None:
             made.append(plots.training_curves(runlog, out / "training.png"))
     except UnsupportedError as exc:
-        if not quiet:
-            ui.warn(str(exc))
+        ev.warn(str(exc))
     return [str(p) for p in made]
 

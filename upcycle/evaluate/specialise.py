@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from upcycle.core.routing import scoring_probs
+from upcycle.families.moe.routing import scoring_probs
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from upcycle.core.errors import UsageError
-from upcycle.core.routing import MoELayer
+from upcycle.families.moe.routing import MoELayer
 from upcycle.train.config import TrainSelection
 
 if TYPE_CHECKING:

@@ -14,19 +14,57 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.core import ui
 from upcycle.core.errors import TrainingError
+from upcycle.core.events import Events, events_or_silent
 from upcycle.train import checkpoint as ck
 from upcycle.train.config import TrainConfig
 
 
 @dataclass
+class TrainPlan:
+    """What --dry-run found: the memory estimate against what is available, and what would train."""
+
+    estimate: object  # upcycle.core.memory.Estimate
+    available: int
+    where: str  # where the available figure comes from
+    batch: str  # "B x T tokens, precision P, gradient checkpointing on|off"
+    trainable: dict[str, int]  # per --train group
+    total: dict[str, int]
+    lora: str | None = None  # "rank R on GROUPS", when --lora
+
+    @property
+    def refused(self) -> bool:
+        return self.estimate.total > self.available
+
+    def lines(self) -> list[str]:
+        from upcycle.core.tensors import human_bytes, human_count
+
+        est, t, n = self.estimate, self.trainable, self.total
+        out = [f"memory     about {human_bytes(est.total)} ({est.describe()}); {human_bytes(self.available)} "
+               f"available ({self.where})",
+               f"batch      {self.batch}",
+               f"trainable  {human_count(sum(t.values()))} of {human_count(sum(n.values()))} parameters"]
+        for role in sorted(n):
+            out.append(f"  {role:<11}{human_count(t.get(role, 0)):>9} of {human_count(n[role])}")
+        if "lora" in t:
+            out.append(f"  {'lora':<11}{human_count(t['lora']):>9} adapter parameters at most ({self.lora})")
+        if self.refused:
+            out.append("would refuse: " + est.refusal(self.available, self.where))
+        return out
+
+
+@dataclass
 class TrainResult:
     out: Path
-    steps: int
-    tokens: int
+    steps: int  # the step the run ended at
+    tokens: int  # tokens trained on, in all (a resumed run counts its earlier steps too)
     final_loss: float | None
     final: Path | None
+    trained_steps: int = 0  # steps taken by this call (fewer than `steps` after --resume)
+    adapter: Path | None = None  # --lora: the adapter folder
+    adapter_for: str | None = None  # --lora: the model it adapts
+    adapter_note: str = ""  # --lora: which groups are in final/ only
+    plan: TrainPlan | None = None  # --dry-run: what would run (nothing was loaded or written)
 
 
 def lr_lambda(total: int, warmup: int, min_ratio: float):
@@ -93,12 +131,6 @@ def _accelerator(cfg: TrainConfig):
     )
 
 
-def _progress_columns():
-    from rich.progress import TextColumn
-
-    return (TextColumn("{task.fields[stats]}"),)
-
-
 def _fmt_stats(row: dict) -> str:
     parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
     if "load_cv" in row:
@@ -112,12 +144,14 @@ def _fmt_stats(row: dict) -> str:
     return "  ".join(parts)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
+    """Train as `cfg` says and return where the model went. Prints nothing: progress and warnings go to `events`
+    (on the main process only), and the caller shows the result (or, for --dry-run, its plan)."""
     import torch
 
     from upcycle.core.data import PackedBlocks, heldout_blocks, resolve_data_files
     from upcycle.core.loading import load_tokenizer
-    from upcycle.core.routing import RoutingRecorder, moe_layers
+    from upcycle.families.moe.routing import RoutingRecorder, moe_layers
     from upcycle.train.freeze import adamw, apply_selection, clear_fused_clip, clip_into_fused_adamw, param_groups
     from upcycle.train.losses import (ROUTER_CHECK_STEPS, RouterGradients, RoutingStats, dead_router_warning,
                                       route_target_loss, router_losses)
@@ -150,11 +184,13 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # the caller's config keeps "auto"; this run's copy records what auto chose (run.json, accelerate)
         cfg = dataclasses.replace(cfg, precision=default_precision("cpu" if _cpu_only() else "cuda"))
-    if _memory_check(cfg):
-        return TrainResult(out, 0, 0, None, None)
+    plan = _memory_check(cfg)
+    if plan is not None:
+        return TrainResult(out, 0, 0, None, None, plan=plan)
 
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
+    ev = events_or_silent(events, quiet=not main)
     world, rank = accelerator.num_processes, accelerator.process_index
     from accelerate.utils import set_seed
 
@@ -183,8 +219,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         except InputError as exc:
             if cfg.eval_every:  # asked for explicitly: an error; by default: say so and go on
                 raise InputError(f"--eval-every: {exc}") from None
-            if main:
-                ui.warn(f"no validation loss: {exc}")
+            ev.warn(f"no validation loss: {exc}")
     eval_every = cfg.eval_every if cfg.eval_every is not None else (cfg.save_every or total)
 
     # ---- model
@@ -294,10 +329,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     split_router_grads = accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED")
     recent: list[dict] = []  # the last rows, for the dead-router check
     router_checked = not layers
-    progress = ui.progress(*_progress_columns()) if main else contextlib.nullcontext()
     try:
-        with recorder, progress:
-            task = progress.add_task("training", total=total, completed=start, stats="") if main else None
+        with recorder, ev.task("training", total, completed=start, fields=("stats",), transient=False) as task:
             model.train()
             for step in range(start + 1, total + 1):
                 t0 = time.perf_counter()
@@ -370,13 +403,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if main:
                     if cfg.report_to != "none":
                         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
-                    progress.update(task, completed=step, stats=_fmt_stats(row))
+                    task.update(completed=step, stats=_fmt_stats(row))
                 recent = (recent + [row])[-5:]
                 if not router_checked and step >= min(ROUTER_CHECK_STEPS, total):
                     router_checked = True
                     warning = dead_router_warning(recent)
-                    if warning and main:
-                        ui.warn(warning)
+                    if warning:
+                        ev.warn(warning)
                 if cfg.save_every and step % cfg.save_every == 0:
                     last_good = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src,
                                                    lora=lora)
@@ -392,22 +425,23 @@ def train(cfg: TrainConfig) -> TrainResult:
             from upcycle.core.kernels import release_buffers
 
             release_buffers()  # recycled within this run only; the next run (or stage) starts without them
-    if main:
-        ui.info(f"trained {step - start} steps ({tokens:,} tokens in all); model in {final}")
-        if lora is not None:
-            also = (f"; the groups --train trained fully ({', '.join(sorted(cfg.selection.groups)) or 'experts:...'}) "
-                    "are in final/ only" if plan.counts.keys() - {"lora"} else "")
-            ui.info(f"LoRA adapter (for {cfg.model}) in {out / ck.ADAPTER_DIR}; final/ has it merged{also}")
-    return TrainResult(out, step, tokens, last_loss, final)
+    adapter, also = None, ""
+    if lora is not None:
+        adapter = out / ck.ADAPTER_DIR
+        also = (f"; the groups --train trained fully ({', '.join(sorted(cfg.selection.groups)) or 'experts:...'}) "
+                "are in final/ only" if plan.counts.keys() - {"lora"} else "")
+    return TrainResult(out, step, tokens, last_loss, final, trained_steps=step - start, adapter=adapter,
+                       adapter_for=cfg.model if adapter else None, adapter_note=also)
 
 
-def _memory_check(cfg: TrainConfig) -> bool:
-    """Estimate memory from file headers (nothing loaded); print it for --dry-run (True: stop), else refuse if it
-    cannot fit. On an accelerator the weights live in device memory, so only CPU runs are refused here."""
+def _memory_check(cfg: TrainConfig) -> TrainPlan | None:
+    """Estimate memory from file headers (nothing loaded); for --dry-run return the plan (the caller stops there),
+    else refuse if it cannot fit. On an accelerator the weights live in device memory, so only CPU runs are refused
+    here."""
     from upcycle.core import memory
-    from upcycle.core.tensors import human_bytes, human_count
+    from upcycle.train.memory import train_estimate
 
-    est, trainable, total = memory.train_estimate(cfg.model, cfg, precision=cfg.precision, allow_pickle=cfg.allow_pickle)
+    est, trainable, total = train_estimate(cfg.model, cfg, precision=cfg.precision, allow_pickle=cfg.allow_pickle)
     if cfg.lora:
         import dataclasses
 
@@ -418,22 +452,12 @@ def _memory_check(cfg: TrainConfig) -> bool:
         trainable = {**trainable, "lora": extra[0][1] // 16} if extra else trainable
     if cfg.dry_run:
         have, where = memory.available()
-        lines = [f"memory     about {human_bytes(est.total)} ({est.describe()}); {human_bytes(have)} available ({where})",
-                 f"batch      {cfg.batch_size} x {cfg.seq_len} tokens, precision {cfg.precision}, gradient checkpointing "
-                 f"{'on' if cfg.gradient_checkpointing else 'off'}",
-                 f"trainable  {human_count(sum(trainable.values()))} of {human_count(sum(total.values()))} parameters"]
-        for role in sorted(total):
-            lines.append(f"  {role:<11}{human_count(trainable.get(role, 0)):>9} of {human_count(total[role])}")
-        if "lora" in trainable:
-            lines.append(f"  {'lora':<11}{human_count(trainable['lora']):>9} adapter parameters at most "
-                         f"(rank {cfg.lora_rank} on {','.join(cfg.lora)})")
-        if est.total > have:
-            lines.append("would refuse: " + est.refusal(have, where))
-        ui.out.print("\n".join(lines))
-        return True
+        return TrainPlan(est, have, where, f"{cfg.batch_size} x {cfg.seq_len} tokens, precision {cfg.precision}, "
+                         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}", trainable, total,
+                         f"rank {cfg.lora_rank} on {','.join(cfg.lora)}" if cfg.lora else None)
     if _cpu_only():
         memory.require(est)
-    return False
+    return None
 
 
 def _stop(what: str, last_good: Path | None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from upcycle.core.errors import InputError, TrainingError, UsageError
-from upcycle.core.routing import MoELayer
+from upcycle.families.moe.routing import MoELayer
 from upcycle.train.freeze import _module_param_names, parameter_role
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def lora_estimate(spec: str, cfg: "TrainConfig") -> list[tuple[str, int]]:
     for router and experts (adapted as parameters) one float32 W + delta per adapted tensor, computed in every
     forward and kept for the backward. Adapter sizes are counted per on-disk tensor (an upper bound for fused
     expert tensors)."""
-    from upcycle.core.memory import _role  # the --train group of an on-disk tensor name
+    from upcycle.train.memory import tensor_role  # the --train group of an on-disk tensor name
 
     if not cfg.lora:
         return []
@@ -198,7 +198,7 @@ def lora_estimate(spec: str, cfg: "TrainConfig") -> list[tuple[str, int]]:
     for name, shape in shapes.items():
         if len(shape) != 2 or name.endswith("e_score_correction_bias"):
             continue
-        role = _role(name)
+        role = tensor_role(name)
         if role not in cfg.lora:
             continue
         adapters += cfg.lora_rank * (shape[0] + shape[1])
@@ -210,14 +210,14 @@ def lora_estimate(spec: str, cfg: "TrainConfig") -> list[tuple[str, int]]:
 def _tensor_shapes(spec: str, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
     p = Path(spec)
     if p.suffix.lower() == ".gguf":
-        from upcycle.convert.parent import open_parent
+        from upcycle.storage.parent import open_parent
 
         ckpt = open_parent(p)
         try:
             return {n: tuple(ckpt.source.meta(n).shape) for n in ckpt.source.names()}
         finally:
             ckpt.close()
-    from upcycle.convert.sources import PickleSource, SafetensorsSource
+    from upcycle.storage.sources import PickleSource, SafetensorsSource
 
     if not (p / "config.json").is_file():
         return {}

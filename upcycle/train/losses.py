@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from upcycle.core.routing import (DEAD_ROUTER_ADVICE, MoELayer, RouterRecord, entropy_sum_tensor, expert_counts,
+from upcycle.families.moe.routing import (DEAD_ROUTER_ADVICE, MoELayer, RouterRecord, entropy_sum_tensor, expert_counts,
                                   router_probs)
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.core.errors import InputError, UnsupportedError, UsageError
-from upcycle.core.routing import SUPPORTED_MOE
+from upcycle.families.moe.routing import SUPPORTED_MOE
 from upcycle.families.moe import moe_type
 
 

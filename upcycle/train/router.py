@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from upcycle.core.routing import MoELayer, select_experts
+from upcycle.families.moe.routing import MoELayer, select_experts
 from upcycle.train.config import ExpertSpec
 
 if TYPE_CHECKING:

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from upcycle.core.errors import UnsupportedError
 from upcycle.families.moe import deepseek, flex_olmo, granite, mixtral, qwen
-from upcycle.families.moe.base import ROUTINGS, MoEType, Part, TensorSpec
+from upcycle.families.moe.base import MoEType, Part, TensorSpec
+from upcycle.families.moe.shape import ROUTINGS, MoEShape
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
     from upcycle.families.parents import ParentSpec
 
 _MODULES = (mixtral, qwen, flex_olmo, deepseek, granite)
@@ -38,7 +38,7 @@ PREFERENCE = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshar
 if set(PREFERENCE) != set(MOE_TYPES):  # pragma: no cover - a new type module without its place in auto's order
     raise AssertionError(f"PREFERENCE and the registered types differ: {sorted(set(PREFERENCE) ^ set(MOE_TYPES))}")
 
-__all__ = ["MOE_TYPES", "PREFERENCE", "ROUTINGS", "MoEType", "Part", "TensorSpec", "choose_format", "format_names",
+__all__ = ["MOE_TYPES", "PREFERENCE", "ROUTINGS", "MoEShape", "MoEType", "Part", "TensorSpec", "choose_format", "format_names",
            "moe_type", "portability_notes", "supports"]
 
 
@@ -52,19 +52,19 @@ def format_names() -> tuple[str, ...]:
     return ("auto", *PREFERENCE)
 
 
-def supports(fmt: MoEType, parent: ParentSpec, recipe: Recipe, moe_layers: list[int], explain: bool = False):
+def supports(fmt: MoEType, parent: ParentSpec, recipe: MoEShape, moe_layers: list[int], explain: bool = False):
     return fmt.supports(parent, recipe, moe_layers, explain=explain)
 
 
-def portability_notes(fmt: MoEType, parent: ParentSpec, recipe: Recipe) -> list[str]:
+def portability_notes(fmt: MoEType, parent: ParentSpec, recipe: MoEShape) -> list[str]:
     return fmt.portability_notes(parent, recipe)
 
 
-def choose_format(parent: ParentSpec, recipe: Recipe, moe_layers: list[int]) -> MoEType:
+def choose_format(parent: ParentSpec, recipe: MoEShape, moe_layers: list[int], requested: str = "auto") -> MoEType:
     """The requested type if it fits, else the first fitting type in PREFERENCE; refuse with reasons otherwise."""
     types = [MOE_TYPES[n] for n in PREFERENCE]
-    if recipe.format != "auto":
-        fmt = MOE_TYPES[recipe.format]
+    if requested != "auto":
+        fmt = MOE_TYPES[requested]
         why = fmt.supports(parent, recipe, moe_layers, explain=True)
         if why:
             fits = [t.model_type for t in types if t.supports(parent, recipe, moe_layers)]

@@ -22,19 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from upcycle.core.layers import format_ranges
+from upcycle.families.moe.shape import ROUTINGS
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
+    from upcycle.families.moe.shape import MoEShape
     from upcycle.families.parents import ParentSpec
 
-# Routing-weight rules, i.e. how the k chosen experts' weights follow from the router logits. What each rule
-# gives one chosen expert when all router logits are equal (a zero router, or a tied virtual group) decides the
-# factor that makes the upcycled start reproduce the parent; see Recipe.routed_scale and docs/convert.md.
-ROUTINGS: dict[str, str] = {
-    "renorm": "top-k of the softmax, the k weights renormalised to sum to 1",
-    "softmax": "softmax over all experts, top-k, weights not renormalised",
-    "sigmoid": "a sigmoid score per expert, top-k, weights not renormalised",
-}
 SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 _SHARED = (None, "gated", "plain")
 _DENSE = (None, "any", "prefix")
@@ -109,7 +102,7 @@ class MoEType:
 
     # ------------------------------------------------------------------------------------------ what it can hold
 
-    def supports(self, parent: ParentSpec, recipe: Recipe, moe_layers: list[int], explain: bool = False):
+    def supports(self, parent: ParentSpec, recipe: MoEShape, moe_layers: list[int], explain: bool = False):
         """True/False, or with explain=True the list of reasons this type cannot hold parent + recipe exactly."""
         t, p = self.model_type, parent
         why: list[str] = []
@@ -152,7 +145,7 @@ class MoEType:
                        f"--verify) or --granularity 1")
         return why if explain else not why
 
-    def portability_notes(self, parent: ParentSpec, recipe: Recipe) -> list[str]:
+    def portability_notes(self, parent: ParentSpec, recipe: MoEShape) -> list[str]:
         """Runtimes other than transformers that may read this folder differently (shown in --dry-run and the card)."""
         t, notes = self.model_type, []
         if "head_dim" in self.vllm_ignores and not parent.has_default_head_dim:
@@ -202,7 +195,7 @@ class MoEType:
 
     # ------------------------------------------------------------------------------------------ its config.json
 
-    def build_config(self, parent: ParentSpec, recipe: Recipe, moe_layers: list[int], dtype: str) -> dict:
+    def build_config(self, parent: ParentSpec, recipe: MoEShape, moe_layers: list[int], dtype: str) -> dict:
         """config.json: the keys every type shares (written for transformers 4.x and 5.x at once), then the type's."""
         p = parent
         rope = dict(p.rope_parameters)
@@ -240,14 +233,14 @@ class MoEType:
         cfg.update(self.moe_config(p, recipe, dense))
         return cfg
 
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         """The type's own config.json keys (experts, widths, routing rule, sliding windows, biases)."""
         raise NotImplementedError(f"{self.model_type} has no config builder")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def expert_width(parent: ParentSpec, recipe: Recipe) -> int:
+def expert_width(parent: ParentSpec, recipe: MoEShape) -> int:
     return parent.intermediate_size // recipe.granularity
 
 

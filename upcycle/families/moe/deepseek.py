@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING
 from upcycle.families.moe.base import MoEType, expert_width, sliding
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
+    from upcycle.families.moe.shape import MoEShape
     from upcycle.families.parents import ParentSpec
 
 
 class DeepSeekStyle(MoEType):
-    def supports(self, parent: ParentSpec, recipe: Recipe, moe_layers: list[int], explain: bool = False):
+    def supports(self, parent: ParentSpec, recipe: MoEShape, moe_layers: list[int], explain: bool = False):
         why = super().supports(parent, recipe, moe_layers, explain=True)
         if recipe.group_size == 1 and recipe.experts < 2:  # a group scores its two best experts
             why.append(f"{self.model_type} needs at least 2 routed experts")
         return why if explain else not why
 
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         v = recipe.group_size
         # a group of one expert cannot be scored (top-2 within a group), hence one group then
         n_group, topk_group = (recipe.copies, recipe.groups_per_token) if v > 1 else (1, 1)
@@ -39,13 +39,13 @@ class DeepSeekStyle(MoEType):
 
 
 class Glm4Moe(DeepSeekStyle):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         return {**super().moe_config(parent, recipe, dense), "use_qk_norm": parent.qk_norm == "head",
                 "num_nextn_predict_layers": 0}
 
 
 class Dots1(DeepSeekStyle):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         window, layer_types, first_sliding = sliding(parent)
         return {**super().moe_config(parent, recipe, dense), "sliding_window": window,
                 "max_window_layers": first_sliding, "layer_types": layer_types, "use_sliding_window": window is not None}

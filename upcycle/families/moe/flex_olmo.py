@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from upcycle.families.moe.base import MoEType, expert_width
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
+    from upcycle.families.moe.shape import MoEShape
     from upcycle.families.parents import ParentSpec
 
 
 class FlexOlmo(MoEType):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         return dict(num_experts=recipe.experts, intermediate_size=expert_width(parent, recipe),
                     norm_topk_prob=recipe.routing == "renorm", attention_bias=parent.qkv_bias)
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 from upcycle.families.moe.base import MoEType, Part, TensorSpec, expert_width
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
+    from upcycle.families.moe.shape import MoEShape
     from upcycle.families.parents import ParentSpec
 
 
 class GraniteMoe(MoEType):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         m = parent.multipliers or {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
                                    "attention_multiplier": parent.head_dim**-0.5}
         return dict(num_local_experts=recipe.experts, intermediate_size=expert_width(parent, recipe),
@@ -31,7 +31,7 @@ class GraniteMoe(MoEType):
 
 
 class GraniteMoeShared(GraniteMoe):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         return {**super().moe_config(parent, recipe, dense),
                 "shared_intermediate_size": recipe.shared_experts * expert_width(parent, recipe)}
 

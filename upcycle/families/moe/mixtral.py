@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 from upcycle.families.moe.base import MoEType, expert_width, sliding
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
+    from upcycle.families.moe.shape import MoEShape
     from upcycle.families.parents import ParentSpec
 
 
 class Mixtral(MoEType):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         window, _, _ = sliding(parent)
         return dict(num_local_experts=recipe.experts, intermediate_size=expert_width(parent, recipe),
                     sliding_window=window, router_jitter_noise=0.0)

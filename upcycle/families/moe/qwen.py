@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 from upcycle.families.moe.base import MoEType, TensorSpec, expert_width, sliding
 
 if TYPE_CHECKING:
-    from upcycle.convert.recipe import Recipe
+    from upcycle.families.moe.shape import MoEShape
     from upcycle.families.parents import ParentSpec
 
 
 class Qwen2Moe(MoEType):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         window, layer_types, first_sliding = sliding(parent)
         width = expert_width(parent, recipe)
         return dict(num_experts=recipe.experts, moe_intermediate_size=width, intermediate_size=parent.intermediate_size,
@@ -33,7 +33,7 @@ class Qwen2Moe(MoEType):
 
 
 class Qwen3Moe(Qwen2Moe):
-    def moe_config(self, parent: ParentSpec, recipe: Recipe, dense: list[int]) -> dict:
+    def moe_config(self, parent: ParentSpec, recipe: MoEShape, dense: list[int]) -> dict:
         cfg = super().moe_config(parent, recipe, dense)
         del cfg["shared_expert_intermediate_size"], cfg["qkv_bias"]
         cfg.update(num_local_experts=recipe.experts, attention_bias=parent.qkv_bias)

@@ -13,7 +13,7 @@ from pathlib import Path
 from upcycle.families.parents import ARCHS, ParentSpec, parse_parent_config, supported_parents
 from upcycle.core.errors import InputError, UnsupportedError
 from upcycle.core.paths import hub_offline, is_hub_id
-from upcycle.convert.sources import GGUFSource, PickleSource, SafetensorsSource, TensorSource
+from upcycle.storage.sources import GGUFSource, PickleSource, SafetensorsSource, TensorSource
 
 # Files that travel unchanged from the parent to the MoE folder.
 TOKENIZER_FILES = (

@@ -1,6 +1,6 @@
 """What `upcycle convert` shows: the plan (a dry run, or before writing) and the summary, from a ConvertResult.
 
-Kept apart from convert() so that the library computes and the command line prints.
+The library computes (upcycle.convert.convert); only the command line prints.
 """
 
 from __future__ import annotations
