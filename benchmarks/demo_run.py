@@ -9,7 +9,7 @@ itself (minutes on a laptop CPU); run it with nothing else on the machine if its
 
     python benchmarks/demo_run.py [--out DIR] [--keep] [-- DEMO OPTIONS]
 
-Results go to docs/results/demo/<machine>[-<variant>].json (and .png) unless --json says otherwise; a run with
+Results go to docs/results/demo_run/<machine>[-<variant>].json (and .png) unless --json says otherwise; a run with
 demo options other than the defaults writes only where --json says (benchmarks/_results.py).
 """
 

@@ -743,10 +743,10 @@ def _domain(ctx: Ctx) -> str:
 @table("demo")
 def _demo(ctx: Ctx) -> str:
     """The README's excerpt of the demo: the newest run benchmarks/demo_run.py recorded."""
-    runs = sorted((ctx.root / "docs" / "results" / "demo").glob("*.json"))
+    runs = sorted((ctx.root / "docs" / "results" / "demo_run").glob("*.json"))
     if not runs:
-        return ("*No run of the demo is recorded in docs/results/demo/ yet: `python benchmarks/demo_run.py` records "
-                "one, and `python benchmarks/tables.py` puts its result here.*\n")
+        return ("*No run of the demo is recorded in docs/results/demo_run/ yet: `python benchmarks/demo_run.py` "
+                "records one, and `python benchmarks/tables.py` puts its result here.*\n")
     rel = max((p.relative_to(ctx.root / "docs" / "results").as_posix() for p in runs),
               key=lambda r: ctx.load(r).get("date") or "")
     d = ctx.load(rel)
@@ -755,7 +755,7 @@ def _demo(ctx: Ctx) -> str:
             f"{d['peak_rss_kib'] / 2**20:.2f} GiB. The start of the summary it wrote "
             "(`upcycle-demo/report/summary.md`):", "", "> " + ex["verdict"], "", *ex["table"]]
     if d.get("plot"):
-        target = Path(os.path.relpath(ctx.root / "docs" / "results" / "demo" / d["plot"], ctx.page.parent))
+        target = Path(os.path.relpath(ctx.root / "docs" / "results" / "demo_run" / d["plot"], ctx.page.parent))
         text += ["", f"![the demo's held-out loss, per block and with intervals]({target.as_posix()})"]
     return join("\n".join(text), ctx.source(rel))
 
