@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "upcycle", "demo", str(out), *args.demo_args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, usage = os.wait4(proc.pid, 0)  # wait4: the child's own peak RSS, as /usr/bin/time -v reports it
     wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
+    code = proc.returncode = os.waitstatus_to_exitcode(status)
     if code != 0:
         print(f"error: upcycle demo exited with {code}", file=sys.stderr)
         return 1

@@ -363,10 +363,11 @@ def _train_summary(ctx: Ctx) -> str:
             dense = next((r for r in d["results"] if r["model"] == "dense parent" and r["precision"] == prec), None)
             moe = next((r for r in d["results"] if r["model"] != "dense parent" and r["precision"] == prec), None)
             if dense and moe:
+                n = d.get("rounds", 1)
                 rows.append([label, prec, f"{dense['tokens_per_s']:,.0f}", f"{moe['tokens_per_s']:,.0f}",
-                             f2(moe["x_dense"])])
-    return join(md(["machine (2 cores)", "precision", "dense tokens/s", "8x top-2 MoE tokens/s", "MoE / dense"], rows,
-                   "llrrr"), *(ctx.source(rel) for _, rel in TRAIN_MACHINES))
+                             f2(moe["x_dense"]), f"median of {n} interleaved rounds" if n > 1 else "one run"])
+    header = ["machine (2 cores)", "precision", "dense tokens/s", "8x top-2 MoE tokens/s", "MoE / dense", "measured as"]
+    return join(md(header, rows, "llrrrl"), *(ctx.source(rel) for _, rel in TRAIN_MACHINES))
 
 
 @table("train-param-bound")
