@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(ap)
     ap.add_argument("demo_args", nargs="*", help="options for upcycle demo (after --)")
     args = ap.parse_args(argv)
-    record = Run("demo_run", argv=None if argv is None else [sys.argv[0], *argv])
+    import torch  # only to name the GPU the demo will train on, if any (the demo picks CUDA when it is there)
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    record = Run("demo_run", argv=None if argv is None else [sys.argv[0], *argv], gpu=gpu)
     tmp = None
     if args.out is None:
         tmp = Path(tempfile.mkdtemp(prefix="upcycle-demo-"))
