@@ -11,7 +11,9 @@ GQA 32/8, tied embeddings, bfloat16, 1.07B parameters, with the real SmolLM2 tok
 folder, never kept) and converts it with the default options (verification on) into 8 experts top-2, 13.4 GB,
 next to a cp of the same bytes.
 
-    python benchmarks/bench_convert.py [--case smollm2,1b] [--repeats 5] [--json results.json] [--work DIR]
+    python benchmarks/bench_convert.py [--case smollm2,1b] [--repeats 5] [--json PATH] [--work DIR]
+
+Results go to docs/results/bench_convert/<machine>.json unless --json says otherwise (benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import Run, add_arguments
 
 def run(cmd: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one child process."""
@@ -151,7 +154,7 @@ def bench_1b(work: Path, smol: Path, upcycle: list[str]) -> tuple[list[dict], in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", type=Path, help="write the results here")
+    add_arguments(ap)
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temp folder beside the cache)")
     ap.add_argument("--parent", type=Path, help="a float32 HF folder to use instead of SmolLM2")
     ap.add_argument("--case", default="smollm2,1b", help="smollm2, 1b or both (comma-separated)")
@@ -161,6 +164,7 @@ def main() -> None:
         build_1b_parent(args.build_1b, args.parent)
         return
     cases_asked = {c.strip() for c in args.case.split(",")}
+    record = Run("bench_convert")
 
     from upcycle.core.assets import cache_dir
 
@@ -232,10 +236,10 @@ def main() -> None:
         print(f"| {r['case']:52s} | {r['wall_s']:8.2f} | {r['vs_copy']:5.2f} | {r['peak_rss_mib']:14d} |")
         if r.get("phases_s"):
             print(f"|   steps: {', '.join(f'{k} {v:.1f} s' for k, v in r['phases_s'].items()):43s} |          |       |                |")
-    if args.json:
-        command = " ".join(["python", "benchmarks/bench_convert.py", *sys.argv[1:]])
-        args.json.write_text(json.dumps({"command": command, "bytes": size, "repeats": args.repeats,
-                                         "load_average": [start_load, load_average()], "rows": rows}, indent=2) + "\n")
+    # another parent is not the benchmark the docs show: its results go only where --json says
+    path = record.path(args.json, args.variant, default=args.parent is None)
+    record.write({"bytes": size, "repeats": args.repeats, "load_average": [start_load, load_average()], "rows": rows},
+                 path, indent=2)
 
 
 class _Done(Exception):

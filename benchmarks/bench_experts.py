@@ -25,21 +25,24 @@ casts of fp32 master weights to bf16 and of the weight gradients back to fp32 (o
 
     python benchmarks/bench_experts.py [--tokens 4096,128] [--dtypes fp32,bf16] [--layouts coarse,fine]
         [--impls eager,batched_mm,grouped_mm,upcycle] [--repeats 5] [--warmup 1] [--threads N]
-        [--device cpu|cuda] [--json PATH] [--quick]
+        [--device cpu|cuda] [--json PATH] [--variant NAME] [--quick]
+
+Results go to docs/results/bench_experts/<machine>[-<variant>].json unless --json says otherwise (a --quick run or
+another MLP shape writes only where --json says; benchmarks/_results.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _results import Run, add_arguments  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 576, 1536
 LAYOUTS = {"coarse": (8, 2, 1), "fine": (32, 8, 4)}  # experts, top-k, granularity G (expert = MLP / G)
@@ -57,25 +60,6 @@ TARGET = 1.10
 def row_quantum_of(impl: str | None) -> int | None:
     """N for an "upcycle-qN" implementation name (bench_train takes them too), None for any other name."""
     return int(impl[len("upcycle-q"):]) if impl and impl.startswith("upcycle-q") else None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_isa() -> str:
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "?"
-    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(have) or "no avx512"
 
 
 def bf16_native(device) -> bool:
@@ -418,7 +402,7 @@ def main() -> None:
                          "bf16, the 'cast floor' row (that plus casting fp32 master weights and gradients)")
     ap.add_argument("--fixed-routing", action="store_true",
                     help="one routing for every round (default: a fresh draw per round, as in training)")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    add_arguments(ap)
     ap.add_argument("--quick", action="store_true", help="smoke run: 512 and 128 tokens, 2 rounds after 1 warm-up")
     args = ap.parse_args()
     if args.quick:
@@ -432,11 +416,13 @@ def main() -> None:
     threads = args.threads or cores
     torch.set_num_threads(threads)
     device = torch.device(args.device)
+    record = Run("bench_experts", gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    machine = record.meta["machine"]
     if not register_experts_kernel():
         print("the upcycle kernel declined on this machine; it is left out", file=sys.stderr)
     impls = [i for i in args.impls.split(",") if i]
-    header = (f"{device.type}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
-              f" ({cpu_isa() if device.type == 'cpu' else 'gpu'}), torch {torch.__version__}, {threads} threads; "
+    header = (f"{device.type}: {machine.get('gpu') or machine['cpu']} ({' '.join(machine['flags'] or ['?'])}), "
+              f"torch {torch.__version__}, {threads} threads; "
               f"bf16 {'native' if bf16_native(device) else 'emulated'}; "
               f"experts fwd+bwd, router excluded; median of {args.repeats} rounds after {args.warmup} warm-up")
     rows = []
@@ -447,14 +433,14 @@ def main() -> None:
                 rows += cell
                 print_table(cell, f"{layout} {dtype} {T} tokens")
     print_table(rows, header)
-    if args.json:
-        meta = dict(device=device.type, cpu=cpu_name(), isa=cpu_isa(), torch=torch.__version__, threads=threads,
-                    hidden=args.hidden, intermediate=args.intermediate, repeats=args.repeats, warmup=args.warmup,
-                    command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), ideal=IDEAL, target=TARGET,
-                    bf16_native=bf16_native(device), glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
-                    timed="experts module forward+backward, router excluded", fixed_routing=args.fixed_routing,
-                    row_quantum=__import__("upcycle.core.kernels", fromlist=["ROW_QUANTUM"]).ROW_QUANTUM)
-        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    # a smoke run or another MLP shape is not the benchmark the docs show: written only where --json says
+    standard = not args.quick and (args.hidden, args.intermediate) == (HIDDEN, INTERMEDIATE)
+    meta = dict(device=device.type, threads=threads, hidden=args.hidden, intermediate=args.intermediate,
+                repeats=args.repeats, warmup=args.warmup, ideal=IDEAL, target=TARGET,
+                bf16_native=bf16_native(device), glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+                timed="experts module forward+backward, router excluded", fixed_routing=args.fixed_routing,
+                row_quantum=__import__("upcycle.core.kernels", fromlist=["ROW_QUANTUM"]).ROW_QUANTUM)
+    record.write(dict(meta=meta, rows=rows), record.path(args.json, args.variant, default=standard))
 
 
 if __name__ == "__main__":

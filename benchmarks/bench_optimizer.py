@@ -19,12 +19,14 @@ MoE / dense throughput ratio (benchmarks/bench_train.py). Cases, on --params fp3
 Each case: one untimed step, then the median of --repeats timed steps.
 
     python benchmarks/bench_optimizer.py [--params 100M] [--tensor-size 2000000] [--repeats 5] [--json PATH]
+
+Results go to docs/results/bench_optimizer/<machine>[-<variant>].json unless --json says otherwise
+(benchmarks/_results.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,18 +35,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _results import Run, add_arguments  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=100e6)
     ap.add_argument("--tensor-size", type=int, default=2_000_000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", type=Path)
+    add_arguments(ap)
     args = ap.parse_args()
+    record = Run("bench_optimizer")
 
     import torch
 
-    from bench_experts import cpu_isa, cpu_name
     from upcycle.train.freeze import adamw, clear_fused_clip, clip_into_fused_adamw
 
     n = max(1, int(args.params) // args.tensor_size)
@@ -89,7 +93,9 @@ def main() -> None:
     rows.append(("memory: copy", timed(lambda: b.copy_(a)), 8))
     rows.append(("memory: in-place add", timed(lambda: a.add_(b, alpha=0.5)), 12))
     per = 100e6 / total
-    head = (f"{cpu_name()} ({cpu_isa()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    machine = record.meta["machine"]
+    head = (f"{machine['cpu']} ({' '.join(machine['flags'] or ['?'])}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; "
             f"{total / 1e6:.0f}M fp32 parameters in {n} tensors; median of {args.repeats}; "
             f"1-min load {os.getloadavg()[0]:.1f}")
     print(head)
@@ -97,14 +103,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, t, nbytes in rows:
         print(f"| {name} | {t:.3f} | {t * per:.3f} | {nbytes} | {nbytes * total / t / 1e9:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": {"cpu": cpu_name(), "isa": cpu_isa(), "torch": torch.__version__,
-                                                     "threads": torch.get_num_threads()},
-                                         "params": total, "tensors": n, "repeats": args.repeats,
-                                         "load_avg_1min_after": os.getloadavg()[0],
-                                         "rows": [{"case": name, "s": t, "s_per_100M": t * per, "bytes_per_param": nb,
-                                                   "gb_per_s": nb * total / t / 1e9} for name, t, nb in rows]},
-                                        indent=1) + "\n")
+    record.write({"threads": torch.get_num_threads(), "params": total, "tensors": n, "repeats": args.repeats,
+                  "load_avg_1min_after": os.getloadavg()[0],
+                  "rows": [{"case": name, "s": t, "s_per_100M": t * per, "bytes_per_param": nb,
+                            "gb_per_s": nb * total / t / 1e9} for name, t, nb in rows]},
+                 record.path(args.json, args.variant))
 
 
 if __name__ == "__main__":

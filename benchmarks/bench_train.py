@@ -20,6 +20,9 @@ within the round (a MoE case against the dense case run just before it), and s/s
 
     python benchmarks/bench_train.py [--steps 3] [--warmup 2] [--seq-len 256] [--batch-size 2] [--rounds 1]
                                      [--precisions bf16,fp32] [--impls grouped_mm,upcycle] [--json PATH] [--work DIR]
+
+Results go to docs/results/bench_train/<machine>[-<variant>].json unless --json says otherwise (a run with
+--parent writes only where --json says; benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import Run, add_arguments
 
 
 def train_data() -> list[str]:
@@ -140,11 +144,10 @@ def _floor_child(spec: dict) -> dict:
             "params": sum(p.numel() for p in params), "train_flops_per_token": 3 * cost.flops_per_token}
 
 
-def _machine() -> dict:
-    """What the numbers depend on: the CPU, whether it runs bf16 natively, torch."""
+def _machine_extra() -> dict:
+    """What the numbers depend on beyond the CPU model and flags: torch's CPU capability and whether it runs bf16
+    natively here."""
     import torch
-
-    from bench_experts import cpu_isa, cpu_name
 
     try:
         from upcycle.core.hardware import bf16_is_fast
@@ -152,8 +155,7 @@ def _machine() -> dict:
         native = bf16_is_fast("cpu")
     except ImportError:  # pragma: no cover
         native = None
-    return {"cpu": cpu_name(), "isa": cpu_isa(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": native, "torch": torch.__version__}
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": native}
 
 
 def _run_child(spec: dict) -> dict:
@@ -257,7 +259,7 @@ def main() -> None:
                     help="run every case this many times, interleaved; x dense = median of the per-round ratios")
     ap.add_argument("--floor-reps", type=int, default=3,
                     help="timed repetitions of the parameter-bound work (0: do not measure the floor)")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    add_arguments(ap)
     ap.add_argument("--work", type=Path, help="scratch folder (default: a new temp folder, removed at the end)")
     ap.add_argument("--parent", type=Path, help="a dense HF folder to use instead of SmolLM2 (to try the script)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -266,6 +268,7 @@ def main() -> None:
         spec = json.loads(args.child)
         print(json.dumps(_floor_child(spec) if spec.get("floor") else _child(spec)))
         return
+    record = Run("bench_train")
 
     impls = args.impls.split(",") if args.impls else (
         ["grouped_mm"] + (["upcycle"] if importlib.util.find_spec("upcycle.core.kernels") else []))
@@ -304,12 +307,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     parent_name = args.parent.name if args.parent else "SmolLM2-135M"
-    machine = _machine()
+    machine = {**record.meta["machine"], **_machine_extra()}
     header = (f"upcycle train throughput, {parent_name} dense vs 8x top-2 upcycle; seq-len {args.seq_len} x batch "
               f"{args.batch_size} = {args.seq_len * args.batch_size} tokens/step; {args.steps} timed steps after "
               f"{args.warmup}{f', {args.rounds} interleaved rounds (medians)' if args.rounds > 1 else ''}; "
-              f"{machine['cpu']} ({machine['isa']}; torch CPU capability {machine['capability']}), "
-              f"torch {machine['torch']}, {results[0]['threads']} threads")
+              f"{machine['cpu']} ({' '.join(machine['flags'] or ['?'])}; torch CPU capability {machine['capability']}), "
+              f"torch {record.meta['software']['torch']}, {results[0]['threads']} threads")
     per_round = args.rounds > 1
     lines = [header, "",
              "| model | experts impl | precision | optimizer | tokens/s | s/step | x dense "
@@ -324,14 +327,11 @@ def main() -> None:
                      f"| {r['load_avg_1min_before']:.1f} / {r['load_avg_1min_after']:.1f} |")
     lines += _floor_table(results, floors)
     print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-                                         "warmup": args.warmup, "rounds": args.rounds,
-                                         "machine": {**machine, "os": platform.platform()},
-                                         "cpu_count": os.cpu_count(),
-                                         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                                         "results": results, "floor": floors}, indent=2) + "\n")
-
+    # another parent is not the benchmark the docs show: written only where --json says
+    record.write({"seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+                  "rounds": args.rounds, "cpu_count": os.cpu_count(), "results": results, "floor": floors},
+                 record.path(args.json, args.variant, default=args.parent is None),
+                 machine_extra={k: machine[k] for k in ("capability", "bf16_native")}, indent=2)
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,11 @@ loss minus the arm's (higher is better), "forgot" the arm's general loss minus t
 For the MoE arms the table also gives the share of held-out domain tokens whose top-k holds the forced expert
 (routing as saved, no forcing).
 
-    python benchmarks/domain_study.py --work /tmp/dstudy --steps 30 --json docs/domain_study.json
+    python benchmarks/domain_study.py --work /tmp/dstudy --steps 30
     python benchmarks/domain_study.py --work /tmp/dq --quick --parent TINY_DIR   # a smoke run (tests)
+
+Results go to docs/results/domain_study/<machine>[-<variant>].json unless --json says otherwise (a --quick run
+or another parent writes only where --json says; benchmarks/_results.py).
 
 One run on one machine: numbers differ with the budget, seed and data; read them as that, not as a law.
 """
@@ -39,6 +42,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _results import Run, add_arguments
 
 ARMS = ("moe_full", "moe_domain", "moe_forced", "moe_forced_steer", "moe_lora", "dense_full")
 
@@ -140,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     ap.add_argument("--quick", action="store_true", help="2 steps, short blocks: a smoke run of the same code path")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    add_arguments(ap)
     args = ap.parse_args(argv)
+    record = Run("domain_study", argv=None if argv is None else [sys.argv[0], *argv])
     if args.quick:
         args.steps, args.seq_len, args.eval_blocks, args.warmup = 2, 64, 4, 1
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -207,12 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {trainable} | {lr} | {r['domain_loss']:.4f} | "
               f"{r.get('gain', 0.0):+.4f} | {r['general_loss']:.4f} | {r.get('forgot', 0.0):+.4f} | {share} | "
               f"{r.get('seconds', 0.0):.0f} |")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "parent": str(parent), "moe": str(moe), "domain": args.domain, "domain_files": len(domain),
-            "domain_blocks": len(domain_blocks), "general_blocks": len(general_blocks), "steps": args.steps,
-            "seq_len": args.seq_len, "batch_size": args.batch_size, "precision": args.precision, "seed": args.seed,
-            "forced": forced, "quick": args.quick, "seconds": elapsed, "rows": rows}, indent=1) + "\n")
+    record.write({
+        "parent": str(parent), "moe": str(moe), "domain": args.domain, "domain_files": len(domain),
+        "domain_blocks": len(domain_blocks), "general_blocks": len(general_blocks), "steps": args.steps,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "precision": args.precision, "seed": args.seed,
+        "forced": forced, "quick": args.quick, "seconds": elapsed, "rows": rows},
+        record.path(args.json, args.variant, default=not args.quick and args.parent is None))
     return 0
 
 

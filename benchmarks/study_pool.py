@@ -10,8 +10,11 @@ whether the seeds disagree by more than their own intervals allow (with two seed
 Q above 3.84 is a disagreement at 5%). What this does not capture: a seed-to-seed spread beyond the held-out
 sampling, if there is one (with two or three seeds it cannot be estimated; Q is the check).
 
-    python benchmarks/study_pool.py docs/study_expert_lr05_seed0_144.json docs/study_expert_lr05_seed1_144.json \\
-        [--json docs/study_expert_lr05_144_pooled.json]
+    python benchmarks/study_pool.py docs/results/study/epyc-avx2-expert-lr05-144-seed0.json \\
+        docs/results/study/epyc-avx2-expert-lr05-144-seed1.json [--json PATH] [--variant NAME]
+
+Results go to docs/results/study_pool/<machine>[-<variant>].json unless --json says otherwise
+(benchmarks/_results.py).
 
 The study JSONs must be one arm at one budget: every setting equal except the seed (and where files went).
 """
@@ -26,9 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _results import Run, add_arguments  # noqa: E402
+
 # settings that may differ between the pooled runs: the seed, where the study wrote things, how often it
 # checkpointed, and whether it also ran the same-FLOPs arm (none of these changes the same-tokens pair)
-FREE = {"seed", "work", "json", "plot", "lock", "no_same_flops", "save_every"}
+FREE = {"seed", "work", "json", "plot", "variant", "lock", "no_same_flops", "save_every"}
 COMPARISONS = ("same_tokens", "same_flops")
 
 
@@ -95,8 +100,9 @@ def pool_studies(paths: list[Path]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("studies", type=Path, nargs="+", help="benchmarks/study.py JSON files, one per seed")
-    ap.add_argument("--json", type=Path, help="write the pooled result here")
+    add_arguments(ap, "the pooled result")
     args = ap.parse_args(argv)
+    record = Run("study_pool", argv=None if argv is None else [sys.argv[0], *argv])
     try:
         res = pool_studies(args.studies)
     except PoolError as e:
@@ -111,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} {'pooled':>6} {p['mean']:+9.4f}  [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]  "
               f"{p['verdict']}; Cochran's Q {p['cochran_q']:.2f} on {p['q_df']} df"
               + (f"; seeds without it: {c['missing_seeds']}" if c["missing_seeds"] else ""))
-    if args.json:
-        res["command"] = " ".join(["python", "benchmarks/study_pool.py", *(argv if argv is not None else sys.argv[1:])])
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    record.write(res, record.path(args.json, args.variant))
     return 0
 
 

@@ -10,6 +10,9 @@ bench_train.py is the throughput table.
 
     python benchmarks/train_phases.py [--dense] [--steps 6] [--skip 2] [--seq-len 256] [--batch-size 2]
                                       [--precision fp32] [--model DIR] [--json PATH] [--work DIR]
+
+Results go to docs/results/train_phases/<machine>[-<variant>].json unless --json says otherwise (a run on
+--model writes only where --json says; benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import Run, add_arguments  # noqa: E402
 
 PHASES = (  # (module, attribute path, label): what the loop calls, wrapped in place
     ("accelerate", "Accelerator.backward", "backward"),
@@ -66,14 +71,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--json", type=Path)
+    add_arguments(ap)
     ap.add_argument("--work", type=Path, help="scratch folder (default: a new temp folder, removed at the end)")
     args = ap.parse_args()
     if args.steps <= args.skip:
         raise SystemExit("--steps must exceed --skip")
+    record = Run("train_phases")
 
     import upcycle.train.checkpoint as ck
-    from bench_train import _machine, _models, skip_final_save, train_data
+    from bench_train import _machine_extra, _models, skip_final_save, train_data
     from upcycle.train import TrainConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="train-phases-", dir=args.work))
@@ -104,24 +110,22 @@ def main() -> None:
         tail = ts[args.skip * per_step:]
         phases[label] = sum(tail) / len(kept)
     phases["forward and the rest"] = step_s - sum(phases.values())
-    machine = _machine()
+    machine = {**record.meta["machine"], **_machine_extra()}
     name = Path(str(model)).name
     lines = [f"upcycle train step phases, {name} ({run['experts_impl'] or 'dense'}), {args.seq_len} x {args.batch_size} "
              f"tokens, {args.precision}, {run.get('optimizer', 'AdamW')}; mean of steps {args.skip + 1}-{args.steps}; "
-             f"{machine['cpu']} ({machine['isa']}), torch {machine['torch']}", "",
+             f"{machine['cpu']} ({' '.join(machine['flags'] or ['?'])}), torch {record.meta['software']['torch']}", "",
              "| phase | s/step | share |", "|---|---:|---:|"]
     for label, s in sorted(phases.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {label} | {s:.3f} | {s / step_s:.0%} |")
     lines.append(f"| **whole step** | **{step_s:.3f}** | |")
     print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"model": name, "experts_impl": run["experts_impl"], "machine": machine,
-                                         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                                         "seq_len": args.seq_len, "batch_size": args.batch_size,
-                                         "precision": args.precision, "steps": args.steps, "skip": args.skip,
-                                         "step_s": step_s, "step_s_all": [r["step_time"] for r in rows],
-                                         "phases_s": phases}, indent=2) + "\n")
-
+    # another model than the SmolLM2 pair is not the benchmark the docs show: written only where --json says
+    record.write({"model": name, "experts_impl": run["experts_impl"], "seq_len": args.seq_len,
+                  "batch_size": args.batch_size, "precision": args.precision, "steps": args.steps, "skip": args.skip,
+                  "step_s": step_s, "step_s_all": [r["step_time"] for r in rows], "phases_s": phases},
+                 record.path(args.json, args.variant, default=args.model is None),
+                 machine_extra={k: machine[k] for k in ("capability", "bf16_native")}, indent=2)
 
 if __name__ == "__main__":
     main()
