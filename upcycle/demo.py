@@ -65,11 +65,12 @@ class DemoOptions:
 def demo_precision() -> str:
     """What `--precision auto` means for the demo: bf16 autocast on a GPU that runs bf16 natively, fp32 on a CPU.
 
-    On a CPU the MoE trains faster in fp32 even where bf16 is native (AMX: see bench_train in the README, 7.7
-    against 11.8 s per step), and bf16 autocast costs memory on top of the fp32 weights and AdamW states: a bf16
-    cast of every expert weight in each forward, and oneDNN's compiled matmul kernels, one per expert batch shape
-    (a different number of tokens reaches each expert each step), kept in a cache of up to 1024 (about 0.6 MB each).
-    Both arms train in the same precision either way."""
+    On a CPU with native bf16 (AMX, AVX512-BF16) the MoE step is faster in bf16 (docs/speed.md), but the demo must
+    also run on CPUs without it, where bf16 is emulated and several times slower, and bf16 autocast costs memory on
+    top of the fp32 weights and AdamW states: a bf16 cast of every expert weight in each forward, and oneDNN's
+    compiled matmul kernels, one per expert batch shape (a different number of tokens reaches each expert each
+    step), kept in a cache of up to 1024 (about 0.6 MB each); the demo's memory budget is 8 GiB. `--precision bf16`
+    asks for it. Both arms train in the same precision either way."""
     import torch
 
     from upcycle.core.hardware import default_precision

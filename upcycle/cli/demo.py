@@ -34,8 +34,9 @@ def demo_command(
     standard library's sources; the dense parent trained the same way as the
     baseline -> evaluation of the MoE against the parent and that baseline on
     held-out standard-library files. Takes minutes on a laptop CPU. Here
-    --precision auto means fp32 on a CPU (the MoE trains faster and in less
-    memory than in bf16 there) and bf16 on a GPU that runs it natively.
+    --precision auto means fp32 on a CPU (every CPU runs it, in less memory;
+    bf16 is faster only where the CPU runs it natively) and bf16 on a GPU
+    that runs it natively.
 
     Example:
 
