@@ -17,9 +17,9 @@ A checkpoint is assembled in RUN/.checkpoint-STEP.partial and renamed into place
 killed at any moment leaves either the previous checkpoints or the new one, never a half-written folder that
 --resume would pick. --resume checks the newest checkpoint against its checksums.json (sizes and hashes) and falls
 back to the newest intact one, so a checkpoint damaged after it was written (a copy cut short, a disk error) costs
-the steps since the one before it, not the run. Weights are saved with the input's own config.json (dtype updated) instead of
-transformers 5's re-serialisation, because that file also carries the keys transformers 4.x needs
-(rope_theta beside rope_parameters, num_experts beside num_local_experts, partial_rotary_factor).
+the steps since the one before it, not the run. Weights are saved with the input's own config.json (dtype
+updated) instead of transformers 5's re-serialisation, because that file also carries the keys transformers 4.x
+needs (rope_theta beside rope_parameters, num_experts beside num_local_experts, partial_rotary_factor).
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def check_run_dir(out: Path, resume: bool, warn: Callable[[str], None] | None = 
                      f"({', '.join(names)} set aside as {aside})")
             return p
         damaged.append((p.name, problem))
-    shown = "; ".join(f"{n}: {why}" for n, why in damaged[:3]) + (f"; {len(damaged) - 3} more" if len(damaged) > 3 else "")
+    shown = "; ".join(f"{n}: {why}" for n, why in damaged[:3])
+    if len(damaged) > 3:
+        shown += f"; {len(damaged) - 3} more"
     raise TrainingError(f"nothing to resume: no intact checkpoint in {out} ({shown})")
 
 

@@ -104,7 +104,8 @@ def room_problem(out: Path, name: str, size: int) -> str | None:
     need = size + margin(size)
     if need <= free:
         return None
-    return f"not enough disk space for {name}: it needs about {human_bytes(need)}, {human_bytes(free)} are free in {out}"
+    return (f"not enough disk space for {name}: it needs about {human_bytes(need)}, {human_bytes(free)} are free "
+            f"in {out}")
 
 
 def is_disk_full(path: Path, exc: BaseException) -> bool:
