@@ -7,6 +7,7 @@ run's losses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,6 +154,15 @@ def test_truncated_model_folder_is_one_line_for_train_and_eval(tiny_moe, full, t
                           f"{CHECKSUMS} recorded {size}"], r.output
         assert r.output.rstrip().endswith(f"recorded {size}")  # nothing after it
 
+    # a README edited by hand is not damage: loading checks the weights' recorded sizes only
+    from upcycle.core.integrity import check_model_folder
+
+    edited = tmp_path / "edited"
+    shutil.copytree(full / "final", edited)
+    (edited / "README.md").write_text("my notes on this model\n")
+    check_model_folder(edited)
+    assert "README.md has" in checksum_problem(edited, hashes=False)  # while a checkpoint would count it
+
 
 # ---------------------------------------------------------------------------------------------------- signals
 
@@ -190,20 +200,23 @@ def test_signal_saves_the_step_and_resume_matches(tiny_moe, tmp_path, monkeypatc
 
 
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
-    """The first signal only asks; the second is obeyed as if no handler were installed."""
+    """The first signal only asks; a second one is obeyed as if no handler were installed, unless it follows the
+    first at once (a launcher forwarding the same request: torchrun sends SIGTERM to workers that got it already)."""
     code = ("import os, signal, time\n"
-            "from upcycle.train.signals import StopOnSignal\n"
+            "from upcycle.train.signals import DUPLICATE_S, StopOnSignal\n"
             "with StopOnSignal() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    assert stop.requested and stop.name == 'SIGTERM'\n"
-            "    print('asked', flush=True)\n"
+            "    assert stop.requested and stop.name == 'SIGINT'\n"
+            "    print('asked once', flush=True)\n"
+            "    time.sleep(DUPLICATE_S + 0.2)\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(30)\n"
             "    print('survived', flush=True)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
-    assert proc.stdout == "asked\n"
+    assert proc.stdout == "asked once\n"
 
 
 @pytest.mark.slow  # ~15-30 s: a fresh Python process imports torch and transformers before it trains
@@ -326,3 +339,73 @@ def test_full_tmpfs(tiny_moe, full, tmp_path, tmpfs, monkeypatch, precheck):
     assert [s for s, _ in ck.checkpoints(run)] == [2] and checksum_problem(run / "checkpoint-2", hashes=True) is None
     assert not list(run.glob(".*partial")) and not (run / "final").exists()
     assert_same(losses(full), losses(run))  # every step up to the refused checkpoint was logged
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow  # three two-process launches: about a minute
+def test_sigterm_to_every_process_of_a_ddp_run(tiny_moe, tmp_path):
+    """As SLURM preempts: SIGTERM to the launcher and to both workers at once (SLURM signals every process of the
+    job step; torchrun starts its workers in sessions of their own, out of reach of a process-group kill), and
+    torchrun then sends its own SIGTERM to the workers. Both processes agree to stop after the same step, write one checkpoint, and a DDP
+    --resume continues with the losses of an uninterrupted DDP run."""
+    from tests.test_train_ddp import ROOT, free_port
+
+    def command(out: Path, *extra) -> list[str]:
+        accelerate = Path(sys.executable).with_name("accelerate")
+        return [str(accelerate), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"),
+                "--main_process_port", str(free_port()), "-m", "upcycle", "train", str(tiny_moe), "-d", str(DATA),
+                "-o", str(out), *cli_args({**OPTIONS, "steps": 40, "save_every": 100}), *extra]
+
+    reference = tmp_path / "full"
+    res = subprocess.run(command(reference), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": "250"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not ((run / ck.METRICS).is_file() and (run / ck.METRICS).read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no step was logged"
+            time.sleep(0.005)
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            os.kill(pid, signal.SIGTERM)  # at once: the same moment for all, as SLURM sends it
+        seen = max(losses(run))
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode != 0 and "SIGKILL" not in err, err[-3000:]
+    done = max(losses(run))
+    assert seen <= done <= seen + 1, (seen, done)
+    assert [s for s, _ in ck.checkpoints(run)] == [done] and not (run / "final").exists(), err[-3000:]
+    assert checksum_problem(run / f"checkpoint-{done}", hashes=True) is None
+    assert (run / f"checkpoint-{done}" / "trainer" / "random_states_1.pkl").is_file()  # both ranks saved
+    assert one_line(err).count(f"stopped by SIGTERM after step {done} of 40") == 2, err[-3000:]
+
+    res = subprocess.run(command(run, "--resume"), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same(losses(reference), losses(run))

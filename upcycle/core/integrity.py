@@ -4,8 +4,8 @@ Two checks, from cheap to thorough:
 
 - `check_model_folder` (every local folder `load_causal_lm` opens, so train, eval and resume): each
   safetensors file's header is read (8 bytes of length, then the JSON) and the tensor data it promises must
-  fit in the file; index-listed shards must exist; and where the folder has a `checksums.json`, every file
-  must have its recorded size. It reads the headers only (kilobytes), so a truncated `model.safetensors` is
+  fit in the file; index-listed shards must exist; and where the folder has a `checksums.json`, every weights
+  file must have its recorded size. It reads the headers only (kilobytes), so a truncated `model.safetensors` is
   one line instead of the traceback safetensors raises while transformers loads it.
 - `checksum_problem(folder, hashes=True)`: the folder's `checksums.json` (written last by `write_checksums`, so
   a folder without it was never finished) against every file: size always, and with `hashes` the xxh3-64
@@ -89,15 +89,19 @@ def recorded_bytes(folder: Path) -> int | None:
     return None if files is None else sum(int(f.get("size", 0)) for f in files.values())
 
 
-def checksum_problem(folder: Path, *, hashes: bool) -> str | None:
+def checksum_problem(folder: Path, *, hashes: bool, weights_only: bool = False) -> str | None:
     """What is wrong with `folder` against its checksums.json, in a few words (None: intact).
 
-    Sizes are always compared; with `hashes` every file is read once more and hashed (see the module docstring)."""
+    Sizes are always compared; with `hashes` every file is read once more and hashed (see the module docstring).
+    With `weights_only`, only the safetensors files and their index are compared: a README or config edited by
+    hand does not make a model folder unloadable."""
     if not (folder / CHECKSUMS).is_file():
         return f"no {CHECKSUMS}, which is written last: unfinished, or written by an older upcycle"
     files = read_checksums(folder)
     if files is None:
         return f"{CHECKSUMS} is unreadable"
+    if weights_only:
+        files = {k: v for k, v in files.items() if k.endswith((".safetensors", ".safetensors.index.json"))}
     for rel, rec in files.items():
         p = folder / rel
         try:
@@ -147,7 +151,7 @@ def check_model_folder(folder: Path) -> None:
     folder = Path(folder)
     files = read_checksums(folder)
     if files is not None:
-        problem = checksum_problem(folder, hashes=False)
+        problem = checksum_problem(folder, hashes=False, weights_only=True)
         if problem is not None:
             raise InputError(f"{folder} is damaged: {problem}")
     index = folder / "model.safetensors.index.json"

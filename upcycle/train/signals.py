@@ -5,6 +5,11 @@ terminationGracePeriodSeconds, 30 s by default), and a user at a terminal sends 
 first of either only sets a flag; the training loop reads it once per optimizer step (agreed across processes),
 writes a checkpoint after the step it is in and exits with 128 + the signal's number. A second signal means "now":
 the default action is restored and the signal re-sent, so the process ends at once, as it would have without us.
+
+Except within DUPLICATE_S of the first: launchers forward what they receive. Under SLURM every process of the job
+step gets the SIGTERM, and torchrun (what `accelerate launch` runs for several processes) then sends its workers a
+SIGTERM of its own; a Ctrl-C reaches the workers as SIGINT and, through torchrun, as SIGTERM. Those arrive
+milliseconds apart and are the same request; torchrun then waits 30 s for its workers before it kills them.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 from upcycle.core.errors import TrainingError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DUPLICATE_S = 1.0  # a second signal sooner than this after the first is the same request, forwarded
 
 
 class StoppedBySignal(TrainingError):
@@ -27,13 +34,15 @@ class StoppedBySignal(TrainingError):
 
 
 class StopOnSignal:
-    """Within this context, the first SIGTERM or SIGINT sets `signum`; a second ends the process at once.
+    """Within this context, the first SIGTERM or SIGINT sets `signum`; a second ends the process at once (unless it
+    came within DUPLICATE_S of the first: see the module docstring).
 
     Outside the main thread Python cannot install handlers: the context then does nothing and the signals keep
     their usual effect."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -46,7 +55,9 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first = signum, time.monotonic()
+            return
+        if time.monotonic() - self._first < DUPLICATE_S:
             return
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
