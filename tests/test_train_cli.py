@@ -78,7 +78,7 @@ def _bert(tmp_path):
     d = tmp_path / "bert"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (d / "model.safetensors").write_bytes(b"")
+    (d / "model.safetensors").write_bytes(b"\x02" + b"\0" * 7 + b"{}")  # a whole safetensors file with no tensor
     return d
 
 

@@ -392,6 +392,8 @@ def test_param_groups_router_lr_and_decay(moe):
 # ------------------------------------------------------------------------------------------------- run folder
 
 def test_check_run_dir(tmp_path):
+    from upcycle.core.integrity import write_checksums
+
     out = tmp_path / "run"
     assert ck.check_run_dir(out, resume=False) is None
     with pytest.raises(TrainingError, match="nothing to resume: .* does not exist"):
@@ -399,14 +401,15 @@ def test_check_run_dir(tmp_path):
     out.mkdir()
     (out / ".checkpoint-4.partial").mkdir()  # a killed run's half-written checkpoint is not "content"
     assert ck.check_run_dir(out, resume=False) is None
-    (out / "checkpoint-2").mkdir()  # no trainer_state.json: incomplete, never resumed from
-    with pytest.raises(TrainingError, match="holds no complete checkpoint-STEP folder"):
+    (out / "checkpoint-2").mkdir()  # no checksums.json (written last): incomplete, never resumed from
+    with pytest.raises(TrainingError, match=r"no intact checkpoint in .* \(checkpoint-2: no checksums.json"):
         ck.check_run_dir(out, resume=True)
     with pytest.raises(OutputError, match="is not empty"):
         ck.check_run_dir(out, resume=False)
     for step in (2, 10):
         (out / f"checkpoint-{step}").mkdir(exist_ok=True)
         (out / f"checkpoint-{step}" / ck.STATE_FILE).write_text("{}")
+        write_checksums(out / f"checkpoint-{step}")
     assert ck.check_run_dir(out, resume=True) == out / "checkpoint-10"  # numeric, not lexical order
     ck.prune(out, 1)
     assert [s for s, _ in ck.checkpoints(out)] == [10]

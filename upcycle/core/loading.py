@@ -52,6 +52,10 @@ def check_local_model_dir(path: Path, allow_pickle: bool = False) -> None:
         )
     if not has_st and not has_pickle:
         raise InputError(f"{path} holds no weights (*.safetensors)")
+    # a truncated or half-copied file is one line here, not a traceback from safetensors inside transformers
+    from upcycle.core.integrity import check_model_folder
+
+    check_model_folder(path)
 
 
 def load_tokenizer(spec: str | Path, *, trust_remote_code: bool = False):

@@ -5,17 +5,21 @@ exact resume needs.
       run.json                 the options of the run (and of each resume)
       metrics.jsonl            one JSON object per optimizer step
       checkpoint-STEP/         config.json, model*.safetensors (per-expert keys), tokenizer, upcycle.json, ...
+        checksums.json         size and xxh3-64 hash of every other file, written last (upcycle.core.integrity)
         trainer_state.json     step, tokens, data position (upcycle.core.data state)
         trainer/               accelerate state: optimizer, scheduler, RNG of every process
         adapter/               with --lora: the LoRA adapter (PEFT format); the weights above are then the base's
-      final/                   the trained model in --save-dtype, no trainer state (LoRA merged in)
+      final/                   the trained model in --save-dtype, no trainer state (LoRA merged in), checksums.json
+      checkpoint-STEP.damaged/ a checkpoint that failed its checksums on --resume, set aside (never loaded)
       adapter/                 with --lora: the final LoRA adapter
 
 A checkpoint is assembled in RUN/.checkpoint-STEP.partial and renamed into place only once complete, so a run
 killed at any moment leaves either the previous checkpoints or the new one, never a half-written folder that
---resume would pick. Weights are saved with the input's own config.json (dtype updated) instead of
-transformers 5's re-serialisation, because that file also carries the keys transformers 4.x needs
-(rope_theta beside rope_parameters, num_experts beside num_local_experts, partial_rotary_factor).
+--resume would pick. --resume checks the newest checkpoint against its checksums.json (sizes and hashes) and falls
+back to the newest intact one, so a checkpoint damaged after it was written (a copy cut short, a disk error) costs
+the steps since the one before it, not the run. Weights are saved with the input's own config.json (dtype
+updated) instead of transformers 5's re-serialisation, because that file also carries the keys transformers 4.x
+needs (rope_theta beside rope_parameters, num_experts beside num_local_experts, partial_rotary_factor).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
-from upcycle.core.errors import TrainingError, UsageError
+from upcycle.core import integrity
+from upcycle.core.errors import OutputError, TrainingError, UsageError
 from upcycle.core.paths import METRICS, check_output_folder  # noqa: F401 (METRICS: part of the run folder layout)
 from upcycle.core.tensors import FLOAT_DTYPES
 
@@ -40,7 +46,8 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^\.(checkpoint-\d+|final|adapter)\.partial$")
 # Files of a model folder that are weights (rewritten from the trained model) or trainer state, not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-_NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", STATE_FILE}
+_NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", STATE_FILE, integrity.CHECKSUMS}
+DAMAGED = ".damaged"  # suffix of a checkpoint set aside by --resume
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -54,18 +61,56 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def check_run_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuse what cannot work before any compute."""
+def check_run_dir(out: Path, resume: bool, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuse what cannot work before any compute.
+
+    The newest checkpoint that passes its checksums (upcycle.core.integrity, hashes included) is the one; when a
+    newer one fails, `warn` gets one line naming it, what is wrong and how many steps the run goes back."""
     check_output_folder(out, option="--out", overwrite=resume,
                         conflicts=lambda d: [p.name for p in d.iterdir() if not _PARTIAL.match(p.name)],
                         fix="pass --resume to continue the run in it, or choose a new folder")
-    if resume:
-        found = checkpoints(out)
-        if not found:
-            where = "does not exist" if not out.exists() else "holds no complete checkpoint-STEP folder"
-            raise TrainingError(f"nothing to resume: {out} {where}")
-        return found[-1][1]
-    return None
+    if not resume:
+        return None
+    found = checkpoints_any(out)
+    if not found:
+        where = "does not exist" if not out.exists() else "holds no complete checkpoint-STEP folder"
+        raise TrainingError(f"nothing to resume: {out} {where}")
+    damaged: list[tuple[str, str]] = []
+    for step, p in reversed(found):
+        problem = integrity.checksum_problem(p, hashes=True)
+        if problem is None:
+            if damaged and warn is not None:
+                back = found[-1][0] - step
+                names = [d[0] for d in damaged]
+                what = (f"{names[0]} is damaged ({damaged[0][1]})" if len(damaged) == 1 else
+                        ", ".join(f"{n} ({why})" for n, why in damaged) + " are damaged")
+                aside = f"{names[0]}{DAMAGED}" if len(names) == 1 else f"*{DAMAGED}"
+                warn(f"{what}; resuming from {p.name}, {back} step{'s' * (back != 1)} back "
+                     f"({', '.join(names)} set aside as {aside})")
+            return p
+        damaged.append((p.name, problem))
+    shown = "; ".join(f"{n}: {why}" for n, why in damaged[:3])
+    if len(damaged) > 3:
+        shown += f"; {len(damaged) - 3} more"
+    raise TrainingError(f"nothing to resume: no intact checkpoint in {out} ({shown})")
+
+
+def set_aside_newer(out: Path, resume_dir: Path) -> None:
+    """Rename the checkpoints newer than the one resumed from (they failed their checksums) to *.damaged, so that
+    neither a later --resume nor pruning mistakes them for the newest."""
+    resumed = int(_CKPT.match(resume_dir.name).group(1))
+    for step, p in checkpoints_any(out):
+        if step > resumed:
+            aside = p.with_name(p.name + DAMAGED)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(p, aside)
+
+
+def checkpoints_any(out: Path) -> list[tuple[int, Path]]:
+    """Every checkpoint-STEP folder, complete or not, oldest first."""
+    if not out.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir())
 
 
 def remove_partials(out: Path) -> None:
@@ -169,12 +214,35 @@ def save_model(accelerator, model, tokenizer, folder: Path, src: Path | None, dt
 
 def save_checkpoint(accelerator, model, tokenizer, out: Path, step: int, state: dict, src: Path | None,
                     *, final: bool = False, dtype: str = "float32", lora=None) -> Path:
-    """checkpoint-STEP (fp32 weights + trainer state) or final (weights in `dtype`), atomically.
+    """checkpoint-STEP (fp32 weights + trainer state) or final (weights in `dtype`), atomically, with its
+    checksums.json written last.
 
     With `lora`: a checkpoint holds the base weights and its adapter/; final/ the merged weights, and the final
-    adapter goes to RUN/adapter/ (written first, so a complete final/ always has its adapter beside it)."""
+    adapter goes to RUN/adapter/ (written first, so a complete final/ always has its adapter beside it).
+    A write the disk cannot hold raises OutputError (one line) and leaves no partial folder behind."""
     name = FINAL if final else f"checkpoint-{step}"
     tmp, dst = out / f".{name}.partial", out / name
+    partials = (tmp, out / f".{ADAPTER_DIR}.partial")
+    try:
+        return _save_checkpoint(accelerator, model, tokenizer, out, step, state, src, final, dtype, lora, tmp, dst)
+    except Exception as exc:
+        from upcycle.train.disk import is_disk_full
+
+        if not is_disk_full(out, exc):  # asked before the partial folders go, which frees the space again
+            if accelerator.is_main_process:
+                for p in partials:
+                    shutil.rmtree(p, ignore_errors=True)
+            raise
+    # Out of the except block, the failed write's traceback is gone, and with it the file torch.save leaves open
+    # when the disk fills (its writer closes the file only after the end record, which did not fit): removing the
+    # partial folder now frees its space, and the error below carries no chain back to that file.
+    if accelerator.is_main_process:
+        for p in partials:
+            shutil.rmtree(p, ignore_errors=True)
+    raise OutputError(f"no space left on the device while writing {dst}; its partial folder was removed")
+
+
+def _save_checkpoint(accelerator, model, tokenizer, out, step, state, src, final, dtype, lora, tmp, dst) -> Path:
     if final and lora is not None and accelerator.is_main_process:
         from upcycle.train import lora as lora_io
 
@@ -194,6 +262,7 @@ def save_checkpoint(accelerator, model, tokenizer, out: Path, step: int, state: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, **state})
+        integrity.write_checksums(tmp)  # last: a folder without it was never finished
         _fsync_tree(tmp)
         if dst.exists():
             shutil.rmtree(dst)

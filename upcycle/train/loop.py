@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.core.errors import TrainingError
+from upcycle.core.errors import OutputError, TrainingError
 from upcycle.core.events import Events, events_or_silent
 from upcycle.train import checkpoint as ck
+from upcycle.train import disk
 from upcycle.train.config import TrainConfig
+from upcycle.train.signals import StopOnSignal, StoppedBySignal
 
 
 @dataclass
@@ -147,6 +149,8 @@ def _fmt_stats(row: dict) -> str:
 def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
     """Train as `cfg` says and return where the model went. Prints nothing: progress and warnings go to `events`
     (on the main process only), and the caller shows the result (or, for --dry-run, its plan)."""
+    import os
+
     import torch
 
     from upcycle.core.data import PackedBlocks, heldout_blocks, resolve_data_files
@@ -158,11 +162,17 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
     from upcycle.train.model import classify, inspect_model, load_for_training, moe_layout, resolve_experts_impl
     from upcycle.train.router import RouterControls, RouterPatch, update_selection_bias
 
+    # run-time notices before accelerate knows the process's rank (disk plan, resume fallback): the first process only
+    notices = events_or_silent(events, quiet=os.environ.get("RANK", "0") != "0")
+
+    def _notice(message: str, warning: bool = True) -> None:
+        (notices.warn if warning else notices.info)(message)
+
     # ---- checks that need no weights (the options checked themselves when cfg was made)
     out = cfg.out
-    resume_dir = ck.check_run_dir(out, cfg.resume)
-    if resume_dir is not None:
+    if cfg.resume:  # before the checksums of a checkpoint are read
         ck.check_same_model(out, cfg.model)
+    resume_dir = ck.check_run_dir(out, cfg.resume, warn=_notice)
     state = ck.read_state(resume_dir) if resume_dir is not None else None
     if state is not None:
         from upcycle.train.lora import check_resume
@@ -255,6 +265,7 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
     warmup = cfg.warmup(total)
     schedule = lr_lambda(total, warmup, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    sizes = disk.model_sizes(model)  # before accelerate wraps (or shards) it
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP and DeepSpeed shard the gradients: their norm and clip stay accelerate's
     from accelerate.utils import DistributedType
@@ -278,6 +289,8 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
 
     if main:
         ck.remove_partials(out)
+        if resume_dir is not None:
+            ck.set_aside_newer(out, resume_dir)
         out.mkdir(parents=True, exist_ok=True)
         run = {"config": cfg.to_json(), "world_size": world, "model_type": info.model_type,
                "moe_layers": [m.index for m in layers], "experts_impl": experts_impl,
@@ -291,6 +304,15 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
             prev = json.loads((out / ck.RUN_FILE).read_text())
             run = {**prev, "resumes": prev.get("resumes", []) + [{"step": start, **run}]}
         ck.write_json(out / ck.RUN_FILE, run)
+    from upcycle.core.integrity import recorded_bytes
+
+    ckpt_bytes = (recorded_bytes(resume_dir) if resume_dir is not None else None) or sizes.checkpoint_estimate()
+    final_bytes = sizes.final_estimate(torch.tensor([], dtype=getattr(torch, final_dtype)).element_size())
+    if main:
+        space = disk.plan(out, checkpoint=ckpt_bytes, measured=resume_dir is not None, final=final_bytes, start=start,
+                          total=total, save_every=cfg.save_every, keep=cfg.keep_checkpoints,
+                          existing=len(ck.checkpoints(out)))
+        _notice(space.describe(out), warning=space.short)
     metrics = ck.MetricsLog(out / ck.METRICS, start if state else None, enabled=main)
     if main and cfg.report_to != "none":
         accelerator.init_trackers("upcycle", config={k: v for k, v in cfg.to_json().items()
@@ -323,12 +345,45 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
 
     last_good = resume_dir
     last_loss = None
+
+    def save(final: bool = False) -> Path:
+        """Write checkpoint-STEP (or final/) if the disk has room for it (the first process decides)."""
+        nonlocal ckpt_bytes
+        name = ck.FINAL if final else f"checkpoint-{step}"
+        problem = disk.room_problem(out, name, final_bytes if final else ckpt_bytes) if main else None
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        try:
+            if problem is not None:
+                raise OutputError(problem)
+            saved = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src, final=final,
+                                       dtype=final_dtype if final else "float32", lora=lora)
+        except OutputError as exc:
+            keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            raise OutputError(f"{exc}; training stopped, {keep} (free some space or pass --keep-checkpoints N, "
+                              "then --resume)") from None
+        if not final:
+            from upcycle.core.integrity import recorded_bytes
+
+            ckpt_bytes = recorded_bytes(saved) or ckpt_bytes
+            if main:
+                ck.prune(out, cfg.keep_checkpoints)
+        return saved
+
+    def any_process(flag: bool) -> bool:
+        if world == 1:
+            return flag
+        return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+
     step = start
     recorder = RoutingRecorder(unwrapped, detach=False, layers=layers)
     # the router gradient split needs each process's full router gradient; FSDP and DeepSpeed shard it
     split_router_grads = accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED")
     recent: list[dict] = []  # the last rows, for the dead-router check
     router_checked = not layers
+    stop = StopOnSignal().install()  # through final/ too: a signal then only waits for it
     try:
         with recorder, ev.task("training", total, completed=start, fields=("stats",), transient=False) as task:
             model.train()
@@ -411,13 +466,17 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
                     if warning:
                         ev.warn(warning)
                 if cfg.save_every and step % cfg.save_every == 0:
-                    last_good = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src,
-                                                   lora=lora)
-                    if main:
-                        ck.prune(out, cfg.keep_checkpoints)
-        final = ck.save_checkpoint(accelerator, model, tokenizer, out, step, data_state(), src, final=True,
-                                   dtype=final_dtype, lora=lora)
+                    last_good = save()
+                if any_process(stop.requested) and step < total:
+                    # the step is complete: save it unless it was just saved, then leave (no final/: not done)
+                    if last_good is None or last_good.name != f"checkpoint-{step}":
+                        last_good = save()
+                    raise StoppedBySignal(f"stopped by {stop.name or 'a signal on another process'} after step "
+                                          f"{step} of {total}; checkpoint written to {last_good} (--resume "
+                                          "continues from it)", stop.signum or 15)
+        final = save(final=True)
     finally:
+        stop.restore()
         metrics.close()
         if cfg.report_to != "none":
             accelerator.end_training()
