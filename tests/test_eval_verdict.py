@@ -33,8 +33,10 @@ def text(tmp_path_factory) -> Path:
     import sysconfig
 
     std = Path(sysconfig.get_paths()["stdlib"])
-    p = tmp_path_factory.mktemp("data") / "general.txt"
-    p.write_text("".join((std / n).read_text(encoding="utf-8") for n in ("bisect.py", "colorsys.py"))[:20000])
+    body = "".join((std / n).read_text(encoding="utf-8") for n in ("bisect.py", "colorsys.py"))[:20000]
+    # 40 documents: the paired interval is over documents and needs at least 10 (upcycle.evaluate.stats)
+    p = tmp_path_factory.mktemp("data") / "general.jsonl"
+    p.write_text("".join(json.dumps({"text": body[i:i + 500]}) + "\n" for i in range(0, len(body), 500)))
     return p
 
 

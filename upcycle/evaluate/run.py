@@ -39,8 +39,10 @@ class EvalOptions:
     split: str = "heldout"
     seq_len: int = 512
     max_blocks: int = 64
-    seed: int = 0
-    heldout_fraction: float = 0.01
+    # the held-out split: None takes the evaluated run's own (run.json), else seed 0 and fraction 0.01 (upcycle
+    # train's defaults); a value that differs from the run's is refused, as it would score training documents
+    seed: int | None = None
+    heldout_fraction: float | None = None
     text_field: str | None = None
     batch_size: int = 4
     dtype: str = "float32"
@@ -79,7 +81,7 @@ class EvalOptions:
                 raise UsageError(f"{name} must be at least {2 if name == '--seq-len' else 1}")
         if self.dtype not in SAME_TOLERANCE:
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(SAME_TOLERANCE)}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
+        if self.heldout_fraction is not None and not 0.0 <= self.heldout_fraction < 1.0:
             raise UsageError(f"--heldout-fraction {self.heldout_fraction:g} must be in [0, 1)")
         for name, v, lo in (("--top-tokens", self.top_tokens, 1), ("--contexts", self.contexts, 0),
                             ("--domain-top", self.domain_top, 1), ("--tasks-limit", self.tasks_limit, 1)):
@@ -117,6 +119,31 @@ def same_tokenizer(a, b, names: tuple[str, str]) -> None:
                          "(different merges or normalisation): losses would not be comparable")
 
 
+def heldout_split(opt: EvalOptions, run: Path | None) -> tuple[int, float, str | None, str]:
+    """(seed, held-out fraction, text field, where they came from) of the split to score: the evaluated run's
+    (run.json), so that --split heldout never scores the run's training documents. An explicit value that differs
+    from the run's is refused with the reason."""
+    from upcycle.evaluate.provenance import split_settings
+
+    rec = split_settings(run)
+    if rec is None:
+        return (0 if opt.seed is None else opt.seed, 0.01 if opt.heldout_fraction is None else opt.heldout_fraction,
+                opt.text_field, "options" if opt.seed is not None or opt.heldout_fraction is not None else "defaults")
+    if opt.split == "heldout":
+        for flag, given, used in (("--seed", opt.seed, rec["seed"]),
+                                  ("--heldout-fraction", opt.heldout_fraction, rec["heldout_fraction"])):
+            if given is not None and given != used:
+                raise UsageError(f"{flag} {given:g}: the run {run} held out its documents with {flag} {used:g}; "
+                                 f"another split would score some of its training documents as held out (leave "
+                                 f"{flag} out to use the run's)")
+        if opt.text_field is not None and (opt.text_field or "text") != (rec["text_field"] or "text"):
+            raise UsageError(f"--text-field {opt.text_field}: the run {run} read --text-field "
+                             f"{rec['text_field'] or 'text'}; its held-out documents are those of that field")
+    seed = rec["seed"] if opt.seed is None else opt.seed
+    fraction = rec["heldout_fraction"] if opt.heldout_fraction is None else opt.heldout_fraction
+    return seed, fraction, opt.text_field or rec["text_field"], f"{run / 'run.json'}"
+
+
 def _device(name: str):
     import torch
 
@@ -148,13 +175,13 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     """Score MODEL (and the dense parent, if OPTIONS name one) on the same held-out blocks; report routing
     diagnostics for an MoE. Writes the report folder and returns the Report; the caller prints it."""
 
-    from upcycle.core.data import heldout_blocks, resolve_data_files
+    from upcycle.core.data import resolve_data_files, spread_blocks
     from upcycle.evaluate import collect
     from upcycle.evaluate.cost import model_cost
     from upcycle.evaluate.drift import layer_drift, parent_mlps
     from upcycle.evaluate.lm import score
-    from upcycle.evaluate.provenance import Provenance, check_parent, compare_runs, resolve_baseline, run_of, \
-        trained_tokens, weights_digest
+    from upcycle.evaluate.provenance import Provenance, check_parent, compare_runs, resolve_baseline, \
+        resolve_model, run_of, trained_tokens, weights_digest
     from upcycle.evaluate.runlog import read_run
     from upcycle.evaluate.stats import paired_comparison
     from upcycle.core.loading import load_causal_lm, load_tokenizer
@@ -163,7 +190,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     opt = options
     data, parent, out, domain, run = opt.data, opt.parent, opt.out, opt.domain, opt.run
     device = _device(opt.device)
-    model_spec = str(model)
+    model_spec, model_run = resolve_model(model)  # a run folder: its final/
+    if run is None:
+        run = model_run
     out_dir = Path(out).expanduser() if out is not None else Path(f"eval-{Path(model_spec).name or 'model'}")
     check_out(out_dir, opt.overwrite)
     if opt.tasks:
@@ -175,6 +204,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     if run is None:
         run = run_of(model_spec)  # a run folder holding the final checkpoint, or RUN/final, RUN/checkpoint-N
     runlog = read_run(run) if run is not None else None
+    run_dir = runlog.path.parent if runlog else None
+    seed, heldout_fraction, text_field, split_source = heldout_split(opt, run_dir)
     tok = load_tokenizer(model_spec)
     manifest = read_manifest(model_spec) if Path(model_spec).is_dir() else None
     notes: list[str] = []
@@ -206,24 +237,27 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                          "run was given (--run): whether the model was trained since conversion is unknown")
     if baseline is not None:
         prov.baseline_tokens = baseline.tokens
-        compare_runs(prov, runlog.path.parent if runlog else None, baseline.run)
+        compare_runs(prov, manifest, run_dir, baseline.run, allow_pickle=opt.allow_pickle)
+    prov.split_source = split_source
 
-    blocks = heldout_blocks(tok, files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split=opt.split,
-                            heldout_fraction=opt.heldout_fraction, seed=opt.seed, text_field=opt.text_field)
+    # spread over documents: the paired interval is over documents (upcycle.evaluate.stats)
+    blocks, block_docs = spread_blocks(tok, files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split=opt.split,
+                                       heldout_fraction=heldout_fraction, seed=seed, text_field=text_field)
     if blocks.shape[0] == 0:
         if opt.split == "heldout":
-            raise InputError(f"the held-out share ({opt.heldout_fraction:g}) of --data holds no complete block of "
+            raise InputError(f"the held-out share ({heldout_fraction:g}) of --data holds no complete block of "
                              f"{opt.seq_len} tokens; pass --split all for files kept apart for evaluation")
         raise InputError(f"--data holds no complete block of {opt.seq_len} tokens; give more text or a smaller --seq-len")
-    domain_blocks = None
+    domain_blocks = domain_docs = None
     if domain_files:
-        domain_blocks = heldout_blocks(tok, domain_files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split="all",
-                                       seed=opt.seed, text_field=opt.text_field)
+        domain_blocks, domain_docs = spread_blocks(tok, domain_files, seq_len=opt.seq_len, max_blocks=opt.max_blocks,
+                                                   split="all", seed=seed, text_field=text_field)
         if domain_blocks.shape[0] == 0:
             raise InputError("--domain gave no complete block of --seq-len tokens")
-    data_info = {"files": [str(f) for f in files], "split": opt.split, "heldout_fraction": opt.heldout_fraction,
-                 "seed": opt.seed, "seq_len": opt.seq_len, "blocks": int(blocks.shape[0]),
-                 "tokens_scored": int(blocks.shape[0] * (opt.seq_len - 1)), "text_field": opt.text_field,
+    data_info = {"files": [str(f) for f in files], "split": opt.split, "heldout_fraction": heldout_fraction,
+                 "seed": seed, "split_from": split_source, "seq_len": opt.seq_len, "blocks": int(blocks.shape[0]),
+                 "documents": len(set(block_docs)),
+                 "tokens_scored": int(blocks.shape[0] * (opt.seq_len - 1)), "text_field": text_field,
                  "domain_files": [str(f) for f in domain_files] if domain_files else None,
                  "domain_blocks": int(domain_blocks.shape[0]) if domain_blocks is not None else None}
     if blocks.shape[0] < opt.max_blocks and not quiet:
@@ -322,9 +356,17 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
             prog.stop()
 
     tol = SAME_TOLERANCE[opt.dtype]
-    comparison = (paired_comparison(mscores.block_loss, parent_side.scores.block_loss, tol)
+    for side_scores, docs in ((mscores, block_docs), (mdomain, domain_docs)):
+        if side_scores is not None:
+            side_scores.documents = docs
+    for side in (parent_side, baseline_side):
+        if side is not None:
+            side.scores.documents = block_docs
+            if side.domain_scores is not None:
+                side.domain_scores.documents = domain_docs
+    comparison = (paired_comparison(mscores.block_loss, parent_side.scores.block_loss, tol, block_docs)
                   if parent_side is not None else None)
-    domain_comparison = (paired_comparison(mdomain.block_loss, parent_side.domain_scores.block_loss, tol)
+    domain_comparison = (paired_comparison(mdomain.block_loss, parent_side.domain_scores.block_loss, tol, domain_docs)
                          if parent_side is not None and mdomain is not None else None)
     if manifest is not None and manifest.recipe.get("expert_init", "copy") != "copy" and drift and \
             drift[0].reference == "parent":
@@ -334,8 +376,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                     drift=drift, drift_note=drift_note, specialisation=specialisation, domain=domain_layers,
                     domain_comparison=domain_comparison, training=runlog.summary() if runlog else None,
                     tasks=tasks or None, notes=notes, out=out_dir, baseline=baseline_side,
-                    baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol)
-                                         if baseline_side is not None else None), provenance=prov)
+                    baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol,
+                                                           block_docs) if baseline_side is not None else None),
+                    provenance=prov)
     write_report_folder(report, out_dir, runlog, with_plots=opt.plots, quiet=quiet)
     return report
 
