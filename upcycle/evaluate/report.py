@@ -62,6 +62,7 @@ class Report:
     baseline: Side | None = None  # the dense baseline trained the same way (--baseline)
     baseline_comparison: Comparison | None = None  # model minus baseline, paired
     provenance: Provenance | None = None
+    routing_change: object | None = None  # upcycle.evaluate.learned.RoutingChange: routing against the start
 
     @property
     def drift_reference(self) -> str | None:
@@ -100,6 +101,7 @@ class Report:
             "provenance": None if self.provenance is None else self.provenance.to_json(),
             "verdict": dict(zip(("kind", "text"), verdict(self))),
             "routers": router_verdict(self),
+            "routing_change": None if self.routing_change is None else self.routing_change.to_json(),
             "data": self.data,
             "routing": self.routing_json(),
             "specialisation": [s.to_json() for s in self.specialisation] or None,
@@ -253,16 +255,20 @@ def verdict(r: Report) -> tuple[str, str]:
     return kind or "no_reference", " ".join(out)
 
 
-# When routers count as learned (docs/eval.md): entropy as a share of log E, experts' cosine to their origin.
-UNIFORM_ENTROPY = 0.98  # above: the router barely prefers any expert
-UNMOVED_COS = 0.9999  # above: the experts are still what they started as
+# A sign of collapse beside any verdict on the routers (docs/eval.md)
 SKEWED_CV = 1.0  # load CV above this, or dead experts: routing collapses onto few experts
 
 
 def router_verdict(r: Report) -> dict | None:
-    """{"learned": True/False/None, "text": one paragraph naming the numbers and the thresholds} for an MoE."""
+    """{"learned": True/False/None, "text": one paragraph naming the numbers and the thresholds} for an MoE.
+
+    Learned is judged against the start (upcycle.evaluate.learned); the absolute levels (entropy, load CV, the
+    experts' cosine to their reference) are printed beside it, never judged on their own: a k-means router starts
+    decisive."""
     if not r.routing:
         return None
+    from upcycle.evaluate.learned import RoutingChange, judge
+
     ents = [x.entropy_norm for x in r.routing if x.entropy_norm is not None]
     ent = sum(ents) / len(ents) if ents else None
     cv = sum(x.cv for x in r.routing) / len(r.routing)
@@ -272,36 +278,28 @@ def router_verdict(r: Report) -> dict | None:
         r.drift_reference or "", "their origin")
     facts = []
     if ent is not None:
-        facts.append(f"mean router entropy {ent:.3f} of log E ({'above' if ent > UNIFORM_ENTROPY else 'at or below'} "
-                     f"{UNIFORM_ENTROPY})")
+        facts.append(f"mean router entropy {ent:.3f} of log E")
     facts.append(f"load CV {cv:.3f}" + (f", {dead} dead experts" if dead else ""))
     if cos is not None:
-        facts.append(f"experts' mean cosine to {ref} {cos:.4f} ({'above' if cos > UNMOVED_COS else 'below'} "
-                     f"{UNMOVED_COS})")
+        facts.append(f"experts' mean cosine to {ref} {cos:.6f}")
     numbers = "; ".join(facts)
     prov = r.provenance
     if prov is not None and prov.untrained:
         return {"learned": False, "text": f"The routers are untrained (fresh from conversion; {numbers}): what they "
                                           "do is their initialisation."}
-    unmoved = cos is not None and cos > UNMOVED_COS
-    if ent is not None and ent > UNIFORM_ENTROPY:
-        text = (f"The routers have not learned to route: {numbers}. They barely prefer any expert"
-                + (", and the experts are still copies of their origin, so routing changes nothing" if unmoved else "")
-                + ". " + DEAD_ROUTER_ADVICE + ".")
-        learned = False
-    elif unmoved:
-        text = (f"The routers prefer experts ({numbers}), but the experts are still what they started as, so the "
-                "preference changes little: not learned routing yet.")
-        learned = False
-    elif ent is None:
-        text = f"No router probabilities to judge: {numbers}."
-        learned = None
-    else:
-        text = f"The routers have learned to route: {numbers}."
-        learned = True
+    change = r.routing_change
+    if change is None:
+        change = RoutingChange(None, "not an MoE made by upcycle convert (no upcycle.json), so its start is unknown")
+    learned, text = judge(change)
+    text += f" Levels now: {numbers}."
+    if learned is False and ent is not None and ent > UNIFORM_ENTROPY:
+        text += " " + DEAD_ROUTER_ADVICE + "."
     if dead or cv > SKEWED_CV:
         text += f" The load is concentrated on few experts (CV above {SKEWED_CV:g} or dead experts): a sign of collapse."
     return {"learned": learned, "text": text}
+
+
+UNIFORM_ENTROPY = 0.98  # above: the router barely prefers any expert (then the dead-router advice is added)
 
 
 def _pm(est, fmt: str, compact: bool) -> str:

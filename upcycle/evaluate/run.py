@@ -308,6 +308,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
             del bm
             _release_memory()
 
+        # the converted checkpoint the MoE run started from: routing now is measured against routing then
+        change, start_choices = _start_routing(manifest, prov, run_dir, blocks, opt, device, prog, quiet)
+
         if not quiet:
             ui.info(f"loading the model {model_spec}")
         mm = load_causal_lm(model_spec, dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
@@ -317,7 +320,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                                    words=("auto", "all", "none", "every:N"), candidates=[m.index for m in moe]
                                    ) if moe else []
         collector = collect.RoutingCollector(mm, moe, spec_layers, vocab_size=max(len(tok), int(blocks.max()) + 1),
-                                             contexts=opt.contexts, seq_len=opt.seq_len)
+                                             contexts=opt.contexts, seq_len=opt.seq_len,
+                                             keep_choices=start_choices is not None)
         with collector:
             mscores = score(mm, blocks, batch_size=opt.batch_size, progress=prog, description="scoring the model",
                             on_batch=collector.on_batch)
@@ -327,6 +331,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
             d, why = layer_drift(m.weights(), parent_mlp, manifest)
             drift.append(d)
             drift_note = drift_note or why
+        if change is not None and moe:
+            _finish_change(change, start_choices, collector, routing, drift, manifest)
         specialisation = [collector.tokens[i].profiles(
             next(r.load for r in routing if r.layer == i), next(m.top_k for m in moe if m.index == i),
             lambda ids: tok.decode(ids), blocks, top_tokens=opt.top_tokens, min_count=opt.min_count)
@@ -378,9 +384,58 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
                     tasks=tasks or None, notes=notes, out=out_dir, baseline=baseline_side,
                     baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol,
                                                            block_docs) if baseline_side is not None else None),
-                    provenance=prov)
+                    provenance=prov, routing_change=change if moe else None)
     write_report_folder(report, out_dir, runlog, with_plots=opt.plots, quiet=quiet)
     return report
+
+
+def _start_routing(manifest, prov, run_dir, blocks, opt: EvalOptions, device, prog, quiet: bool):
+    """(RoutingChange with the start's routing, the start's expert choices) for a trained MoE made by upcycle
+    convert; (RoutingChange saying why not, None) when its start cannot be used; (None, None) when there is
+    nothing to measure (not an upcycled MoE, or untrained)."""
+    from upcycle.evaluate import collect
+    from upcycle.evaluate.fairness import read_run_record
+    from upcycle.evaluate.learned import RoutingChange, lm_share, mean_entropy, router_trained, start_checkpoint
+    from upcycle.evaluate.lm import score
+    from upcycle.evaluate.runlog import read_run
+    from upcycle.core.loading import load_causal_lm
+
+    if manifest is None or prov.untrained:
+        return None, None
+    record = read_run_record(run_dir)
+    start, why = start_checkpoint(record, manifest)
+    change = RoutingChange(str(start) if start else None, why, router_trained=router_trained(record))
+    if run_dir is not None:
+        change.lm_share, change.lm_share_steps = lm_share(read_run(run_dir).rows)
+    if start is None:
+        return change, None
+    if not quiet:
+        ui.info(f"loading the start {start} (routing before training)")
+    sm = load_causal_lm(str(start), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
+    moe = collect.moe_info(sm)
+    col = collect.RoutingCollector(sm, moe, [], vocab_size=1, contexts=0, seq_len=opt.seq_len, keep_choices=True)
+    with col:
+        score(sm, blocks, batch_size=opt.batch_size, progress=prog, description="routing at the start",
+              on_batch=col.on_batch)
+    change.entropy_start = mean_entropy(col.routing())
+    del sm
+    _release_memory()
+    return change, col.choices
+
+
+def _finish_change(change, start_choices, collector, routing, drift, manifest) -> None:
+    from upcycle.evaluate.learned import mean_entropy, topk_changed
+
+    change.entropy_end = mean_entropy(routing)
+    if start_choices is not None:
+        by_layer = topk_changed(start_choices, collector.choices)
+        change.topk_changed_by_layer = by_layer
+        # every layer routes the same tokens: the mean over layers is the share over (token, layer) pairs
+        change.topk_changed = sum(by_layer.values()) / len(by_layer) if by_layer else None
+    # exact copies of the parent's MLP (with --parent): the drift reference is the experts' start itself
+    if drift and drift[0].reference == "parent" and manifest.recipe.get("expert_init", "copy") == "copy":
+        cos = [c for d in drift for c in d.cos]
+        change.expert_drift = sum(1 - c for c in cos) / len(cos)
 
 
 def write_report_folder(report: Report, out: Path, runlog=None, *, with_plots: bool = True, quiet: bool = False) -> None:
