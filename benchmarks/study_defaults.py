@@ -94,10 +94,11 @@ def gather() -> dict:
             "entropy_first": centred["entropy_frac_first"], "entropy_last": centred["entropy_frac_last"],
             "train_loss_last": centred["loss_last"]}],
     }
-    for block in (mult, router):
+    for block, (first, second) in ((mult, ("MoE", "dense")), (router, ("random router", "k-means router"))):
         for row in block["paired"]:
             lo, hi = row["ci95_over_blocks"]
-            row["then"] = "MoE better" if hi < 0 else "MoE worse" if lo > 0 else "no significant difference"
+            row["then"] = (f"{first} better" if hi < 0 else f"{second} better" if lo > 0
+                           else "no significant difference")
             row["verdict_now"] = ("too few documents" if row["documents"] is not None and row["documents"] < MIN_DOCUMENTS
                                   else "needs the interval over documents")
     return {"min_documents": MIN_DOCUMENTS, "mlp_lr_mult": mult, "router_init": router, "routing": routing,

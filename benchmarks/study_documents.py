@@ -65,6 +65,19 @@ def start_loss(parent: Path, data: list[str], s: dict) -> float:
     return total / n
 
 
+def rescore(moe: Path, dense: Path, blocks) -> tuple[list[float], list[float]]:
+    """Both final models' per-block losses on `blocks` (float32, as upcycle eval scores them)."""
+    from upcycle.core.loading import load_causal_lm
+    from upcycle.evaluate.lm import score
+
+    out = []
+    for folder in (moe, dense):
+        model = load_causal_lm(str(folder), dtype="float32")
+        out.append(score(model, blocks, batch_size=4).block_loss)
+        del model
+    return out[0], out[1]
+
+
 def recompute(paired: dict, docs: list[str]) -> dict:
     """The paired comparison over blocks and over documents, from the study's recorded per-block losses."""
     from upcycle.evaluate.stats import paired_comparison
@@ -111,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             checked[key] = start_loss(parent, data, s)
         recorded = study["summary"]["start_val_loss"]
         same = round(checked[key], 4) == round(recorded, 4)
-        _, docs = heldout_block_documents(tok, data, seq_len=s["seq_len"], max_blocks=s["final_blocks"],
-                                          heldout_fraction=s["heldout_fraction"], seed=s["seed"])
+        blocks, docs = heldout_block_documents(tok, data, seq_len=s["seq_len"], max_blocks=s["final_blocks"],
+                                               heldout_fraction=s["heldout_fraction"], seed=s["seed"])
         counts: dict[str, int] = {}
         for d in docs:
             counts[Path(d).name] = counts.get(Path(d).name, 0) + 1
@@ -121,11 +134,22 @@ def main(argv: list[str] | None = None) -> int:
                  "start_val_loss": {"recorded": recorded, "recomputed": checked[key], "same_blocks": same},
                  "final_blocks": len(docs), "documents": len(counts), "blocks_per_document": counts,
                  "comparisons": {}}
+        runs = study.get("runs") or {}
         for name, c in (study["summary"]["paired"] or {}).items():
-            row = {"mean": c["mean"], "ci95_over_blocks": c["ci95"], "blocks": c["blocks"],
-                   "verdict_then": c["verdict"]}
+            row = {"mean": c["mean"], "ci95_over_blocks": c.get("ci95_over_blocks") or c["ci95"],
+                   "blocks": c["blocks"], "verdict_then": c["verdict"]}
+            dense = runs.get({"same_tokens": "dense_same_tokens", "same_flops": "dense"}[name])
             if c.get("block_loss_moe"):
-                row["recomputed"] = recompute(c, docs)
+                # a study made by this benchmarks/study.py: its own blocks (upcycle eval's, spread over documents)
+                row["recomputed"] = recompute(c, c["block_document"])
+                row["blocks_from"] = "the study's own evaluation (blocks spread over documents)"
+            if dense and Path(runs["moe"], "final").is_dir() and Path(dense, "final").is_dir():
+                # its models are still here: the committed selection of blocks, rescored
+                moe_loss, dense_loss = rescore(Path(runs["moe"], "final"), Path(dense, "final"), blocks)
+                row["rescored_on_committed_blocks"] = recompute(
+                    {"block_loss_moe": moe_loss, "block_loss_dense": dense_loss}, docs)
+            if "recomputed" in row or "rescored_on_committed_blocks" in row:
+                row.setdefault("recomputed", row.get("rescored_on_committed_blocks"))
             else:
                 row["recomputed"] = None
                 row["why_not"] = ("the study recorded no per-block losses and its models are gone: the interval "
