@@ -26,9 +26,10 @@ LORA_GROUPS = ("router", "experts", "shared", "attention", "dense_mlp")  # what 
 MOE_LORA_GROUPS = ("router", "experts", "shared")  # only an MoE model has them
 DEFAULT_LORA_RANK, DEFAULT_LORA_ALPHA, DEFAULT_ROUTE_TARGET_COEF = 8, 16.0, 1.0
 # The MLP's learning rate as a multiple of --lr, on both sides of the comparison: an MoE's routed experts, shared
-# experts and MLP layers left dense; a dense model's MLP. 0.5 is the recipe that beat the dense parent trained the
-# same way in docs/study.md (k-means router, 144 steps, two seeds pooled); at 1.0 the MoE was 0.008-0.010 nats
-# behind the parent at 1.0 (96 steps, both seeds). benchmarks/study_defaults.py collects the evidence.
+# experts and MLP layers left dense; a dense model's MLP. 0.5 is the recipe that came out ahead of the dense parent
+# trained the same way in docs/study.md (k-means router, 144 steps, two seeds pooled, on blocks of 8 documents);
+# at 1.0 the MoE was 0.008-0.010 nats behind the parent at 1.0 (96 steps, both seeds), and 0.5 lowered both sides'
+# held-out loss. benchmarks/study_defaults.py collects the evidence (docs/study_defaults.json).
 DEFAULT_MLP_LR_MULT = 0.5
 MLP_GROUPS = ("experts", "shared", "dense_mlp")  # what --mlp-lr-mult scales (the parameter roles of freeze.py)
 
