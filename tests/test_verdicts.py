@@ -57,7 +57,10 @@ def world(tiny_parent, tmp_path_factory):
 
     return {"root": root, "parent": parent, "moe": moe, "eval": eval_data, "few": few, "train_data": train_data,
             "moe_run": run(moe, "moe-run"), "dense_run": run(parent, "dense-run"),
-            "dense_lr": run(parent, "dense-lr", lr=1e-7)}
+            "dense_lr": run(parent, "dense-lr", lr=1e-7),
+            # upcycle demo's pair: the MoE's experts, routers and norms; the dense MLP and norms
+            "moe_parts": run(moe, "moe-parts", train=["router", "experts", "norms"]),
+            "dense_parts": run(parent, "dense-parts", train=["dense_mlp", "norms"])}
 
 
 @pytest.fixture
@@ -202,6 +205,19 @@ def test_an_unedited_copy_of_the_baseline_still_pays_off(world, losses, tmp_path
     assert r["verdict"]["kind"] == "paid_off", said
 
 
+def test_parts_trained_are_mapped_across(world, losses, tmp_path):
+    """The MoE's experts are the dense model's MLP and its routers have no counterpart: upcycle demo's pair is fair;
+    against a baseline that also trained attention and embeddings it is not."""
+    losses(model=better, baseline=base, parent=base)
+    said, r = _eval(world, tmp_path, world["moe_parts"], "--baseline", world["dense_parts"])
+    assert r["verdict"]["kind"] == "paid_off", said
+    said, r = _eval(world, tmp_path, world["moe_parts"], "--baseline", world["dense_run"])
+    assert r["verdict"]["kind"] == "unfair"
+    assert [d["setting"] for d in r["provenance"]["baseline_differences"]] == ["attention (--train)",
+                                                                              "embeddings (--train)"]
+    assert "attention (--train): frozen for the MoE, trained for the baseline" in said
+
+
 def test_other_budget_unknown_runs_and_other_starts_are_withheld(world, losses, tmp_path):
     losses(model=better, baseline=base, parent=base)
     # fewer tokens: the checkpoint's trainer state says how many the baseline saw
@@ -219,6 +235,35 @@ def test_other_budget_unknown_runs_and_other_starts_are_withheld(world, losses, 
     moe = _copy_run(world, "moe_run", _set("start.digest", "1" * 64))
     said, r = _eval(world, tmp_path, moe, "--baseline", world["dense_run"])
     assert r["verdict"]["kind"] == "unfair" and "MoE run's start" in said and "not the fresh conversion" in said
+
+
+def test_runs_of_an_older_upcycle_are_checked_from_what_they_recorded(world, losses, tmp_path):
+    """run.json before `start`, `data` and `parameters`: the start models are digested where they still are, the
+    data specs resolved, the parts read from --train; what cannot be read withholds the verdict."""
+    def old(rec):
+        for key in ("start", "data", "parameters"):
+            rec.pop(key)
+        rec["config"]["expert_lr_mult"] = rec["config"].pop("mlp_lr_mult")
+
+    losses(model=better, baseline=base, parent=base)
+    moe, dense = _copy_run(world, "moe_run", old), _copy_run(world, "dense_run", old)
+    rec = json.loads((dense / "run.json").read_text())
+    rec["config"].pop("expert_lr_mult")  # a dense run of an older upcycle trained its MLP at --lr
+    (dense / "run.json").write_text(json.dumps(rec))
+    said, r = _eval(world, tmp_path, moe, "--baseline", dense)
+    assert r["verdict"]["kind"] == "unfair"
+    assert [d["setting"] for d in r["provenance"]["baseline_differences"]] == [
+        "MLP learning-rate multiplier (--mlp-lr-mult)"]
+    assert "(--mlp-lr-mult): 0.5 for the MoE, 1 for the baseline" in said
+    rec["config"]["mlp_lr_mult"] = 0.5
+    (dense / "run.json").write_text(json.dumps(rec))
+    said, r = _eval(world, tmp_path, moe, "--baseline", dense)
+    assert r["verdict"]["kind"] == "paid_off", said
+    # the baseline's start is gone: its parent cannot be checked
+    rec["config"]["model"] = str(world["root"] / "gone")
+    (dense / "run.json").write_text(json.dumps(rec))
+    said, r = _eval(world, tmp_path, moe, "--baseline", dense)
+    assert r["verdict"]["kind"] == "unfair" and "parent (tensor digest)" in said and "not recorded for the" in said
 
 
 # --------------------------------------------------------------------------------------------- held-out split

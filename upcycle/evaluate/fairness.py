@@ -192,8 +192,7 @@ def training_differences(moe: dict | None, base: dict | None, *, parent_digest: 
     # parts trained, mapped across
     pm, pb = parts_trained(moe), parts_trained(base)
     if pm is None or pb is None:
-        add("parts trained (--train)", _train_groups(mc) if pm is not None else NOT_RECORDED,
-            _train_groups(bc) if pb is not None else NOT_RECORDED)
+        add("parts trained (--train)", _train_groups(mc), _train_groups(bc))
     else:
         for part in (*SAME_PARTS, "mlp"):
             if part in pm or part in pb:
@@ -205,7 +204,19 @@ def training_differences(moe: dict | None, base: dict | None, *, parent_digest: 
 
 
 def _train_groups(cfg: dict):
-    return list(cfg.get("train") or ["all"])
+    """--train as the parts it names, mapped across (a run.json without `parameters`): the MLP's groups are one
+    part, the routers none; "all" stays "all"."""
+    groups = set()
+    for value in cfg.get("train") or ["all"]:
+        for name in str(value).split(","):
+            name = name.strip()
+            if name.startswith("experts:") or name.endswith(".json"):
+                groups.add("some experts")
+            elif name in MLP_ROLES:
+                groups.add("mlp")
+            elif name and name != "router":
+                groups.add(name)
+    return sorted(groups)
 
 
 def _tokens_per_step(rec: dict):
