@@ -309,7 +309,7 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
             _release_memory()
 
         # the converted checkpoint the MoE run started from: routing now is measured against routing then
-        change, start_choices = _start_routing(manifest, prov, run_dir, blocks, opt, device, prog, quiet)
+        change, start_choices = _start_routing(manifest, prov, run_dir, blocks, opt, device, prog)
 
         if not quiet:
             ui.info(f"loading the model {model_spec}")
@@ -389,7 +389,7 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False) ->
     return report
 
 
-def _start_routing(manifest, prov, run_dir, blocks, opt: EvalOptions, device, prog, quiet: bool):
+def _start_routing(manifest, prov, run_dir, blocks, opt: EvalOptions, device, prog):
     """(RoutingChange with the start's routing, the start's expert choices) for a trained MoE made by upcycle
     convert; (RoutingChange saying why not, None) when its start cannot be used; (None, None) when there is
     nothing to measure (not an upcycled MoE, or untrained)."""
@@ -409,8 +409,6 @@ def _start_routing(manifest, prov, run_dir, blocks, opt: EvalOptions, device, pr
         change.lm_share, change.lm_share_steps = lm_share(read_run(run_dir).rows)
     if start is None:
         return change, None
-    if not quiet:
-        ui.info(f"loading the start {start} (routing before training)")
     sm = load_causal_lm(str(start), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
     moe = collect.moe_info(sm)
     col = collect.RoutingCollector(sm, moe, [], vocab_size=1, contexts=0, seq_len=opt.seq_len, keep_choices=True)
