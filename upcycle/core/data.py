@@ -544,7 +544,7 @@ def heldout_block_documents(tokenizer, paths, *, seq_len: int, max_blocks: int, 
 
 def spread_blocks(tokenizer, paths, *, seq_len: int, max_blocks: int, split: str = "heldout",
                   heldout_fraction: float = 0.01, seed: int = 0, text_field: str | None = None,
-                  scan_factor: int = 64) -> tuple["torch.LongTensor", list[str]]:
+                  scan_tokens: int = 2_000_000) -> tuple["torch.LongTensor", list[str]]:
     """Up to `max_blocks` blocks of `split` spread over as many documents as the split offers, with each block's
     document (block_document), the same for the same arguments.
 
@@ -553,8 +553,9 @@ def spread_blocks(tokenizer, paths, *, seq_len: int, max_blocks: int, split: str
     stream (64 blocks of 512 tokens: three to five source files), this reads the same stream, groups its blocks by
     document and takes one block of every document before a second of any, each document's blocks in a seeded
     order (not always its first, which in a source file is the license and imports). It reads until it has seen
-    `max_blocks` documents, the split ends, or it has read `scan_factor` x `max_blocks` blocks. The chosen blocks
-    keep their stream order.
+    `max_blocks` documents, the split ends, or it has read `scan_tokens` tokens (at least 64 x `max_blocks`
+    blocks; a bound for a split of a few huge documents, at about 16 MB of token ids). The chosen blocks keep their
+    stream order.
     """
     import torch
 
@@ -571,7 +572,7 @@ def spread_blocks(tokenizer, paths, *, seq_len: int, max_blocks: int, split: str
             break  # the documents seen so far are complete: a new one cannot be chosen
         by_doc.setdefault(doc, []).append(len(seen))
         seen.append((block, doc))
-        if len(seen) >= scan_factor * max_blocks:
+        if len(seen) >= max(64 * max_blocks, scan_tokens // seq_len):
             break
     for doc, idx in by_doc.items():
         _rng(seed, "spread", doc).shuffle(idx)
