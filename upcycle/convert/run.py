@@ -215,7 +215,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
 
                 stop = [False]
                 job = kmeans_job(ckpt, init_file, plan, quiet=quiet, stop=lambda: stop[0])
-                sample = job.sample
+                sample = getattr(job, "sample", None)  # the identity of the text the job clusters
                 if beside:
                     background = BackgroundBases(executor.submit(job), stop)
                     plan, _ = build_plan(ckpt, recipe, background, sources)
