@@ -32,7 +32,6 @@ Prints a table; numbers are from this machine and this run only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -53,7 +52,11 @@ ARMS: dict[str, dict] = {
 }
 
 
-MOE_TRAIN_OPTIONS = ("aux_loss_coef", "z_loss_coef", "expert_lr_mult")  # upcycle train options for the MoE runs only
+MOE_TRAIN_OPTIONS = ("aux_loss_coef", "z_loss_coef")  # upcycle train options for the MoE runs only
+# The MLP's learning-rate multiplier (upcycle train --mlp-lr-mult) of each side: --mlp-lr-mult sets both (the fair
+# control by construction); --expert-lr-mult / --dense-mlp-lr-mult set one side, as the committed runs were made.
+# Run folders are named by the multiplier only where it is not 1.0 (under the names the committed runs used), so a
+# run made at 1.0 before the default became 0.5 is never reused as a 0.5 run, and the committed ones stay reusable.
 
 
 class _Lock:
@@ -121,6 +124,8 @@ def _initial_loss(model_dir: Path, data: list[str], args) -> float:
 def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dict:
     from upcycle.train import TrainConfig, train
 
+    moe = model_dir.name.startswith("moe-")
+
     if (out / "final").is_dir():
         print(f"reusing finished run {out}", file=sys.stderr)
     else:
@@ -131,42 +136,13 @@ def _train(model_dir: Path, out: Path, data: list[str], steps: int, args) -> dic
                           save_every=args.save_every, eval_every=args.eval_every, eval_blocks=args.eval_blocks,
                           heldout_fraction=args.heldout_fraction, precision=args.precision,
                           keep_checkpoints=1, resume=out.exists(),
-                          **{k: getattr(args, k) for k in MOE_TRAIN_OPTIONS if getattr(args, k) is not None
-                             and model_dir.name.startswith("moe-")})
-        if args.dense_mlp_lr_mult is not None and not model_dir.name.startswith("moe-"):
-            with _mlp_lr(args.dense_mlp_lr_mult):
-                train(cfg)
-        else:
-            train(cfg)
+                          mlp_lr_mult=args.moe_mlp_lr_mult if moe else args.dense_mlp_lr_mult,
+                          **{k: getattr(args, k) for k in MOE_TRAIN_OPTIONS if getattr(args, k) is not None and moe})
+        train(cfg)
         for ck in out.glob("checkpoint-*"):  # optimizer states of a 692M-parameter MoE: ~8 GB each
             shutil.rmtree(ck, ignore_errors=True)
     rows = _metrics(out)
     return {"rows": rows, "seconds": sum(r.get("step_time", 0.0) for r in rows)}
-
-
-@contextlib.contextmanager
-def _mlp_lr(mult: float):
-    """upcycle train's AdamW groups with every dense MLP tensor at lr x mult (a study control, not a train option:
-    the same change --expert-lr-mult makes to an MoE's routed experts)."""
-    import upcycle.train.freeze as freeze
-
-    original = freeze.param_groups
-
-    def groups(model, layers, **kw):
-        mlp = {id(p) for n, p in model.named_parameters() if ".mlp." in n}
-        out = []
-        for g in original(model, layers, **kw):
-            for is_mlp in (False, True):
-                ps = [p for p in g["params"] if (id(p) in mlp) == is_mlp]
-                if ps:
-                    out.append({**g, "params": ps, "lr": g["lr"] * (mult if is_mlp else 1.0)})
-        return out
-
-    freeze.param_groups = groups
-    try:
-        yield
-    finally:
-        freeze.param_groups = original
 
 
 def study_data() -> list[str]:
@@ -188,7 +164,12 @@ def _paired(moe: Path, dense: Path, data: list[str], out: Path, args, layers: st
     rep = json.loads((out / "report.json").read_text())
     diff = rep["comparison"]["loss_diff"]
     res = {"moe_loss": rep["model"]["loss"], "dense_loss": rep["parent"]["loss"], "mean": diff["mean"],
-           "ci95": diff["ci95"], "blocks": diff["n"], "verdict": rep["comparison"]["verdict"]}
+           "ci95": diff["ci95"], "blocks": diff["n"], "verdict": rep["comparison"]["verdict"],
+           # the interval over documents (upcycle eval's), and what is needed to recompute any interval later
+           "documents": diff.get("documents"),
+           "ci95_over_blocks": (rep["comparison"].get("loss_diff_over_blocks") or {}).get("ci95"),
+           "block_loss_moe": rep["model"]["block_loss"], "block_loss_dense": rep["parent"]["block_loss"],
+           "block_document": rep["model"].get("block_document")}
     if layers != "none":
         res["routing"] = rep.get("routing")
         layers_ = (rep.get("routing") or {}).get("layers") or []
@@ -225,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aux-loss-coef", type=float, default=None, help="upcycle train's default unless given")
     ap.add_argument("--z-loss-coef", type=float, default=None, help="upcycle train's default unless given")
-    ap.add_argument("--expert-lr-mult", type=float, default=None, help="upcycle train's default unless given")
+    ap.add_argument("--mlp-lr-mult", type=float, default=None,
+                    help="upcycle train --mlp-lr-mult for the MoE and the dense runs alike (default: upcycle train's)")
+    ap.add_argument("--expert-lr-mult", type=float, default=None,
+                    help="the MoE's multiplier alone (how the committed runs were made; default --mlp-lr-mult)")
     ap.add_argument("--dense-mlp-lr-mult", type=float, default=None,
-                    help="the dense runs' MLP learning rate = --lr x this (the control for --expert-lr-mult)")
+                    help="the dense runs' multiplier alone (the control for --expert-lr-mult; default --mlp-lr-mult)")
     ap.add_argument("--no-same-flops", action="store_true",
                     help="skip the dense run at the MoE's training FLOPs (replicate seeds of the same-tokens question)")
     ap.add_argument("--quick", action="store_true", help="2 MoE steps: a smoke run of the same code path")
@@ -238,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     record = Run("study", argv=None if argv is None else [sys.argv[0], *argv])
     if args.quick:
         args.steps, args.eval_every, args.eval_blocks, args.final_blocks = 2, 1, 4, 4
+    from upcycle.train.config import DEFAULT_MLP_LR_MULT
+
+    both = DEFAULT_MLP_LR_MULT if args.mlp_lr_mult is None else args.mlp_lr_mult
+    args.moe_mlp_lr_mult = both if args.expert_lr_mult is None else args.expert_lr_mult
+    args.dense_mlp_lr_mult = both if args.dense_mlp_lr_mult is None else args.dense_mlp_lr_mult
 
     from upcycle.core.assets import smollm2_gguf, stdlib_dir
     from upcycle.convert import convert
@@ -256,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     train_settings = {k: getattr(args, k) for k in ("seq_len", "batch_size", "lr", "warmup", "eval_every", "eval_blocks",
                                                      "heldout_fraction", "precision", "seed", "quick")}
     dense_settings = dict(train_settings)  # MOE_TRAIN_OPTIONS do not touch a dense model: its runs are shared
-    if args.dense_mlp_lr_mult is not None:
+    if args.dense_mlp_lr_mult != 1.0:
         dense_settings["dense_mlp_lr_mult"] = args.dense_mlp_lr_mult
     for k in MOE_TRAIN_OPTIONS:  # only when given: runs made before these options keep their hashes
         if getattr(args, k) is not None:
             train_settings[k] = getattr(args, k)
+    if args.moe_mlp_lr_mult != 1.0:
+        train_settings["expert_lr_mult"] = args.moe_mlp_lr_mult
     # what names the MoE and its run: the recipe, plus the k-means rows' version where the arm's router is k-means
     # (runs made before the rows were centred keep their folders and are never mistaken for the new ones)
     from upcycle.convert.recipe import Recipe

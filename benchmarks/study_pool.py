@@ -47,20 +47,24 @@ def pool(estimates: list[dict]) -> dict:
 
     if not estimates:
         raise PoolError("nothing to pool")
+    # an interval over documents (upcycle eval since it groups blocks by document) has documents - 1 degrees of
+    # freedom; one over blocks (the committed studies) blocks - 1
+    units = [e.get("documents") or e["blocks"] for e in estimates]
     ses = []
-    for e in estimates:
+    for e, n in zip(estimates, units):
         lo, hi = e["ci95"]
-        ses.append((hi - lo) / 2 / t975(e["blocks"] - 1))
+        ses.append((hi - lo) / 2 / t975(n - 1))
     if any(se <= 0 for se in ses):
         raise PoolError("an interval of zero width cannot be weighted")
     w = [1 / se ** 2 for se in ses]
     mean = math.fsum(wi * e["mean"] for wi, e in zip(w, estimates)) / math.fsum(w)
     se = 1 / math.sqrt(math.fsum(w))
-    half = t975(sum(e["blocks"] - 1 for e in estimates)) * se
+    half = t975(sum(n - 1 for n in units)) * se
     q = math.fsum(wi * (e["mean"] - mean) ** 2 for wi, e in zip(w, estimates))
     lo, hi = mean - half, mean + half
     verdict = "MoE better" if hi < 0 else "MoE worse" if lo > 0 else "no significant difference"
     return {"mean": mean, "ci95": [lo, hi], "se": se, "seeds": len(estimates), "blocks": sum(e["blocks"] for e in estimates),
+            "documents": sum(units) if all(e.get("documents") for e in estimates) else None,
             "cochran_q": q, "q_df": len(estimates) - 1, "verdict": verdict}
 
 
@@ -91,7 +95,8 @@ def pool_studies(paths: list[Path]) -> dict:
         if not have:
             continue
         out["comparisons"][name] = {
-            "per_seed": [{"seed": seed, "mean": e["mean"], "ci95": e["ci95"], "blocks": e["blocks"]} for seed, e in have],
+            "per_seed": [{"seed": seed, "mean": e["mean"], "ci95": e["ci95"], "blocks": e["blocks"],
+                          **({"documents": e["documents"]} if e.get("documents") else {})} for seed, e in have],
             "pooled": pool([e for _, e in have]),
             "missing_seeds": [seed for seed, e in per_seed if not e]}
     return out

@@ -42,7 +42,8 @@ def test_demo_end_to_end_on_the_real_parent(smollm2_gguf, tmp_path):
     from upcycle.demo import DemoOptions, run_demo
 
     out = tmp_path / "demo"
-    summary = run_demo(out, DemoOptions(experts=2, top_k=1, steps=1, seq_len=64, batch_size=1, eval_blocks=2))
+    # 12 evaluation blocks spread over 12 held-out files: a verdict needs at least 10 documents
+    summary = run_demo(out, DemoOptions(experts=2, top_k=1, steps=1, seq_len=64, batch_size=1, eval_blocks=12))
     assert set(summary["seconds"]) == {"parent", "convert", "train", "baseline", "eval"}
     for sub in ("parent/config.json", "moe/upcycle.json", "run/metrics.jsonl", "run/final/config.json",
                 "baseline-run/final/config.json", "report/report.json", "report/summary.md", "data/heldout_files.txt"):
@@ -52,6 +53,7 @@ def test_demo_end_to_end_on_the_real_parent(smollm2_gguf, tmp_path):
     assert report["provenance"]["model_tokens"] == report["provenance"]["baseline_tokens"] == 64
     assert report["provenance"]["parent_match"] is True and report["baseline"]["moe"] is False
     assert report["verdict"]["kind"] in ("paid_off", "did_not_pay", "no_difference")
+    assert report["provenance"]["baseline_differences"] is None and report["data"]["documents"] == 12
     assert summary["eval"]["baseline"] == report["baseline"]["loss"]
     # one step at a small learning rate: the MoE is still close to its parent on held-out files
     assert abs(report["model"]["loss"] - report["parent"]["loss"]) < 0.1

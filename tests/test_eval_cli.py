@@ -35,6 +35,15 @@ def text(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def docs(text, tmp_path_factory) -> Path:
+    """The same text as 40 documents (JSON lines): intervals over documents need at least 10 of them."""
+    body = text.read_text()
+    p = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    p.write_text("".join(json.dumps({"text": body[i:i + 500]}) + "\n" for i in range(0, len(body), 500)))
+    return p
+
+
+@pytest.fixture(scope="module")
 def domain_text(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("domain") / "numbers.txt"
     p.write_text(" ".join(str(i * 7919 % 100003) for i in range(3000)))
@@ -61,10 +70,10 @@ def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def test_fresh_conversion_matches_its_parent(fresh, text, tmp_path):
+def test_fresh_conversion_matches_its_parent(fresh, docs, tmp_path):
     parent, moe = fresh
     out = tmp_path / "rep"
-    res = _invoke(moe, "--parent", parent, "--data", text, "--split", "all", "--out", out, *SEQ)
+    res = _invoke(moe, "--parent", parent, "--data", docs, "--split", "all", "--out", out, *SEQ)
     assert res.exit_code == 0, res.output
     r = _report(out)
     assert r["comparison"]["verdict"] == "same"
@@ -97,7 +106,7 @@ def test_fresh_conversion_matches_its_parent(fresh, text, tmp_path):
 
 def test_routing_numbers_match_the_models_own_router(fresh, text, tmp_path):
     """Load per expert recomputed independently from transformers' output_router_logits."""
-    from upcycle.core.data import heldout_blocks
+    from upcycle.core.data import spread_blocks
     from upcycle.core.loading import load_causal_lm, load_tokenizer
 
     parent, moe = fresh
@@ -105,7 +114,7 @@ def test_routing_numbers_match_the_models_own_router(fresh, text, tmp_path):
     assert _invoke(moe, "--data", text, "--split", "all", "--out", out, "--no-plots", *SEQ).exit_code == 0
     r = _report(out)
     tok = load_tokenizer(moe)
-    blocks = heldout_blocks(tok, [str(text)], seq_len=64, max_blocks=12, split="all")
+    blocks, _ = spread_blocks(tok, [str(text)], seq_len=64, max_blocks=12, split="all")
     model = load_causal_lm(moe)
     with torch.no_grad():
         logits = model(blocks, output_router_logits=True).router_logits
@@ -162,10 +171,10 @@ def _foreign(tmp: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_foreign_moe_with_a_parent(kind, tiny_parent, text, tmp_path):
+def test_foreign_moe_with_a_parent(kind, tiny_parent, docs, tmp_path):
     moe = _foreign(tmp_path, kind)
     out = tmp_path / "rep"
-    res = _invoke(moe, "--parent", tiny_parent("llama"), "--data", text, "--split", "all", "--out", out,
+    res = _invoke(moe, "--parent", tiny_parent("llama"), "--data", docs, "--split", "all", "--out", out,
                   "--layers", "all", *SEQ)
     assert res.exit_code == 0, res.output
     r = _report(out)
@@ -293,10 +302,10 @@ def test_default_split_scores_only_heldout_documents(fresh, text, tmp_path):
     assert res.exit_code == 0, res.output
     r = _report(out)
     assert r["data"]["split"] == "heldout" and r["data"]["heldout_fraction"] == 0.3
-    from upcycle.core.data import heldout_blocks
+    from upcycle.core.data import spread_blocks
     from upcycle.core.loading import load_tokenizer
 
-    expected = heldout_blocks(load_tokenizer(moe), [str(rows)], seq_len=64, max_blocks=12, heldout_fraction=0.3)
+    expected, _ = spread_blocks(load_tokenizer(moe), [str(rows)], seq_len=64, max_blocks=12, heldout_fraction=0.3)
     assert r["data"]["blocks"] == expected.shape[0]
     # one file is one document: its held-out share is all or nothing, and the message says what to do
     res = _invoke(moe, "--data", text, "--out", tmp_path / "rep2", *SEQ)

@@ -33,8 +33,10 @@ def text(tmp_path_factory) -> Path:
     import sysconfig
 
     std = Path(sysconfig.get_paths()["stdlib"])
-    p = tmp_path_factory.mktemp("data") / "general.txt"
-    p.write_text("".join((std / n).read_text(encoding="utf-8") for n in ("bisect.py", "colorsys.py"))[:20000])
+    body = "".join((std / n).read_text(encoding="utf-8") for n in ("bisect.py", "colorsys.py"))[:20000]
+    # 40 documents: the paired interval is over documents and needs at least 10 (upcycle.evaluate.stats)
+    p = tmp_path_factory.mktemp("data") / "general.jsonl"
+    p.write_text("".join(json.dumps({"text": body[i:i + 500]}) + "\n" for i in range(0, len(body), 500)))
     return p
 
 
@@ -88,7 +90,10 @@ def test_trained_moe_against_the_parent_only(setup, text, tmp_path):
     assert "Not an upcycling claim" in said and "dense baseline trained on the same data and tokens" in said
     assert "paid off" not in said.replace("cannot have paid off", "")
     assert r["routers"]["learned"] in (True, False) and "of log E" in r["routers"]["text"]
-    assert "0.98" in r["routers"]["text"] and "load CV" in r["routers"]["text"]
+    # judged against the run's start (the converted checkpoint), with the thresholds named; levels beside
+    assert "measured against the start" in r["routers"]["text"] and "5%" in r["routers"]["text"]
+    assert "50%" in r["routers"]["text"] and "load CV" in r["routers"]["text"]
+    assert r["routing_change"]["start"] == str(setup["moe"].resolve())
 
 
 def test_against_a_dense_baseline_trained_the_same_way(setup, text, tmp_path):

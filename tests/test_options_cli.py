@@ -43,7 +43,9 @@ def _init_fields(cls) -> set[str]:
 # ---------------------------------------------------------------- one option = one field + one CLI parameter
 
 # Fields a script may set but the CLI does not offer, and CLI parameters that only shape what is printed.
-LIBRARY_ONLY = {"train": {"adam_betas", "adam_eps"}, "eval": {"min_count"}, "convert": set(), "demo": set()}
+# (train's expert_lr_mult: the old name of mlp_lr_mult, which the CLI takes as a second name of --mlp-lr-mult)
+LIBRARY_ONLY = {"train": {"adam_betas", "adam_eps", "expert_lr_mult"}, "eval": {"min_count"}, "convert": set(),
+                "demo": set()}
 CLI_ONLY = {"train": set(), "eval": {"json_out"}, "convert": set(), "demo": set()}
 POSITIONAL = {"train": set(), "eval": {"model"}, "convert": {"parent"}, "demo": {"out"}}
 
@@ -141,8 +143,10 @@ E = dict(data=["d"])
     (lambda: TrainConfig(**T, precision="fp16"), "--precision 'fp16': use auto, bf16 or fp32"),
     (lambda: TrainConfig(**T, train=["nope"]), "--train 'nope'"),
     (lambda: TrainConfig(**T, train=["experts"], router_lr_mult=2.0), "does not train the router"),
-    (lambda: TrainConfig(**T, train=["router"], expert_lr_mult=0.5), "does not train the routed experts"),
-    (lambda: TrainConfig(**T, expert_lr_mult=-1.0), "--expert-lr-mult -1 must be zero or positive"),
+    (lambda: TrainConfig(**T, train=["router"], mlp_lr_mult=0.25), "--mlp-lr-mult is set but nothing of the MLP"),
+    (lambda: TrainConfig(**T, train=["router"], expert_lr_mult=0.25), "--mlp-lr-mult is set but nothing of the MLP"),
+    (lambda: TrainConfig(**T, expert_lr_mult=-1.0), "--mlp-lr-mult -1 must be zero or positive"),
+    (lambda: TrainConfig(**T, mlp_lr_mult=0.25, expert_lr_mult=1.0), "--expert-lr-mult is the old name of"),
     (lambda: TrainConfig(**T, heldout_fraction=0.0, eval_every=5), "--eval-every needs a held-out split"),
     (lambda: EvalOptions(data=[]), "give the text to score with --data"),
     (lambda: EvalOptions(**E, split="train"), "--split 'train': use heldout or all"),

@@ -361,19 +361,29 @@ def test_some_experts_train_others_get_zero_gradient(moe, impl):
     assert [g["weight_decay"] for g in groups] == [0.0]  # no decay may move the frozen experts
 
 
-def test_param_groups_expert_lr(moe):
-    """--expert-lr-mult: the routed experts' tensors at lr x mult, the router and everything else untouched."""
+def test_param_groups_mlp_lr(moe, tiny_parent):
+    """--mlp-lr-mult: every MLP weight at lr x mult (routed and shared experts; a dense model's MLP), the router and
+    everything else untouched, so an MoE and its dense parent trained with the same options match part for part."""
     model = load_for_training(str(moe("qwen2_moe", shared_experts=1)), experts_impl="eager", allow_pickle=False)
     layers = moe_layers(model)
     apply_selection(model, layers, parse_train([]))
-    groups = param_groups(model, layers, lr=1e-3, weight_decay=0.1, router_lr_mult=10.0, expert_lr_mult=0.5)
+    groups = param_groups(model, layers, lr=1e-3, weight_decay=0.1, router_lr_mult=10.0, mlp_lr_mult=0.5)
     expert_ids = {id(p) for m in layers for p in m.experts.parameters()}
     router_ids = {id(m.router.weight) for m in layers}
     lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert expert_ids and all(lrs[i] == pytest.approx(5e-4) for i in expert_ids)
     assert all(lrs[i] == pytest.approx(1e-2) for i in router_ids)
     shared = [p for n, p in model.named_parameters() if "shared_expert." in n]
-    assert shared and all(lrs[id(p)] == pytest.approx(1e-3) for p in shared)
+    assert shared and all(lrs[id(p)] == pytest.approx(5e-4) for p in shared)
+    attention = [p for n, p in model.named_parameters() if "self_attn" in n]
+    assert attention and all(lrs[id(p)] == pytest.approx(1e-3) for p in attention)
+    dense = load_for_training(str(tiny_parent("llama")), experts_impl="eager", allow_pickle=False)
+    apply_selection(dense, [], parse_train([]))
+    lrs = {n: g["lr"] for g in param_groups(dense, [], lr=1e-3, weight_decay=0.1, router_lr_mult=1.0, mlp_lr_mult=0.5)
+           for p in g["params"] for n, q in dense.named_parameters() if q is p}
+    assert {n for n, lr in lrs.items() if lr == pytest.approx(5e-4)} == {n for n in lrs if ".mlp." in n}
+    others = [lr for n, lr in lrs.items() if ".mlp." not in n]
+    assert others and all(lr == pytest.approx(1e-3) for lr in others)
 
 
 def test_param_groups_router_lr_and_decay(moe):

@@ -30,11 +30,11 @@ EXPERT_PROFILES = "Expert profiles"
 
 
 def eval_command(
-    model: Annotated[str, typer.Argument(help="Model to evaluate: an MoE folder (from upcycle convert/train, or an existing Mixtral, Qwen2-MoE, ... checkpoint), or a dense model.")],
+    model: Annotated[str, typer.Argument(help="Model to evaluate: an MoE folder (from upcycle convert/train, or an existing Mixtral, Qwen2-MoE, ... checkpoint), a run folder of upcycle train (its final/ is scored, and its run is the --run), or a dense model.")],
     # data
     data: Data = ...,
-    split: Annotated[str, _opt("--split", panel=DATA, help="heldout: only the held-out share of --data, chosen as upcycle train chooses it (same --seed and --heldout-fraction), so evaluating on the training files never scores training tokens. all: every token, for dedicated evaluation files.")] = "heldout",
-    heldout_fraction: HeldoutFraction = 0.01,
+    split: Annotated[str, _opt("--split", panel=DATA, help="heldout: only the held-out share of --data, chosen as the evaluated run chose it (its --seed and --heldout-fraction, from run.json), so evaluating on the training files never scores training tokens. all: every token, for dedicated evaluation files.")] = "heldout",
+    heldout_fraction: HeldoutFraction = None,
     seq_len: SeqLen = 512,
     max_blocks: Annotated[int, _opt("--max-blocks", panel=DATA, help="Most blocks to score (more blocks: narrower confidence intervals, slower).")] = 64,
     text_field: TextField = None,
@@ -58,7 +58,7 @@ def eval_command(
     batch_size: Annotated[int, _opt("--batch-size", "-b", panel=HARDWARE, help="Blocks per forward pass.")] = 4,
     device: Annotated[str, _opt("--device", panel=HARDWARE, help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
     # common
-    seed: Seed = 0,
+    seed: Seed = None,
     dtype: Dtype = "float32",
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -81,7 +81,9 @@ def eval_command(
       upcycle eval ./run/final --parent ./SmolLM2-135M --data eval.jsonl \\
         --split all --run ./run
 
-    Did upcycling pay off? Against the dense parent trained the same way:
+    Did upcycling pay off? Against the dense parent trained the same way
+    (upcycle train PARENT with the MoE run's options; run folders, whose
+    final/ is scored and whose run.json must match):
       upcycle eval ./moe-run --parent ./SmolLM2-135M --baseline ./dense-run \\
         --data corpus/
 

@@ -23,10 +23,13 @@ OPTIMISATION = "Optimisation"
 HARDWARE = "Hardware and numerics"
 OUTPUT = "Output"
 
-Seed = Annotated[int, typer.Option(
+Seed = Annotated[Optional[int], typer.Option(
     "--seed", rich_help_panel=COMMON,
-    help="Seed of every random choice (router init, slicing, data order, held-out split): "
-         "the same command with the same seed gives the same result.")]
+    help="Seed of every random choice (router init, slicing, data order, held-out split): the same command with the "
+         "same seed and inputs gives the same result with the same software (torch, transformers, tokenizer). Not "
+         "across Python versions with convert's default k-means sample, which is read from this Python's standard "
+         "library (upcycle.json records which files and a hash of the text; --router-init kmeans:TEXT pins it). "
+         "upcycle eval: default the evaluated run's seed (run.json), so its held-out split is the run's.")]
 Overwrite = Annotated[bool, typer.Option(
     "--overwrite", rich_help_panel=COMMON,
     help="Replace an earlier result instead of refusing (convert: a non-empty OUT; eval: a report in --out; "
@@ -47,10 +50,12 @@ SeqLen = Annotated[int, typer.Option(
 TextField = Annotated[Optional[str], typer.Option(
     "--text-field", rich_help_panel=DATA,
     help="Field holding the text in .jsonl/.json/.parquet/.csv files (default: text).")]
-HeldoutFraction = Annotated[float, typer.Option(
+HeldoutFraction = Annotated[Optional[float], typer.Option(
     "--heldout-fraction", rich_help_panel=DATA,
     help="Share of --data's documents held out from training; upcycle train and upcycle eval --split heldout "
-         "choose the same documents when given the same value and --seed.")]
+         "choose the same documents when given the same value and --seed. upcycle eval: default the evaluated "
+         "run's (run.json), else 0.01; a value that differs from the run's is refused (it would score training "
+         "documents).")]
 
 Experts = Annotated[int, typer.Option("--experts", "-e", rich_help_panel=EXPERTS, help="Routed experts per MoE layer.")]
 TopK = Annotated[int, typer.Option("--top-k", "-k", rich_help_panel=EXPERTS, help="Routed experts chosen per token.")]

@@ -60,7 +60,7 @@ def train_command(
     aux_free_bias: Annotated[bool, _opt("--aux-free-bias/--no-aux-free-bias", panel=ROUTING, help="Aux-loss-free balancing (DeepSeek-V3): move each expert's selection bias by +-rate per step towards equal load. glm4_moe and dots1 only (they store the bias).")] = False,
     bias_update_rate: Annotated[float, _opt("--bias-update-rate", panel=ROUTING, help="Step of --aux-free-bias per optimizer step.")] = 1e-3,
     router_lr_mult: Annotated[float, _opt("--router-lr-mult", panel=ROUTING, help="Router learning rate = --lr x this.")] = 1.0,
-    expert_lr_mult: Annotated[float, _opt("--expert-lr-mult", panel=ROUTING, help="Routed experts' learning rate = --lr x this (shared experts and the rest keep --lr).")] = 1.0,
+    mlp_lr_mult: Annotated[float, _opt("--mlp-lr-mult", "--expert-lr-mult", panel=OPTIMISATION, help="The MLP's learning rate = --lr x this, on both sides: an MoE's routed experts (and shared experts, and MLP layers left dense), a dense model's MLP, so `upcycle train PARENT` with the MoE's options is the fair baseline. Default 0.5, from docs/study.md: with it the k-means MoE came out level with, then ahead of, its parent trained the same way (-0.0019 nats at 147K tokens, two seeds pooled; over blocks of only 8 documents, so not yet a verdict by upcycle eval's rule), and 0.5 lowered both sides' held-out loss; at 1.0 the MoE was 0.008-0.010 behind. --expert-lr-mult is its old name.")] = 0.5,
     force_route: Annotated[Optional[str], _opt("--force-route", panel=ROUTING, help="Send every training token to these experts (3: expert 3 of every MoE layer; 0=3;1=5: per layer; or a domain_experts.json), filling the top-k with them; fewer than k leave the rest to the router's best others. Weights by the router's own rule. Validation and the saved model route normally.")] = None,
     route_target: Annotated[Optional[str], _opt("--route-target", panel=ROUTING, help="Steer the router: add a cross-entropy of its distribution toward these experts (same grammar as --force-route) on the run's data. Needs a trained router (--train router or --lora router).")] = None,
     route_target_coef: Annotated[float, _opt("--route-target-coef", panel=ROUTING, help="Weight of the --route-target loss.")] = 1.0,
@@ -96,7 +96,8 @@ def train_command(
     Train the MoE on 20M tokens:
       upcycle train ./smol-moe -d corpus/ -o runs/moe --tokens 20M -b 8
 
-    The dense baseline, on the same tokens:
+    The dense baseline: the same options (then upcycle eval runs/moe
+    --baseline runs/dense checks that they were):
       upcycle train ./SmolLM2-135M -d corpus/ -o runs/dense --tokens 20M -b 8
 
     After an interruption:

@@ -40,6 +40,8 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
                    "tensors_sha256": fp.get("parent")},
         "weights_sha256": fp.get("weights"),
         "recipe": asdict(r),
+        # --router-init kmeans: which text the centroids came from (the built-in sample depends on the Python version)
+        **({"router_init_sample": fp["router_init_sample"]} if fp.get("router_init_sample") else {}),
         "format": plan.fmt.model_type,
         "dtype": NAME_OF[plan.out_dtype],
         "moe_layers": plan.moe_layers,

@@ -38,14 +38,36 @@ DEFAULT_FILES = 8  # standard library files sampled for the default text
 CENTRED = True
 
 
-def default_texts() -> list[str]:
-    """A fixed sample of real text that exists on every machine: the first part of a few standard library files."""
+def default_files() -> list[Path]:
+    """The standard library files the default sample reads. Which files (and their text) depend on this Python's
+    version: upcycle.json records them (sample_identity), and --router-init kmeans:TEXT pins a sample instead."""
     from upcycle.core.assets import stdlib_split
 
     train, _ = stdlib_split()
     step = max(1, len(train) // DEFAULT_FILES)
+    return train[::step][:DEFAULT_FILES]
+
+
+def default_texts() -> list[str]:
+    """A fixed sample of real text that exists on every machine: the first part of a few standard library files."""
     per_file = 4 * MAX_TOKENS * 4 // DEFAULT_FILES  # characters: ~4 per token, with room to spare
-    return [f.read_text(errors="replace")[:per_file] for f in train[::step][:DEFAULT_FILES]]
+    return [f.read_text(errors="replace")[:per_file] for f in default_files()]
+
+
+def sample_identity(text: Path | None, joined: str, tokens: int) -> dict:
+    """What upcycle.json records of the k-means sample: where it came from, a hash of the text the parent read and
+    how many of its tokens were clustered, so that two conversions can be told apart by their samples."""
+    import hashlib
+    import platform
+
+    if text is None:
+        files = [f.name for f in default_files()]
+        where = {"source": "built-in: the Python standard library", "python": platform.python_version(),
+                 "files": files}
+    else:
+        where = {"source": str(text)}
+    return {**where, "text_sha256": hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest(),
+            "tokens": tokens}
 
 
 def describe(text: Path | None) -> str:
@@ -107,7 +129,8 @@ def kmeans_job(ckpt, text: Path | None, plan, events: Events = SILENT,
     texts = [t for t in _texts(text) if t.strip()]
     if not texts:
         raise InputError(f"--router-init kmeans: {text} holds no text")
-    ids = encode(ckpt.load_spec, "\n\n".join(texts))[:MAX_TOKENS]
+    joined = "\n\n".join(texts)
+    ids = encode(ckpt.load_spec, joined)[:MAX_TOKENS]
     if ids.size < 4 * plan.recipe.copies:
         raise InputError(f"--router-init kmeans: {describe(text)} gives {ids.size} tokens, too few for "
                          f"{plan.recipe.copies} clusters")
@@ -135,6 +158,7 @@ def kmeans_job(ckpt, text: Path | None, plan, events: Events = SILENT,
         done = stream_parent(ckpt, ids, None, on_mlp, dtype=pass_dtype(ckpt), attention="sdpa", stop=stop)
         return None if done is None else bases
 
+    run.sample = sample_identity(text, joined, int(ids.size))  # upcycle.json's router_init_sample
     return run
 
 

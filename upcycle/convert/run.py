@@ -205,6 +205,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         # one thread runs convert's torch work beside the writer, in order (the k-means pass, then verification's
         # parent layers), so that the imports of the two never race each other
         executor = background = None
+        sample = None  # the k-means sample's identity, for upcycle.json
         if beside or overlap:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -215,6 +216,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
 
                 stop = [False]
                 job = kmeans_job(ckpt, init_file, plan, events=ev, stop=lambda: stop[0])
+                sample = getattr(job, "sample", None)  # the identity of the text the job clusters
                 if beside:
                     background = BackgroundBases(executor.submit(job), stop)
                     plan, _ = build_plan(ckpt, recipe, background, sources)
@@ -228,7 +230,7 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                 plan, _ = build_plan(ckpt, recipe, bases, sources)
                 phase("router init")
             verification = _write_and_verify(ckpt, plan, out, options, command, ev, whole, whole_note, phase,
-                                             executor if overlap else None, background)
+                                             executor if overlap else None, background, sample)
         finally:
             if background is not None:
                 background.close()
@@ -243,7 +245,8 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
 
 
 def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: ConvertOptions, command, ev: Events,
-                      whole: bool, whole_note: str | None, phase, executor, background) -> dict | None:
+                      whole: bool, whole_note: str | None, phase, executor, background,
+                      sample: dict | None = None) -> dict | None:
     """Write the folder (atomically), verify it, add the manifest and card; return the verification report."""
     if command is None:
         command = ["upcycle", *sys.argv[1:]] if Path(sys.argv[0]).name in ("upcycle", "__main__.py") else None
@@ -283,6 +286,8 @@ def _write_and_verify(ckpt: ParentCheckpoint, plan: Plan, out: Path, options: Co
         fingerprints = {"parent": tensor_digest(ckpt.source), "weights": folder_digest(tmp)}
         if plan.sources is not None:
             fingerprints["sources"] = source_entries(plan.sources, tensor_digest)
+        if sample is not None:
+            fingerprints["router_init_sample"] = sample
         write_manifest(tmp, manifest_dict(plan, ckpt.label, command, verification, fingerprints))
         (tmp / "README.md").write_text(model_card(plan, ckpt.label, command, verification, fingerprints))
         phase("manifest")

@@ -375,6 +375,8 @@ class PackedBlocks:
         self._pos = self._epoch_start(0)
         self.blocks_yielded = 0
         self._tokens = 0  # tokens read in the current epoch, for the too-small message
+        self.track_documents = False  # set: last_documents names the documents of the last block yielded
+        self.last_documents: list[tuple[str, int]] = []  # (document, tokens it gave the block)
 
     # -- position
 
@@ -429,9 +431,11 @@ class PackedBlocks:
 
         epoch, window, doc, token = pos["epoch"], pos["window"], pos["doc"], pos["token"]
         start = (pos["source"], pos["row"])
-        docs = self.corpus.docs(self.corpus.order(epoch, self.shuffle), start)
+        order = self.corpus.order(epoch, self.shuffle)
+        docs = self.corpus.docs(order, start)
         buf: list[np.ndarray] = []
         have = 0
+        pieces: list[tuple[str, int]] = []  # with track_documents: the documents of the block being filled
         while True:
             items = list(islice(docs, self.shuffle_buffer))
             if not items:
@@ -440,16 +444,20 @@ class PackedBlocks:
             if self.shuffle:
                 _rng(self.seed, "window", epoch, window).shuffle(perm)
             texts = [items[i][1] for i in perm]
+            labels = [_document_label(order, items[i][0]) for i in perm] if self.track_documents else None
             for k, offset, ids in self._pieces(texts, doc, token):
                 used = 0
                 while used < len(ids):
                     take = min(self.seq_len - have, len(ids) - used)
                     buf.append(ids[used:used + take])
+                    if labels is not None:
+                        pieces.append((labels[k], take))
                     have += take
                     used += take
                     if have == self.seq_len:
                         block = np.concatenate(buf)
                         buf, have = [], 0
+                        self.last_documents, pieces = pieces, []
                         yield block, {"epoch": epoch, "source": start[0], "row": start[1], "window": window,
                                       "doc": k, "token": offset + used}
             start, window, doc, token = items[-1][0], window + 1, 0, 0
@@ -512,11 +520,85 @@ def heldout_blocks(tokenizer, paths, *, seq_len: int, max_blocks: int, split: st
     One pass in seeded shuffled order, so that a small sample is spread over the files instead of taken from the
     first ones. Raises InputError when not even one complete block can be formed.
     """
+    return heldout_block_documents(tokenizer, paths, seq_len=seq_len, max_blocks=max_blocks, split=split,
+                                   heldout_fraction=heldout_fraction, seed=seed, text_field=text_field)[0]
+
+
+def heldout_block_documents(tokenizer, paths, *, seq_len: int, max_blocks: int, split: str = "heldout",
+                            heldout_fraction: float = 0.01, seed: int = 0, text_field: str | None = None
+                            ) -> tuple["torch.LongTensor", list[str]]:
+    """heldout_blocks, and for each block the document that gave it most of its tokens (block_document)."""
     import torch
 
     if max_blocks < 1:
         raise UsageError(f"max blocks {max_blocks} must be at least 1")
     blocks = PackedBlocks(tokenizer, paths, seq_len=seq_len, split=split, heldout_fraction=heldout_fraction,
                           seed=seed, text_field=text_field, shuffle=True, epochs=1)
-    taken = list(islice(iter(blocks), max_blocks))
-    return torch.stack(taken)
+    blocks.track_documents = True
+    taken, docs = [], []
+    for block in islice(iter(blocks), max_blocks):
+        taken.append(block)
+        docs.append(block_document(blocks.last_documents))
+    return torch.stack(taken), docs
+
+
+def spread_blocks(tokenizer, paths, *, seq_len: int, max_blocks: int, split: str = "heldout",
+                  heldout_fraction: float = 0.01, seed: int = 0, text_field: str | None = None,
+                  scan_tokens: int = 2_000_000) -> tuple["torch.LongTensor", list[str]]:
+    """Up to `max_blocks` blocks of `split` spread over as many documents as the split offers, with each block's
+    document (block_document), the same for the same arguments.
+
+    The blocks of one document are correlated (same file, same topic), so an interval over blocks needs many
+    documents behind them (upcycle.evaluate.stats): where heldout_blocks takes the first blocks of a shuffled
+    stream (64 blocks of 512 tokens: three to five source files), this reads the same stream, groups its blocks by
+    document and takes one block of every document before a second of any, each document's blocks in a seeded
+    order (not always its first, which in a source file is the license and imports). It reads until it has seen
+    `max_blocks` documents, the split ends, or it has read `scan_tokens` tokens (at least 64 x `max_blocks`
+    blocks; a bound for a split of a few huge documents, at about 16 MB of token ids). The chosen blocks keep their
+    stream order.
+    """
+    import torch
+
+    if max_blocks < 1:
+        raise UsageError(f"max blocks {max_blocks} must be at least 1")
+    stream = PackedBlocks(tokenizer, paths, seq_len=seq_len, split=split, heldout_fraction=heldout_fraction,
+                          seed=seed, text_field=text_field, shuffle=True, epochs=1)
+    stream.track_documents = True
+    seen: list[tuple["torch.LongTensor", str]] = []
+    by_doc: dict[str, list[int]] = {}
+    for block in stream:
+        doc = block_document(stream.last_documents)
+        if doc not in by_doc and len(by_doc) == max_blocks:
+            break  # the documents seen so far are complete: a new one cannot be chosen
+        by_doc.setdefault(doc, []).append(len(seen))
+        seen.append((block, doc))
+        if len(seen) >= max(64 * max_blocks, scan_tokens // seq_len):
+            break
+    for doc, idx in by_doc.items():
+        _rng(seed, "spread", doc).shuffle(idx)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < max_blocks and any(len(idx) > depth for idx in by_doc.values()):
+        for idx in by_doc.values():
+            if len(idx) > depth and len(chosen) < max_blocks:
+                chosen.append(idx[depth])
+        depth += 1
+    chosen.sort()
+    return torch.stack([seen[i][0] for i in chosen]), [seen[i][1] for i in chosen]
+
+
+def block_document(pieces: list[tuple[str, int]]) -> str:
+    """The document that gave a block most of its tokens (the first of equals): the block's unit for intervals
+    over documents (upcycle.evaluate.stats)."""
+    best: dict[str, int] = {}
+    for doc, n in pieces:
+        best[doc] = best.get(doc, 0) + n
+    return max(best, key=best.get)
+
+
+def _document_label(order: list[_Source], after: Position) -> str:
+    """A document's name from its position-after in `order` (_rows): the file for a text file, file#row else."""
+    i, row = after
+    if row == 0:  # a text file: "after it" is the next file
+        return order[i - 1].spec
+    return f"{order[i].spec}#{row - 1}"

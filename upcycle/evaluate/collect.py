@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from upcycle.core.errors import UnsupportedError
 from upcycle.evaluate.cost import ExpertGroup
 from upcycle.evaluate.drift import ExpertWeights
@@ -55,8 +57,10 @@ class RoutingCollector:
     """Records routing during scoring and feeds the per-layer accumulators after every forward."""
 
     def __init__(self, model, moe: list[MoEView], token_layers: list[int], *, vocab_size: int, contexts: int,
-                 seq_len: int):
+                 seq_len: int, keep_choices: bool = False):
         self.model, self.moe, self.seq_len = model, moe, seq_len
+        # keep_choices: every token's chosen experts per layer (sorted, int16), to compare with another model's
+        self.choices: dict[int, list] | None = {m.index: [] for m in moe} if keep_choices else None
         self.acc = {m.index: RoutingAccumulator(m.index, m.num_experts, m.top_k, m.scoring) for m in moe}
         by_index = {m.index: m for m in moe}
         self.tokens = {i: TokenRouting(i, by_index[i].num_experts, vocab_size, by_index[i].scoring, contexts)
@@ -86,6 +90,8 @@ class RoutingCollector:
             logits = logits.detach().float().cpu()
             indices = indices.detach().cpu()
             self.acc[index].update(indices, logits, seq_len=self.seq_len)
+            if self.choices is not None:
+                self.choices[index].append(indices.reshape(-1, indices.shape[-1]).sort(dim=-1).values.to(torch.int16))
             if index in self.tokens:
                 self.tokens[index].update(flat, indices, logits, first_position=start * self.seq_len)
 

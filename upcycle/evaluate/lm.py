@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from upcycle.core.events import SILENT, Events
-from upcycle.evaluate.stats import Estimate, mean_ci, perplexity
+from upcycle.evaluate.stats import Estimate, clustered_mean_ci, mean_ci, perplexity
 
 
 @dataclass
@@ -26,10 +26,11 @@ class Scores:
     input_tokens: int
     peak_bytes: int | None
     memory_method: str
+    documents: list[str] | None = None  # each block's document: the loss interval is then over documents
 
     @property
     def loss(self) -> Estimate:
-        return mean_ci(self.block_loss)
+        return clustered_mean_ci(self.block_loss, self.documents) if self.documents else mean_ci(self.block_loss)
 
     @property
     def perplexity(self) -> Estimate:
@@ -51,7 +52,7 @@ class Scores:
             "accuracy": self.accuracy, "blocks": len(self.block_loss), "tokens_scored": self.tokens_scored,
             "tokens_per_second": self.tokens_per_second, "seconds": self.seconds,
             "peak_memory_bytes": self.peak_bytes, "memory_method": self.memory_method,
-            "block_loss": self.block_loss,
+            "block_loss": self.block_loss, "block_document": self.documents,
         }
 
 

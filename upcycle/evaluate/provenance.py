@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upcycle.core.errors import InputError, UpcycleError
+from upcycle.core.errors import InputError
 from upcycle.evaluate.runlog import RunLog, find_metrics, read_run
 
 FINAL = "final"
@@ -24,20 +24,9 @@ TRAINER_STATE = "trainer_state.json"
 
 def parent_digest(spec: str | Path, allow_pickle: bool = False) -> str | None:
     """The tensor digest of a dense model as `upcycle convert` reads it; None when it cannot be read that way."""
-    from upcycle.storage.manifest import folder_digest, tensor_digest
-    from upcycle.storage.parent import open_parent
+    from upcycle.storage.manifest import model_digest
 
-    try:
-        ckpt = open_parent(spec, allow_pickle=allow_pickle)
-    except UpcycleError:
-        p = Path(spec)
-        if p.is_dir() and any(p.glob("*.safetensors")):
-            return folder_digest(p)  # a dense type convert does not take: its files can still be digested
-        return None
-    try:
-        return tensor_digest(ckpt.source)
-    finally:
-        ckpt.close()
+    return model_digest(spec, allow_pickle=allow_pickle)
 
 
 def weights_digest(folder: str | Path) -> str | None:
@@ -75,17 +64,6 @@ def trained_tokens(model: str | Path, runlog: RunLog | None) -> int | None:
         tokens = runlog.rows[-1].get("tokens")
         return int(tokens) if isinstance(tokens, (int, float)) else None
     return None
-
-
-def run_settings(run_dir: Path | None) -> dict | None:
-    """The data options of a run (run.json), to say when two runs did not see the same text."""
-    if run_dir is None or not (run_dir / "run.json").is_file():
-        return None
-    try:
-        cfg = json.loads((run_dir / "run.json").read_text()).get("config", {})
-    except json.JSONDecodeError:
-        return None
-    return {k: cfg.get(k) for k in ("data", "seed", "seq_len", "heldout_fraction", "text_field")}
 
 
 @dataclass
@@ -127,8 +105,11 @@ class Provenance:
     untrained: bool | None = None  # MODEL's tensors are still those convert wrote (None: cannot tell)
     model_tokens: int | None = None
     baseline_tokens: int | None = None
-    same_data: bool | None = None  # the MoE's and the baseline's runs used the same data options
+    same_data: bool | None = None  # the MoE's and the baseline's runs used the same data and split
     data_differences: list[str] = field(default_factory=list)
+    # every setting in which the baseline was not (or cannot be shown to have been) trained as the MoE was
+    baseline_differences: list = field(default_factory=list)  # upcycle.evaluate.fairness.Difference
+    split_source: str | None = None  # where the held-out split's seed and fraction came from
 
     @property
     def tokens_differ(self) -> bool:
@@ -139,7 +120,9 @@ class Provenance:
         return {"recorded_parent": self.recorded_parent, "parent_match": self.parent_match,
                 "parent_check": self.parent_check, "untrained_since_conversion": self.untrained,
                 "model_tokens": self.model_tokens, "baseline_tokens": self.baseline_tokens,
-                "same_data": self.same_data, "data_differences": self.data_differences or None}
+                "same_data": self.same_data, "data_differences": self.data_differences or None,
+                "baseline_differences": [d.to_json() for d in self.baseline_differences] or None,
+                "split_from": self.split_source}
 
 
 def check_parent(prov: Provenance, manifest, parent: str | Path, allow_pickle: bool) -> None:
@@ -158,9 +141,42 @@ def check_parent(prov: Provenance, manifest, parent: str | Path, allow_pickle: b
     prov.parent_match, prov.parent_check = (True, "recorded source") if same else (None, None)
 
 
-def compare_runs(prov: Provenance, model_run: Path | None, baseline_run: Path | None) -> None:
-    a, b = run_settings(model_run), run_settings(baseline_run)
-    if a is None or b is None:
-        return
-    prov.data_differences = [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
-    prov.same_data = not prov.data_differences
+def compare_runs(prov: Provenance, manifest, model_run: Path | None, baseline_run: Path | None,
+                 allow_pickle: bool = False) -> None:
+    """Fill prov.baseline_differences (upcycle.evaluate.fairness) from the two runs' run.json."""
+    from upcycle.evaluate.fairness import read_run_record, training_differences
+
+    diffs = training_differences(
+        read_run_record(model_run), read_run_record(baseline_run),
+        parent_digest=manifest.parent_digest if manifest is not None else None,
+        converted_digest=manifest.weights_digest if manifest is not None else None,
+        model_tokens=prov.model_tokens, baseline_tokens=prov.baseline_tokens, allow_pickle=allow_pickle)
+    prov.baseline_differences = diffs
+    data = [d for d in diffs if d.setting.startswith(("data files", "seed", "held-out fraction", "text field",
+                                                      "training run"))]
+    prov.data_differences = [d.text() for d in data]
+    prov.same_data = None if any(d.unknown for d in data) else not data
+
+
+def split_settings(run_dir: Path | None) -> dict | None:
+    """The held-out split of a training run (run.json): {"seed", "heldout_fraction", "text_field"}."""
+    from upcycle.evaluate.fairness import read_run_record
+
+    rec = read_run_record(run_dir)
+    if rec is None:
+        return None
+    cfg = rec["config"]
+    return {"seed": cfg.get("seed", 0), "heldout_fraction": cfg.get("heldout_fraction", 0.01),
+            "text_field": cfg.get("text_field")}
+
+
+def resolve_model(spec: str | Path) -> tuple[str, Path | None]:
+    """MODEL as `upcycle eval` takes it: a run folder of `upcycle train` means its final/ (and the run), like
+    --baseline RUN; anything else is scored as given."""
+    p = Path(spec).expanduser()
+    if p.is_dir() and find_metrics(p) and not any(p.glob("*.safetensors")):
+        if (p / FINAL).is_dir():
+            return str(p / FINAL), p
+        raise InputError(f"MODEL {p}: the run has no {FINAL}/ folder yet (still training?); pass one of its "
+                         "checkpoint-N folders instead")
+    return str(spec), None

@@ -13,7 +13,7 @@ from upcycle.evaluate.lm import Scores
 from upcycle.evaluate.provenance import Provenance
 from upcycle.evaluate.routing_stats import LayerRouting
 from upcycle.evaluate.specialise import DomainLayer, LayerSpecialisation
-from upcycle.evaluate.stats import Comparison
+from upcycle.evaluate.stats import MIN_DOCUMENTS, Comparison
 from upcycle.families.moe.routing import DEAD_ROUTER_ADVICE
 from upcycle.core.tensors import human_bytes, human_count
 
@@ -62,6 +62,7 @@ class Report:
     baseline: Side | None = None  # the dense baseline trained the same way (--baseline)
     baseline_comparison: Comparison | None = None  # model minus baseline, paired
     provenance: Provenance | None = None
+    routing_change: object | None = None  # upcycle.evaluate.learned.RoutingChange: routing against the start
 
     @property
     def drift_reference(self) -> str | None:
@@ -100,6 +101,7 @@ class Report:
             "provenance": None if self.provenance is None else self.provenance.to_json(),
             "verdict": dict(zip(("kind", "text"), verdict(self))),
             "routers": router_verdict(self),
+            "routing_change": None if self.routing_change is None else self.routing_change.to_json(),
             "data": self.data,
             "routing": self.routing_json(),
             "specialisation": [s.to_json() for s in self.specialisation] or None,
@@ -143,8 +145,27 @@ def verdict_sentence(r: Report) -> str:
 
 def _numbers(m: float, o: float, c: Comparison, other: str) -> str:
     d = c.diff
-    ci = "" if d.low is None else f", 95% CI [{d.low:+.4f}, {d.high:+.4f}]"
+    if c.verdict == "too few documents":
+        ci = f", over {d.n} blocks of only {d.documents} documents"
+    elif d.low is None:
+        ci = ""
+    else:
+        over = f" over {d.documents} documents" if d.documents is not None else ""
+        ci = f", 95% CI{over} [{d.low:+.4f}, {d.high:+.4f}]"
     return f"loss {m:.4f} vs {o:.4f} for {other} ({d.mean:+.4f} nats{ci}, perplexity x{c.perplexity_ratio:.3f})"
+
+
+def too_few_documents(c: Comparison) -> str:
+    return (f"the {c.diff.n} held-out blocks come from {c.diff.documents} documents, fewer than the "
+            f"{c.min_documents} an interval over documents needs (blocks of one document are not independent): give "
+            "--data more documents, or a larger --max-blocks where the split has more")
+
+
+def withheld_reason(d) -> str:
+    """One upcycle.evaluate.fairness.Difference as the verdict names it."""
+    if d.setting == "training tokens" and not d.unknown:
+        return f"they were not trained on the same number of tokens ({d.model} for the model, {d.baseline} for the baseline)"
+    return d.text()
 
 
 MISSING_BASELINE = ("Not an upcycling claim: that needs a dense baseline trained on the same data and tokens "
@@ -155,9 +176,10 @@ def verdict(r: Report) -> tuple[str, str]:
     """(kind, sentences). Upcycling is credited only against a dense baseline trained on the same tokens, for a
     model trained since conversion; against the untrained parent the words are "better/worse than the parent".
 
-    kinds: paid_off, did_not_pay, no_difference (vs the baseline); untrained; wrong_parent; unfair (tokens or
-    data differ, or are unknown); better_than_parent, worse_than_parent, same_as_parent,
-    no_difference_from_parent; no_reference.
+    kinds: paid_off, did_not_pay, no_difference (vs the baseline); untrained; wrong_parent; unfair (the baseline
+    was not trained as the MoE was, or that cannot be checked: provenance.baseline_differences names each
+    setting); too_few_documents (the interval would rest on fewer than MIN_DOCUMENTS documents);
+    better_than_parent, worse_than_parent, same_as_parent, no_difference_from_parent; no_reference.
     """
     prov = r.provenance or Provenance()
     m = r.model.scores.loss.mean
@@ -176,25 +198,24 @@ def verdict(r: Report) -> tuple[str, str]:
     if bc is not None:
         b = r.baseline.scores.loss.mean
         nums = _numbers(m, b, bc, f"the dense baseline `{r.baseline.path}`")
-        unfair = []
-        if prov.tokens_differ:
-            unfair.append(f"they were not trained on the same number of tokens ({prov.model_tokens:,} for the model, "
-                          f"{prov.baseline_tokens:,} for the baseline)")
-        elif prov.model_tokens is None or prov.baseline_tokens is None:
-            which = " and ".join(w for w, t in (("the model", prov.model_tokens), ("the baseline", prov.baseline_tokens))
-                                 if t is None)
-            unfair.append(f"the training tokens of {which} are not recorded (pass the run folders: --run, "
-                          "--baseline RUN), so the same budget cannot be checked")
-        if prov.same_data is False:
-            unfair.append("their runs used different data options (" + "; ".join(prov.data_differences) + ")")
+        unfair = [withheld_reason(d) for d in prov.baseline_differences]
+        if any(d.unknown for d in prov.baseline_differences):
+            unfair.append("(pass the run folders, --run for the MoE and --baseline RUN, of runs made by this upcycle)")
         if r.baseline.moe:
             unfair.append("the baseline is itself an MoE, not the dense parent trained the same way")
         word = {"better": "better than", "worse": "worse than", "same": "the same as"}.get(
             bc.verdict, "not significantly different from")
+        if bc.verdict == "too few documents":
+            word = "compared with"
         if kind is not None or unfair:
             out.append(f"Against the baseline: {word} it, {nums}."
-                       + (" Not a fair comparison for an upcycling claim: " + "; ".join(unfair) + "." if unfair else ""))
+                       + (" No upcycling verdict, the baseline was not trained the same way as the MoE: "
+                          + "; ".join(unfair) + "." if unfair else ""))
             kind = kind or "unfair"
+        elif bc.verdict == "too few documents":
+            out.append(f"No upcycling verdict against the dense baseline trained the same way: {nums}; "
+                       f"{too_few_documents(bc)}.")
+            kind = "too_few_documents"
         elif bc.verdict == "better":
             out.append(f"Upcycling paid off against the dense baseline trained the same way: {nums}.")
             kind = "paid_off"
@@ -219,9 +240,12 @@ def verdict(r: Report) -> tuple[str, str]:
             label = "the parent" if prov.parent_match is not False else "--parent"
             pk = {"better": "better_than_parent", "worse": "worse_than_parent"}.get(
                 c.verdict, "no_difference_from_parent")
-            head = {"better": f"Better than {label}", "worse": f"Worse than {label}"}.get(
-                c.verdict, f"No significant difference from {label}")
-            out.append(f"{head}: {_numbers(m, p, c, label)}.")
+            head = {"better": f"Better than {label}", "worse": f"Worse than {label}",
+                    "too few documents": f"Compared with {label}"}.get(c.verdict, f"No significant difference from {label}")
+            out.append(f"{head}: {_numbers(m, p, c, label)}"
+                       + (f"; no verdict: {too_few_documents(c)}." if c.verdict == "too few documents" else "."))
+            if c.verdict == "too few documents":
+                pk = "too_few_documents"
         if kind is None:
             kind = pk
             if r.model.moe or (r.provenance and r.provenance.recorded_parent):
@@ -231,16 +255,20 @@ def verdict(r: Report) -> tuple[str, str]:
     return kind or "no_reference", " ".join(out)
 
 
-# When routers count as learned (docs/eval.md): entropy as a share of log E, experts' cosine to their origin.
-UNIFORM_ENTROPY = 0.98  # above: the router barely prefers any expert
-UNMOVED_COS = 0.9999  # above: the experts are still what they started as
+# A sign of collapse beside any verdict on the routers (docs/eval.md)
 SKEWED_CV = 1.0  # load CV above this, or dead experts: routing collapses onto few experts
 
 
 def router_verdict(r: Report) -> dict | None:
-    """{"learned": True/False/None, "text": one paragraph naming the numbers and the thresholds} for an MoE."""
+    """{"learned": True/False/None, "text": one paragraph naming the numbers and the thresholds} for an MoE.
+
+    Learned is judged against the start (upcycle.evaluate.learned); the absolute levels (entropy, load CV, the
+    experts' cosine to their reference) are printed beside it, never judged on their own: a k-means router starts
+    decisive."""
     if not r.routing:
         return None
+    from upcycle.evaluate.learned import RoutingChange, judge
+
     ents = [x.entropy_norm for x in r.routing if x.entropy_norm is not None]
     ent = sum(ents) / len(ents) if ents else None
     cv = sum(x.cv for x in r.routing) / len(r.routing)
@@ -250,36 +278,28 @@ def router_verdict(r: Report) -> dict | None:
         r.drift_reference or "", "their origin")
     facts = []
     if ent is not None:
-        facts.append(f"mean router entropy {ent:.3f} of log E ({'above' if ent > UNIFORM_ENTROPY else 'at or below'} "
-                     f"{UNIFORM_ENTROPY})")
+        facts.append(f"mean router entropy {ent:.3f} of log E")
     facts.append(f"load CV {cv:.3f}" + (f", {dead} dead experts" if dead else ""))
     if cos is not None:
-        facts.append(f"experts' mean cosine to {ref} {cos:.4f} ({'above' if cos > UNMOVED_COS else 'below'} "
-                     f"{UNMOVED_COS})")
+        facts.append(f"experts' mean cosine to {ref} {cos:.6f}")
     numbers = "; ".join(facts)
     prov = r.provenance
     if prov is not None and prov.untrained:
         return {"learned": False, "text": f"The routers are untrained (fresh from conversion; {numbers}): what they "
                                           "do is their initialisation."}
-    unmoved = cos is not None and cos > UNMOVED_COS
-    if ent is not None and ent > UNIFORM_ENTROPY:
-        text = (f"The routers have not learned to route: {numbers}. They barely prefer any expert"
-                + (", and the experts are still copies of their origin, so routing changes nothing" if unmoved else "")
-                + ". " + DEAD_ROUTER_ADVICE + ".")
-        learned = False
-    elif unmoved:
-        text = (f"The routers prefer experts ({numbers}), but the experts are still what they started as, so the "
-                "preference changes little: not learned routing yet.")
-        learned = False
-    elif ent is None:
-        text = f"No router probabilities to judge: {numbers}."
-        learned = None
-    else:
-        text = f"The routers have learned to route: {numbers}."
-        learned = True
+    change = r.routing_change
+    if change is None:
+        change = RoutingChange(None, "not an MoE made by upcycle convert (no upcycle.json), so its start is unknown")
+    learned, text = judge(change)
+    text += f" Levels now: {numbers}."
+    if learned is False and ent is not None and ent > UNIFORM_ENTROPY:
+        text += " " + DEAD_ROUTER_ADVICE + "."
     if dead or cv > SKEWED_CV:
         text += f" The load is concentrated on few experts (CV above {SKEWED_CV:g} or dead experts): a sign of collapse."
     return {"learned": learned, "text": text}
+
+
+UNIFORM_ENTROPY = 0.98  # above: the router barely prefers any expert (then the dead-router advice is added)
 
 
 def _pm(est, fmt: str, compact: bool) -> str:
@@ -388,7 +408,11 @@ def summary_markdown(r: Report) -> str:
     header = ["metric", "model"] + [x for name, _, _ in others(r) for x in (name, f"model vs {name}")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in side_rows(r)]
-    lines += ["", "Intervals are 95% Student-t intervals over blocks; the difference is paired (same blocks)."]
+    docs = d.get("documents")
+    lines += ["", "Intervals are 95% Student-t intervals over documents (cluster-robust: blocks grouped by the "
+                  f"document they come from; {docs} documents) and the difference is paired (same blocks); fewer than "
+                  f"{MIN_DOCUMENTS} documents give no verdict." if docs is not None else
+              "Intervals are 95% Student-t intervals over blocks; the difference is paired (same blocks)."]
     if r.routing:
         lines += ["", "## Routing", ""]
         rv = router_verdict(r)

@@ -39,8 +39,10 @@ class EvalOptions:
     split: str = "heldout"
     seq_len: int = 512
     max_blocks: int = 64
-    seed: int = 0
-    heldout_fraction: float = 0.01
+    # the held-out split: None takes the evaluated run's own (run.json), else seed 0 and fraction 0.01 (upcycle
+    # train's defaults); a value that differs from the run's is refused, as it would score training documents
+    seed: int | None = None
+    heldout_fraction: float | None = None
     text_field: str | None = None
     batch_size: int = 4
     dtype: str = "float32"
@@ -79,7 +81,7 @@ class EvalOptions:
                 raise UsageError(f"{name} must be at least {2 if name == '--seq-len' else 1}")
         if self.dtype not in SAME_TOLERANCE:
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(SAME_TOLERANCE)}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
+        if self.heldout_fraction is not None and not 0.0 <= self.heldout_fraction < 1.0:
             raise UsageError(f"--heldout-fraction {self.heldout_fraction:g} must be in [0, 1)")
         for name, v, lo in (("--top-tokens", self.top_tokens, 1), ("--contexts", self.contexts, 0),
                             ("--domain-top", self.domain_top, 1), ("--tasks-limit", self.tasks_limit, 1)):
@@ -117,6 +119,31 @@ def same_tokenizer(a, b, names: tuple[str, str]) -> None:
                          "(different merges or normalisation): losses would not be comparable")
 
 
+def heldout_split(opt: EvalOptions, run: Path | None) -> tuple[int, float, str | None, str]:
+    """(seed, held-out fraction, text field, where they came from) of the split to score: the evaluated run's
+    (run.json), so that --split heldout never scores the run's training documents. An explicit value that differs
+    from the run's is refused with the reason."""
+    from upcycle.evaluate.provenance import split_settings
+
+    rec = split_settings(run)
+    if rec is None:
+        return (0 if opt.seed is None else opt.seed, 0.01 if opt.heldout_fraction is None else opt.heldout_fraction,
+                opt.text_field, "options" if opt.seed is not None or opt.heldout_fraction is not None else "defaults")
+    if opt.split == "heldout":
+        for flag, given, used in (("--seed", opt.seed, rec["seed"]),
+                                  ("--heldout-fraction", opt.heldout_fraction, rec["heldout_fraction"])):
+            if given is not None and given != used:
+                raise UsageError(f"{flag} {given:g}: the run {run} held out its documents with {flag} {used:g}; "
+                                 f"another split would score some of its training documents as held out (leave "
+                                 f"{flag} out to use the run's)")
+        if opt.text_field is not None and (opt.text_field or "text") != (rec["text_field"] or "text"):
+            raise UsageError(f"--text-field {opt.text_field}: the run {run} read --text-field "
+                             f"{rec['text_field'] or 'text'}; its held-out documents are those of that field")
+    seed = rec["seed"] if opt.seed is None else opt.seed
+    fraction = rec["heldout_fraction"] if opt.heldout_fraction is None else opt.heldout_fraction
+    return seed, fraction, opt.text_field or rec["text_field"], f"{run / 'run.json'}"
+
+
 def _device(name: str):
     import torch
 
@@ -150,13 +177,13 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
     warnings go to `events` (none when quiet)."""
     ev = events_or_silent(events, quiet)
 
-    from upcycle.core.data import heldout_blocks, resolve_data_files
+    from upcycle.core.data import resolve_data_files, spread_blocks
     from upcycle.evaluate import collect
     from upcycle.evaluate.cost import model_cost
     from upcycle.evaluate.drift import layer_drift, parent_mlps
     from upcycle.evaluate.lm import score
-    from upcycle.evaluate.provenance import Provenance, check_parent, compare_runs, resolve_baseline, run_of, \
-        trained_tokens, weights_digest
+    from upcycle.evaluate.provenance import Provenance, check_parent, compare_runs, resolve_baseline, \
+        resolve_model, run_of, trained_tokens, weights_digest
     from upcycle.evaluate.runlog import read_run
     from upcycle.evaluate.stats import paired_comparison
     from upcycle.core.loading import load_causal_lm, load_tokenizer
@@ -165,7 +192,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
     opt = options
     data, parent, out, domain, run = opt.data, opt.parent, opt.out, opt.domain, opt.run
     device = _device(opt.device)
-    model_spec = str(model)
+    model_spec, model_run = resolve_model(model)  # a run folder: its final/
+    if run is None:
+        run = model_run
     out_dir = Path(out).expanduser() if out is not None else Path(f"eval-{Path(model_spec).name or 'model'}")
     check_out(out_dir, opt.overwrite)
     if opt.tasks:
@@ -177,6 +206,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
     if run is None:
         run = run_of(model_spec)  # a run folder holding the final checkpoint, or RUN/final, RUN/checkpoint-N
     runlog = read_run(run) if run is not None else None
+    run_dir = runlog.path.parent if runlog else None
+    seed, heldout_fraction, text_field, split_source = heldout_split(opt, run_dir)
     tok = load_tokenizer(model_spec)
     manifest = read_manifest(model_spec) if Path(model_spec).is_dir() else None
     notes: list[str] = []
@@ -208,24 +239,27 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
                          "run was given (--run): whether the model was trained since conversion is unknown")
     if baseline is not None:
         prov.baseline_tokens = baseline.tokens
-        compare_runs(prov, runlog.path.parent if runlog else None, baseline.run)
+        compare_runs(prov, manifest, run_dir, baseline.run, allow_pickle=opt.allow_pickle)
+    prov.split_source = split_source
 
-    blocks = heldout_blocks(tok, files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split=opt.split,
-                            heldout_fraction=opt.heldout_fraction, seed=opt.seed, text_field=opt.text_field)
+    # spread over documents: the paired interval is over documents (upcycle.evaluate.stats)
+    blocks, block_docs = spread_blocks(tok, files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split=opt.split,
+                                       heldout_fraction=heldout_fraction, seed=seed, text_field=text_field)
     if blocks.shape[0] == 0:
         if opt.split == "heldout":
-            raise InputError(f"the held-out share ({opt.heldout_fraction:g}) of --data holds no complete block of "
+            raise InputError(f"the held-out share ({heldout_fraction:g}) of --data holds no complete block of "
                              f"{opt.seq_len} tokens; pass --split all for files kept apart for evaluation")
         raise InputError(f"--data holds no complete block of {opt.seq_len} tokens; give more text or a smaller --seq-len")
-    domain_blocks = None
+    domain_blocks = domain_docs = None
     if domain_files:
-        domain_blocks = heldout_blocks(tok, domain_files, seq_len=opt.seq_len, max_blocks=opt.max_blocks, split="all",
-                                       seed=opt.seed, text_field=opt.text_field)
+        domain_blocks, domain_docs = spread_blocks(tok, domain_files, seq_len=opt.seq_len, max_blocks=opt.max_blocks,
+                                                   split="all", seed=seed, text_field=text_field)
         if domain_blocks.shape[0] == 0:
             raise InputError("--domain gave no complete block of --seq-len tokens")
-    data_info = {"files": [str(f) for f in files], "split": opt.split, "heldout_fraction": opt.heldout_fraction,
-                 "seed": opt.seed, "seq_len": opt.seq_len, "blocks": int(blocks.shape[0]),
-                 "tokens_scored": int(blocks.shape[0] * (opt.seq_len - 1)), "text_field": opt.text_field,
+    data_info = {"files": [str(f) for f in files], "split": opt.split, "heldout_fraction": heldout_fraction,
+                 "seed": seed, "split_from": split_source, "seq_len": opt.seq_len, "blocks": int(blocks.shape[0]),
+                 "documents": len(set(block_docs)),
+                 "tokens_scored": int(blocks.shape[0] * (opt.seq_len - 1)), "text_field": text_field,
                  "domain_files": [str(f) for f in domain_files] if domain_files else None,
                  "domain_blocks": int(domain_blocks.shape[0]) if domain_blocks is not None else None}
     if blocks.shape[0] < opt.max_blocks:
@@ -272,6 +306,9 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
             del bm
             _release_memory()
 
+        # the converted checkpoint the MoE run started from: routing now is measured against routing then
+        change, start_choices = _start_routing(manifest, prov, run_dir, blocks, opt, device, ev)
+
         ev.info(f"loading the model {model_spec}")
         mm = load_causal_lm(model_spec, dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
         moe = collect.moe_info(mm)
@@ -280,7 +317,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
                                    words=("auto", "all", "none", "every:N"), candidates=[m.index for m in moe]
                                    ) if moe else []
         collector = collect.RoutingCollector(mm, moe, spec_layers, vocab_size=max(len(tok), int(blocks.max()) + 1),
-                                             contexts=opt.contexts, seq_len=opt.seq_len)
+                                             contexts=opt.contexts, seq_len=opt.seq_len,
+                                             keep_choices=start_choices is not None)
         with collector:
             mscores = score(mm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the model",
                             on_batch=collector.on_batch)
@@ -290,6 +328,8 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
             d, why = layer_drift(m.weights(), parent_mlp, manifest)
             drift.append(d)
             drift_note = drift_note or why
+        if change is not None and moe:
+            _finish_change(change, start_choices, collector, routing, drift, manifest)
         specialisation = [collector.tokens[i].profiles(
             next(r.load for r in routing if r.layer == i), next(m.top_k for m in moe if m.index == i),
             lambda ids: tok.decode(ids), blocks, top_tokens=opt.top_tokens, min_count=opt.min_count)
@@ -316,9 +356,17 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
         _release_memory()
 
     tol = SAME_TOLERANCE[opt.dtype]
-    comparison = (paired_comparison(mscores.block_loss, parent_side.scores.block_loss, tol)
+    for side_scores, docs in ((mscores, block_docs), (mdomain, domain_docs)):
+        if side_scores is not None:
+            side_scores.documents = docs
+    for side in (parent_side, baseline_side):
+        if side is not None:
+            side.scores.documents = block_docs
+            if side.domain_scores is not None:
+                side.domain_scores.documents = domain_docs
+    comparison = (paired_comparison(mscores.block_loss, parent_side.scores.block_loss, tol, block_docs)
                   if parent_side is not None else None)
-    domain_comparison = (paired_comparison(mdomain.block_loss, parent_side.domain_scores.block_loss, tol)
+    domain_comparison = (paired_comparison(mdomain.block_loss, parent_side.domain_scores.block_loss, tol, domain_docs)
                          if parent_side is not None and mdomain is not None else None)
     if manifest is not None and manifest.recipe.get("expert_init", "copy") != "copy" and drift and \
             drift[0].reference == "parent":
@@ -328,10 +376,58 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
                     drift=drift, drift_note=drift_note, specialisation=specialisation, domain=domain_layers,
                     domain_comparison=domain_comparison, training=runlog.summary() if runlog else None,
                     tasks=tasks or None, notes=notes, out=out_dir, baseline=baseline_side,
-                    baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol)
-                                         if baseline_side is not None else None), provenance=prov)
+                    baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol,
+                                                           block_docs) if baseline_side is not None else None),
+                    provenance=prov, routing_change=change if moe else None)
     write_report_folder(report, out_dir, runlog, with_plots=opt.plots, events=ev)
     return report
+
+
+def _start_routing(manifest, prov, run_dir, blocks, opt: EvalOptions, device, ev: Events):
+    """(RoutingChange with the start's routing, the start's expert choices) for a trained MoE made by upcycle
+    convert; (RoutingChange saying why not, None) when its start cannot be used; (None, None) when there is
+    nothing to measure (not an upcycled MoE, or untrained)."""
+    from upcycle.evaluate import collect
+    from upcycle.evaluate.fairness import read_run_record
+    from upcycle.evaluate.learned import RoutingChange, lm_share, mean_entropy, router_trained, start_checkpoint
+    from upcycle.evaluate.lm import score
+    from upcycle.evaluate.runlog import read_run
+    from upcycle.core.loading import load_causal_lm
+
+    if manifest is None or prov.untrained:
+        return None, None
+    record = read_run_record(run_dir)
+    start, why = start_checkpoint(record, manifest)
+    change = RoutingChange(str(start) if start else None, why, router_trained=router_trained(record))
+    if run_dir is not None:
+        change.lm_share, change.lm_share_steps = lm_share(read_run(run_dir).rows)
+    if start is None:
+        return change, None
+    sm = load_causal_lm(str(start), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
+    moe = collect.moe_info(sm)
+    col = collect.RoutingCollector(sm, moe, [], vocab_size=1, contexts=0, seq_len=opt.seq_len, keep_choices=True)
+    with col:
+        score(sm, blocks, batch_size=opt.batch_size, events=ev, description="routing at the start",
+              on_batch=col.on_batch)
+    change.entropy_start = mean_entropy(col.routing())
+    del sm
+    _release_memory()
+    return change, col.choices
+
+
+def _finish_change(change, start_choices, collector, routing, drift, manifest) -> None:
+    from upcycle.evaluate.learned import mean_entropy, topk_changed
+
+    change.entropy_end = mean_entropy(routing)
+    if start_choices is not None:
+        by_layer = topk_changed(start_choices, collector.choices)
+        change.topk_changed_by_layer = by_layer
+        # every layer routes the same tokens: the mean over layers is the share over (token, layer) pairs
+        change.topk_changed = sum(by_layer.values()) / len(by_layer) if by_layer else None
+    # exact copies of the parent's MLP (with --parent): the drift reference is the experts' start itself
+    if drift and drift[0].reference == "parent" and manifest.recipe.get("expert_init", "copy") == "copy":
+        cos = [c for d in drift for c in d.cos]
+        change.expert_drift = sum(1 - c for c in cos) / len(cos)
 
 
 def write_report_folder(report: Report, out: Path, runlog=None, *, with_plots: bool = True,

@@ -100,6 +100,26 @@ def folder_digest(folder: str | Path) -> str:
         src.close()
 
 
+def model_digest(spec: str | Path, allow_pickle: bool = False) -> str | None:
+    """tensor_digest of a model as `upcycle convert` reads a parent (folder, .gguf, ...), so that the digest of a dense
+    parent equals the one its MoE's upcycle.json records; for a folder convert cannot read as a parent (an MoE), the
+    folder_digest of its safetensors files; None when neither works."""
+    from upcycle.storage.parent import open_parent
+    from upcycle.core.errors import UpcycleError
+
+    try:
+        ckpt = open_parent(spec, allow_pickle=allow_pickle)
+    except UpcycleError:
+        p = Path(spec)
+        if p.is_dir() and any(p.glob("*.safetensors")):
+            return folder_digest(p)
+        return None
+    try:
+        return tensor_digest(ckpt.source)
+    finally:
+        ckpt.close()
+
+
 def write_manifest(folder: Path, data: dict) -> None:
     # Long neuron lists on one line each keep the file readable without bloating it.
     (folder / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from upcycle.core.errors import UsageError
 from upcycle.families.moe.routing import MoELayer
-from upcycle.train.config import TrainSelection
+from upcycle.train.config import MLP_GROUPS, TrainSelection
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +50,7 @@ class Plan:
     frozen: list[str] = field(default_factory=list)
     masked: dict[int, list[int]] = field(default_factory=dict)  # layer -> trained expert indices (partial)
     counts: dict[str, int] = field(default_factory=dict)  # trainable parameters per role
+    totals: dict[str, int] = field(default_factory=dict)  # all parameters per role (run.json: what could train)
 
 
 def _module_param_names(model, layers: list[MoELayer]) -> tuple[set[str], set[str], dict[str, int]]:
@@ -94,8 +95,10 @@ def apply_selection(model, layers: list[MoELayer], sel: TrainSelection, adapters
             p.requires_grad_(True)
             plan.trainable.append(name)
             plan.counts["lora"] = plan.counts.get("lora", 0) + p.numel()
+            plan.totals["lora"] = plan.totals.get("lora", 0) + p.numel()
             continue
         role = parameter_role(name, routers, experts)
+        plan.totals[role] = plan.totals.get(role, 0) + p.numel()
         on = sel.everything or role in sel.groups
         if role == "experts" and not on and sel.experts_for(layer_of[name]) is not None:
             on = True  # partly trained: masked below
@@ -146,20 +149,27 @@ def mask_experts(experts: "nn.Module", mask: "torch.Tensor") -> None:
 
 
 def param_groups(model, layers: list[MoELayer], *, lr: float, weight_decay: float, router_lr_mult: float,
-                 router_adapters: frozenset[int] = frozenset(), expert_lr_mult: float = 1.0,
+                 router_adapters: frozenset[int] = frozenset(), mlp_lr_mult: float = 1.0,
                  expert_adapters: frozenset[int] = frozenset()) -> list[dict]:
     """AdamW groups: decay on matrices, none on vectors (norms, biases, selection bias is a buffer anyway) and
     none on partly frozen expert tensors; the router (and its LoRA adapters, router_adapters) at lr * router_lr_mult,
-    the routed experts' own tensors (and their adapters, expert_adapters) at lr * expert_lr_mult."""
+    every MLP weight (routed experts, shared experts, MLP layers left dense, a dense model's MLP, and their
+    adapters; expert_adapters names the routed experts' ones) at lr * mlp_lr_mult.
+
+    The MLP multiplier covers every weight that came from the parent's MLP, so that an MoE and its dense parent
+    trained with the same options train the same parts at the same rates (the fair baseline)."""
     router_ids = {id(m.router.weight) for m in layers} | set(router_adapters)
     expert_ids = {id(p) for m in layers for p in m.experts.parameters()} | set(expert_adapters)
+    routers, experts, _ = _module_param_names(model, layers)
+    mlp_ids = expert_ids | {id(p) for n, p in model.named_parameters()
+                            if parameter_role(n, routers, experts) in MLP_GROUPS}
     masked_ids = {id(p) for m in layers if hasattr(m.experts, "_upcycle_expert_mask")
                   for p in m.experts.parameters(recurse=False)}
     groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        g_lr = lr * router_lr_mult if id(p) in router_ids else lr * expert_lr_mult if id(p) in expert_ids else lr
+        g_lr = lr * router_lr_mult if id(p) in router_ids else lr * mlp_lr_mult if id(p) in mlp_ids else lr
         wd = weight_decay if p.dim() >= 2 and id(p) not in masked_ids else 0.0
         groups.setdefault((g_lr, wd), []).append(p)
     return [{"params": ps, "lr": k[0], "weight_decay": k[1]} for k, ps in groups.items()]

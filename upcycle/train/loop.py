@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
         else:  # pragma: no cover - transformers before the rename
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(hf_model, layers, lr=cfg.lr, weight_decay=cfg.weight_decay, router_lr_mult=cfg.router_lr_mult,
-                          router_adapters=lora.router_ids if lora else frozenset(), expert_lr_mult=cfg.expert_lr_mult,
+                          router_adapters=lora.router_ids if lora else frozenset(), mlp_lr_mult=cfg.mlp_lr_mult,
                           expert_adapters=lora.expert_ids if lora else frozenset())
     optimizer, optimizer_impl = adamw(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                       device=accelerator.device.type)
@@ -288,6 +288,8 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
     tokens = int(state["tokens"]) if state else 0
 
     if main:
+        from upcycle.train.provenance import data_record, start_record
+
         ck.remove_partials(out)
         if resume_dir is not None:
             ck.set_aside_newer(out, resume_dir)
@@ -295,7 +297,9 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
         run = {"config": cfg.to_json(), "world_size": world, "model_type": info.model_type,
                "moe_layers": [m.index for m in layers], "experts_impl": experts_impl,
                "trainable": {k: int(v) for k, v in plan.counts.items()}, "total_steps": total,
-               "warmup_steps": warmup, "tokens_per_step": tokens_per_step, "optimizer": f"AdamW ({optimizer_impl})"}
+               "warmup_steps": warmup, "tokens_per_step": tokens_per_step, "optimizer": f"AdamW ({optimizer_impl})",
+               "parameters": {k: int(v) for k, v in plan.totals.items()},
+               "start": start_record(cfg.model, cfg.allow_pickle), "data": data_record(blocks, files)}
         if lora is not None:
             run["lora"] = {**cfg.lora_json(), **lora.describe()}
         if resume_dir is not None and (out / ck.RUN_FILE).is_file():
@@ -445,8 +449,8 @@ def train(cfg: TrainConfig, *, events: Events | None = None) -> TrainResult:
                        "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_time": dt}
                 if cfg.router_lr_mult != 1.0:
                     row["router_lr"] = lr_now * cfg.router_lr_mult
-                if cfg.expert_lr_mult != 1.0:
-                    row["expert_lr"] = lr_now * cfg.expert_lr_mult
+                if cfg.mlp_lr_mult != 1.0:
+                    row["mlp_lr"] = lr_now * cfg.mlp_lr_mult
                 if cfg.route_target is not None:
                     row["route_target_loss"], row["route_target_share"] = target_v, on_target_v
                 row.update(stats.summary())
