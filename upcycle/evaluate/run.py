@@ -171,38 +171,85 @@ def _model_type(model) -> str:
     return str(getattr(model.config, "model_type", type(model).__name__))
 
 
+@dataclass
+class _Inputs:
+    """Everything `evaluate` checks and prepares before any model is loaded."""
+
+    model_spec: str
+    out_dir: Path
+    runlog: object  # upcycle.evaluate.runlog.RunLog | None
+    run_dir: Path | None
+    tok: object
+    ptok: object
+    manifest: object  # upcycle.storage.manifest.Manifest | None
+    baseline: object  # upcycle.evaluate.provenance.Baseline | None
+    prov: object  # upcycle.evaluate.provenance.Provenance
+    notes: list[str]
+    blocks: object  # [n, seq_len] token ids
+    block_docs: list
+    domain_blocks: object
+    domain_docs: list | None
+    data_info: dict
+    device: object
+
+
+@dataclass
+class _ModelSide:
+    side: Side
+    routing: list
+    drift: list
+    drift_note: str | None
+    specialisation: list
+    domain_layers: list | None
+    has_moe: bool
+
+
 def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, events: Events | None = None) -> Report:
     """Score MODEL (and the dense parent, if OPTIONS name one) on the same held-out blocks; report routing
     diagnostics for an MoE. Writes the report folder and returns the Report; the caller prints it. Progress and
     warnings go to `events` (none when quiet)."""
     ev = events_or_silent(events, quiet)
+    opt = options
+    inp = _prepare(model, opt, ev)
+    if inp.device.type == "cpu":  # on an accelerator the weights live in device memory
+        from upcycle.core import memory
+        from upcycle.evaluate.memory import eval_estimate
 
+        memory.require(eval_estimate(inp.model_spec, str(opt.parent) if opt.parent is not None else None,
+                                     dtype=opt.dtype, batch_tokens=opt.batch_size * opt.seq_len,
+                                     allow_pickle=opt.allow_pickle))
+    tasks: dict = {}
+    parent_side, parent_mlp = _score_parent(inp, opt, ev, tasks)
+    baseline_side = _score_baseline(inp, opt, ev)
+    # the converted checkpoint the MoE run started from: routing now is measured against routing then
+    change, start_choices = _start_routing(inp.manifest, inp.prov, inp.run_dir, inp.blocks, opt, inp.device, ev)
+    m = _score_model(inp, opt, ev, parent_mlp, change, start_choices, tasks)
+    return _report(inp, opt, ev, m, parent_side, baseline_side, change, tasks)
+
+
+def _prepare(model: str | Path, opt: EvalOptions, ev: Events) -> _Inputs:
+    """Every input checked, the provenance read and the held-out blocks tokenized, before any model is loaded (so
+    a typo fails in a second, not after scoring)."""
     from upcycle.core.data import resolve_data_files, spread_blocks
+    from upcycle.core.loading import load_tokenizer
     from upcycle.evaluate import collect
-    from upcycle.evaluate.cost import model_cost
-    from upcycle.evaluate.drift import layer_drift, parent_mlps
-    from upcycle.evaluate.lm import score
     from upcycle.evaluate.provenance import Provenance, check_parent, compare_runs, resolve_baseline, \
         resolve_model, run_of, trained_tokens, weights_digest
     from upcycle.evaluate.runlog import read_run
-    from upcycle.evaluate.stats import paired_comparison
-    from upcycle.core.loading import load_causal_lm, load_tokenizer
     from upcycle.storage.manifest import read_manifest
 
-    opt = options
-    data, parent, out, domain, run = opt.data, opt.parent, opt.out, opt.domain, opt.run
+    parent, run = opt.parent, opt.run
     device = _device(opt.device)
     model_spec, model_run = resolve_model(model)  # a run folder: its final/
     if run is None:
         run = model_run
-    out_dir = Path(out).expanduser() if out is not None else Path(f"eval-{Path(model_spec).name or 'model'}")
+    out_dir = Path(opt.out).expanduser() if opt.out is not None else Path(f"eval-{Path(model_spec).name or 'model'}")
     check_out(out_dir, opt.overwrite)
     if opt.tasks:
         collect.check_lm_eval()
 
-    # every input checked before any model is loaded
-    files = resolve_data_files(data)
-    domain_files = resolve_data_files(domain) if domain else None
+    files = resolve_data_files(opt.data)
+    domain_files = resolve_data_files(opt.domain) if opt.domain else None
     if run is None:
         run = run_of(model_spec)  # a run folder holding the final checkpoint, or RUN/final, RUN/checkpoint-N
     runlog = read_run(run) if run is not None else None
@@ -211,6 +258,7 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
     tok = load_tokenizer(model_spec)
     manifest = read_manifest(model_spec) if Path(model_spec).is_dir() else None
     notes: list[str] = []
+    ptok = None
     if parent is not None:
         ptok = load_tokenizer(str(parent))
         same_tokenizer(tok, ptok, ("MODEL", "--parent"))
@@ -265,97 +313,129 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
     if blocks.shape[0] < opt.max_blocks:
         ev.warn(f"only {blocks.shape[0]} blocks of {opt.seq_len} tokens in the data (asked for up to "
                 f"{opt.max_blocks}): intervals will be wide")
+    return _Inputs(model_spec, out_dir, runlog, run_dir, tok, ptok, manifest, baseline, prov, notes, blocks,
+                   block_docs, domain_blocks, domain_docs, data_info, device)
 
-    if device.type == "cpu":  # on an accelerator the weights live in device memory
-        from upcycle.core import memory
-        from upcycle.evaluate.memory import eval_estimate
 
-        memory.require(eval_estimate(model_spec, str(parent) if parent is not None else None, dtype=opt.dtype,
-                                            batch_tokens=opt.batch_size * opt.seq_len, allow_pickle=opt.allow_pickle))
-    if True:  # one indentation level kept from when a progress display wrapped the scoring
-        parent_side, parent_mlp = None, None
-        tasks: dict = {}
-        if parent is not None:
-            ev.info(f"loading the parent {parent}")
-            pm = load_causal_lm(str(parent), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
-            pscores = score(pm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the parent")
-            pdomain = (score(pm, domain_blocks, batch_size=opt.batch_size, events=ev,
-                             description="parent on --domain") if domain_blocks is not None else None)
-            pmoe = collect.moe_info(pm)
-            parent_side = Side(str(parent), _model_type(pm), bool(pmoe), pscores,
-                               model_cost(pm, [g.group for g in pmoe], opt.seq_len), pdomain)
-            if pmoe:
-                notes.append("the --parent is itself an MoE: drift is measured against the mean expert")
-            elif prov.parent_match is False:
-                notes.append("--parent is not the recorded parent: drift is measured against the mean expert")
-            else:
-                parent_mlp = parent_mlps(pm)
-            if opt.tasks:
-                tasks["parent"] = collect.run_tasks(pm, ptok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
-            del pm
-            _release_memory()
+def _score_parent(inp: _Inputs, opt: EvalOptions, ev: Events, tasks: dict):
+    """(the parent's Side, its MLP weights for drift or None); the parent is freed before the next model loads."""
+    from upcycle.core.loading import load_causal_lm
+    from upcycle.evaluate import collect
+    from upcycle.evaluate.cost import model_cost
+    from upcycle.evaluate.drift import parent_mlps
+    from upcycle.evaluate.lm import score
 
-        baseline_side = None
-        if baseline is not None:
-            ev.info(f"loading the baseline {baseline.model}")
-            bm = load_causal_lm(str(baseline.model), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
-            bscores = score(bm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the baseline")
-            bmoe = collect.moe_info(bm)
-            baseline_side = Side(str(baseline.model), _model_type(bm), bool(bmoe), bscores,
-                                 model_cost(bm, [g.group for g in bmoe], opt.seq_len))
-            del bm
-            _release_memory()
+    parent = opt.parent
+    if parent is None:
+        return None, None
+    ev.info(f"loading the parent {parent}")
+    pm = load_causal_lm(str(parent), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(inp.device))
+    pscores = score(pm, inp.blocks, batch_size=opt.batch_size, events=ev, description="scoring the parent")
+    pdomain = (score(pm, inp.domain_blocks, batch_size=opt.batch_size, events=ev,
+                     description="parent on --domain") if inp.domain_blocks is not None else None)
+    pmoe = collect.moe_info(pm)
+    side = Side(str(parent), _model_type(pm), bool(pmoe), pscores,
+                model_cost(pm, [g.group for g in pmoe], opt.seq_len), pdomain)
+    parent_mlp = None
+    if pmoe:
+        inp.notes.append("the --parent is itself an MoE: drift is measured against the mean expert")
+    elif inp.prov.parent_match is False:
+        inp.notes.append("--parent is not the recorded parent: drift is measured against the mean expert")
+    else:
+        parent_mlp = parent_mlps(pm)
+    if opt.tasks:
+        tasks["parent"] = collect.run_tasks(pm, inp.ptok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
+    del pm
+    _release_memory()
+    return side, parent_mlp
 
-        # the converted checkpoint the MoE run started from: routing now is measured against routing then
-        change, start_choices = _start_routing(manifest, prov, run_dir, blocks, opt, device, ev)
 
-        ev.info(f"loading the model {model_spec}")
-        mm = load_causal_lm(model_spec, dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(device))
-        moe = collect.moe_info(mm)
-        # auto: the first, middle and last MoE layer
-        spec_layers = parse_layers(opt.layers, mm.config.num_hidden_layers, option="--layers",
-                                   words=("auto", "all", "none", "every:N"), candidates=[m.index for m in moe]
-                                   ) if moe else []
-        collector = collect.RoutingCollector(mm, moe, spec_layers, vocab_size=max(len(tok), int(blocks.max()) + 1),
-                                             contexts=opt.contexts, seq_len=opt.seq_len,
-                                             keep_choices=start_choices is not None)
-        with collector:
-            mscores = score(mm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the model",
-                            on_batch=collector.on_batch)
-        routing = collector.routing()
-        drift, drift_note = [], None
-        for m in moe:
-            d, why = layer_drift(m.weights(), parent_mlp, manifest)
-            drift.append(d)
-            drift_note = drift_note or why
-        if change is not None and moe:
-            _finish_change(change, start_choices, collector, routing, drift, manifest)
-        specialisation = [collector.tokens[i].profiles(
-            next(r.load for r in routing if r.layer == i), next(m.top_k for m in moe if m.index == i),
-            lambda ids: tok.decode(ids), blocks, top_tokens=opt.top_tokens, min_count=opt.min_count)
-            for i in spec_layers]
-        mdomain, domain_layers = None, None
-        if domain_blocks is not None:
-            dcol = collect.RoutingCollector(mm, moe, [], vocab_size=1, contexts=0, seq_len=opt.seq_len)
-            with dcol:
-                mdomain = score(mm, domain_blocks, batch_size=opt.batch_size, events=ev,
-                                description="model on --domain", on_batch=dcol.on_batch)
-            if moe:
-                from upcycle.evaluate.specialise import domain_ranking
+def _score_baseline(inp: _Inputs, opt: EvalOptions, ev: Events) -> Side | None:
+    from upcycle.core.loading import load_causal_lm
+    from upcycle.evaluate import collect
+    from upcycle.evaluate.cost import model_cost
+    from upcycle.evaluate.lm import score
 
-                droute = {r.layer: r for r in dcol.routing()}
-                domain_layers = [domain_ranking(r.layer, r.load, droute[r.layer].load,
-                                                opt.domain_top or r.top_k) for r in routing]
-            else:
-                notes.append("--domain ranks experts; the model is dense, so only its domain loss is reported")
-        model_side = Side(model_spec, _model_type(mm), bool(moe), mscores,
-                          model_cost(mm, [m.group for m in moe], opt.seq_len), mdomain)
-        if opt.tasks:
-            tasks["model"] = collect.run_tasks(mm, tok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
-        del mm
-        _release_memory()
+    baseline = inp.baseline
+    if baseline is None:
+        return None
+    ev.info(f"loading the baseline {baseline.model}")
+    bm = load_causal_lm(str(baseline.model), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(inp.device))
+    bscores = score(bm, inp.blocks, batch_size=opt.batch_size, events=ev, description="scoring the baseline")
+    bmoe = collect.moe_info(bm)
+    side = Side(str(baseline.model), _model_type(bm), bool(bmoe), bscores,
+                model_cost(bm, [g.group for g in bmoe], opt.seq_len))
+    del bm
+    _release_memory()
+    return side
+
+
+def _score_model(inp: _Inputs, opt: EvalOptions, ev: Events, parent_mlp, change, start_choices,
+                 tasks: dict) -> _ModelSide:
+    """The model scored while its routing is recorded: load, entropy, drift, what each expert receives, --domain."""
+    from upcycle.core.loading import load_causal_lm
+    from upcycle.evaluate import collect
+    from upcycle.evaluate.cost import model_cost
+    from upcycle.evaluate.drift import layer_drift
+    from upcycle.evaluate.lm import score
+
+    tok, blocks, manifest = inp.tok, inp.blocks, inp.manifest
+    ev.info(f"loading the model {inp.model_spec}")
+    mm = load_causal_lm(inp.model_spec, dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(inp.device))
+    moe = collect.moe_info(mm)
+    # auto: the first, middle and last MoE layer
+    spec_layers = parse_layers(opt.layers, mm.config.num_hidden_layers, option="--layers",
+                               words=("auto", "all", "none", "every:N"), candidates=[m.index for m in moe]
+                               ) if moe else []
+    collector = collect.RoutingCollector(mm, moe, spec_layers, vocab_size=max(len(tok), int(blocks.max()) + 1),
+                                         contexts=opt.contexts, seq_len=opt.seq_len,
+                                         keep_choices=start_choices is not None)
+    with collector:
+        mscores = score(mm, blocks, batch_size=opt.batch_size, events=ev, description="scoring the model",
+                        on_batch=collector.on_batch)
+    routing = collector.routing()
+    drift, drift_note = [], None
+    for m in moe:
+        d, why = layer_drift(m.weights(), parent_mlp, manifest)
+        drift.append(d)
+        drift_note = drift_note or why
+    if change is not None and moe:
+        _finish_change(change, start_choices, collector, routing, drift, manifest)
+    specialisation = [collector.tokens[i].profiles(
+        next(r.load for r in routing if r.layer == i), next(m.top_k for m in moe if m.index == i),
+        lambda ids: tok.decode(ids), blocks, top_tokens=opt.top_tokens, min_count=opt.min_count)
+        for i in spec_layers]
+    mdomain, domain_layers = None, None
+    if inp.domain_blocks is not None:
+        dcol = collect.RoutingCollector(mm, moe, [], vocab_size=1, contexts=0, seq_len=opt.seq_len)
+        with dcol:
+            mdomain = score(mm, inp.domain_blocks, batch_size=opt.batch_size, events=ev,
+                            description="model on --domain", on_batch=dcol.on_batch)
+        if moe:
+            from upcycle.evaluate.specialise import domain_ranking
+
+            droute = {r.layer: r for r in dcol.routing()}
+            domain_layers = [domain_ranking(r.layer, r.load, droute[r.layer].load,
+                                            opt.domain_top or r.top_k) for r in routing]
+        else:
+            inp.notes.append("--domain ranks experts; the model is dense, so only its domain loss is reported")
+    side = Side(inp.model_spec, _model_type(mm), bool(moe), mscores,
+                model_cost(mm, [m.group for m in moe], opt.seq_len), mdomain)
+    if opt.tasks:
+        tasks["model"] = collect.run_tasks(mm, tok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
+    del mm
+    _release_memory()
+    return _ModelSide(side, routing, drift, drift_note, specialisation, domain_layers, bool(moe))
+
+
+def _report(inp: _Inputs, opt: EvalOptions, ev: Events, m: _ModelSide, parent_side: Side | None,
+            baseline_side: Side | None, change, tasks: dict) -> Report:
+    """The paired comparisons over documents, the Report, and the report folder written."""
+    from upcycle.evaluate.stats import paired_comparison
 
     tol = SAME_TOLERANCE[opt.dtype]
+    mscores, mdomain = m.side.scores, m.side.domain_scores
+    block_docs, domain_docs = inp.block_docs, inp.domain_docs
     for side_scores, docs in ((mscores, block_docs), (mdomain, domain_docs)):
         if side_scores is not None:
             side_scores.documents = docs
@@ -368,18 +448,19 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
                   if parent_side is not None else None)
     domain_comparison = (paired_comparison(mdomain.block_loss, parent_side.domain_scores.block_loss, tol, domain_docs)
                          if parent_side is not None and mdomain is not None else None)
-    if manifest is not None and manifest.recipe.get("expert_init", "copy") != "copy" and drift and \
-            drift[0].reference == "parent":
-        notes.append(f"expert init {manifest.recipe['expert_init']} perturbed the experts at conversion: "
-                     "their cosine to the parent starts below 1")
-    report = Report(model=model_side, parent=parent_side, comparison=comparison, data=data_info, routing=routing,
-                    drift=drift, drift_note=drift_note, specialisation=specialisation, domain=domain_layers,
-                    domain_comparison=domain_comparison, training=runlog.summary() if runlog else None,
-                    tasks=tasks or None, notes=notes, out=out_dir, baseline=baseline_side,
+    manifest = inp.manifest
+    if manifest is not None and manifest.recipe.get("expert_init", "copy") != "copy" and m.drift and \
+            m.drift[0].reference == "parent":
+        inp.notes.append(f"expert init {manifest.recipe['expert_init']} perturbed the experts at conversion: "
+                         "their cosine to the parent starts below 1")
+    report = Report(model=m.side, parent=parent_side, comparison=comparison, data=inp.data_info, routing=m.routing,
+                    drift=m.drift, drift_note=m.drift_note, specialisation=m.specialisation, domain=m.domain_layers,
+                    domain_comparison=domain_comparison, training=inp.runlog.summary() if inp.runlog else None,
+                    tasks=tasks or None, notes=inp.notes, out=inp.out_dir, baseline=baseline_side,
                     baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol,
                                                            block_docs) if baseline_side is not None else None),
-                    provenance=prov, routing_change=change if moe else None)
-    write_report_folder(report, out_dir, runlog, with_plots=opt.plots, events=ev)
+                    provenance=inp.prov, routing_change=change if m.has_moe else None)
+    write_report_folder(report, inp.out_dir, inp.runlog, with_plots=opt.plots, events=ev)
     return report
 
 
