@@ -31,6 +31,13 @@ def test_convert_and_verify(tiny_parent, tmp_path):
     r = run(tiny_parent("llama"), tmp_path / "m", "--experts", "4", "--top-k", "2")
     assert r.exit_code == 0, r.output
     assert "verified (exact)" in r.output and (tmp_path / "m" / "model.safetensors").is_file()
+    # the default k-means router runs the parent: the summary says what that cost and how to skip it
+    assert "router: k-means of the parent's hidden states (" in r.output
+    assert "--router-init random skips it" in r.output
+    r = run(tiny_parent("llama"), tmp_path / "r", "--experts", "4", "--top-k", "2", "--router-init", "random",
+            "--no-verify")
+    assert r.exit_code == 0, r.output
+    assert "router: k-means" not in r.output
 
 
 def test_python_dash_m_works(tiny_parent, tmp_path):

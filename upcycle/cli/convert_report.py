@@ -66,6 +66,12 @@ def print_summary(result: ConvertResult, console: Console) -> None:
     console.print(f"[green]wrote[/] {result.out}: {plan.fmt.model_type}, {r.experts} experts top-{r.top_k}, "
                   f"{human_count(plan.total_params)} params ({human_count(plan.active_params)} active), "
                   f"{human_bytes(plan.output_bytes)} in {result.seconds:.1f}s{_phases(result.phases, result.beside)}")
+    if r.router_init_mode[0] == "kmeans":
+        # the parent runs over a text sample even with --no-verify: say what it cost and how to skip it
+        spent = result.phases.get("router init", 0.0) + result.phases.get("router init wait", 0.0) + \
+            (result.beside or {}).get("router init", 0.0)
+        console.print(f"router: k-means of the parent's hidden states ({spent:.1f}s of the parent run; "
+                      "--router-init random skips it, docs/study.md says why k-means is the default)", soft_wrap=True)
     if v is not None:
         from upcycle.convert.verify import summary
 
