@@ -7,18 +7,17 @@ The file is random bytes written by the script, so it is in the page cache when 
 cost (the case right after a checkpoint is written). A file read cold from disk adds the disk's read time to every
 row alike, and the hash no longer shows where the disk is slower than xxh3. Each row: median of --repeats.
 
-    python benchmarks/bench_checksums.py [--size 500M] [--repeats 5] [--dir /tmp] [--json docs/bench_checksums.json]
+    python benchmarks/bench_checksums.py [--size 500M] [--repeats 5] [--dir /tmp]
+
+The results go to docs/results/bench_checksums/<machine>.json unless --json says otherwise (benchmarks/_results.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import Run, add_arguments  # noqa: E402
 
 
 def _size(text: str) -> int:
@@ -51,21 +53,14 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="500M", help="bytes of the test file (K, M, G suffixes)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=None, help="where to write the test file (default: a temp folder)")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    record = Run("bench_checksums", argv=None if argv is None else [sys.argv[0], *argv])
 
     import xxhash
 
@@ -97,17 +92,8 @@ def main() -> None:
             rows.append({"case": name, "s": s, "mb_per_s": size / 1e6 / s})
             print(f"{name:<30} {s * 1e3:9.1f} ms  {size / 1e6 / s:9.0f} MB/s")
 
-    if args.json:
-        from bench_experts import cpu_isa, cpu_name
-
-        args.json.write_text(json.dumps({
-            "command": " ".join(["python", "benchmarks/bench_checksums.py", *sys.argv[1:]]),
-            "commit": _commit(),
-            "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "os": platform.platform(),
-                        "python": platform.python_version(), "xxhash": xxhash.VERSION},
-            "bytes": size, "repeats": args.repeats, "page_cache": "warm",
-            "load_avg_1min_after": os.getloadavg()[0], "cpus": os.cpu_count(), "rows": rows,
-        }, indent=1) + "\n")
+    record.write({"xxhash": xxhash.VERSION, "bytes": size, "repeats": args.repeats, "page_cache": "warm",
+                  "rows": rows}, record.path(args.json, args.variant))
 
 
 if __name__ == "__main__":

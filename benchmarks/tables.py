@@ -453,6 +453,21 @@ def _train_phases(ctx: Ctx) -> str:
                 ctx.source(rels[0], "before: "), ctx.source(rels[1], "after: "))
 
 
+CHECKSUMS = "bench_checksums/xeon-avx512.json"
+
+
+@table("train-checksums")
+def _train_checksums(ctx: Ctx) -> str:
+    """What a checkpoint's checksums cost on one file in the page cache: the hashes against a plain read, and the two
+    calls upcycle train makes."""
+    d = ctx.load(CHECKSUMS)
+    rows = [[f"`{r['case']}`" if r["case"].startswith(("write_", "checksum_")) else r["case"],
+             f"{r['s'] * 1e3:,.1f}" if r["s"] >= 1e-3 else f"{r['s'] * 1e3:.3f}",
+             f"{r['mb_per_s']:,.0f}" if not r["case"].endswith("sizes only") else "-"] for r in d["rows"]]
+    header = [f"one {d['bytes'] / 1e6:,.0f} MB file, warm page cache", f"ms (median of {d['repeats']})", "MB/s"]
+    return join(md(header, rows, "lrr"), ctx.source(CHECKSUMS))
+
+
 @table("optimizer-epyc-avx512bf16")
 def _optimizer(ctx: Ctx) -> str:
     rel = "bench_optimizer/epyc-avx512bf16.json"
@@ -570,20 +585,128 @@ def _study_144_curves(ctx: Ctx) -> str:
                               ("seed 1, dense (MLP x 0.5), same tokens", s1, "dense_same_tokens")])
 
 
+# the study_documents and study_defaults results: which documents the committed comparisons rest on
+DOCUMENTS = "study_documents/xeon-avx512.json"
+DEFAULTS = "study_defaults/xeon-avx512.json"
+
+
+def _study_entry(ctx: Ctx, study: str) -> dict:
+    """The study_documents entry of one study results file (a path under docs/results/)."""
+    return next(s for s in ctx.load(DOCUMENTS)["studies"] if s["study"] == f"docs/results/{study}")
+
+
+def rule(c: dict | None, documents: int | None, min_documents: int) -> str:
+    """What eval's document rule says of a comparison: its verdict, or why there is none."""
+    if documents is not None and documents < min_documents:
+        return f"too few documents for a verdict ({documents}; eval needs {min_documents})"
+    return verdict(c) if c else "not computed"
+
+
 @table("study-lr05-144-pooled")
 def _study_144_pooled(ctx: Ctx) -> str:
+    """Each seed and the seeds pooled, over blocks as the studies computed them, with the documents behind the blocks
+    (study_documents) and what eval's document rule makes of them."""
     rel = "study_pool/epyc-avx2-expert-lr05-144.json"
     d = ctx.load(rel)
+    entries = [_study_entry(ctx, f.removeprefix("docs/results/")) for f in d["studies"]]
+    docs = {e["seed"]: e["documents"] for e in entries}
+    need = ctx.load(DOCUMENTS)["min_documents"]
     rows = []
     labels = {"same_tokens": "dense, same tokens", "same_flops": "dense, same training FLOPs"}
     for key, c in d["comparisons"].items():
         per = {e["seed"]: e for e in c["per_seed"]}
         pooled = c["pooled"]
+        n = sum(docs[s] for s in per)
         rows.append([labels[key]] + [ci(per.get(s)) if s in per else "not run" for s in d["seeds"]]
-                    + ([f"**{ci(pooled)}**, {pooled['verdict']} (Cochran's Q {pooled['cochran_q']:.2f} on "
-                        f"{pooled['q_df']} df)"] if pooled["seeds"] > 1 else [""]))
-    header = ["MoE minus"] + [f"seed {s}" for s in d["seeds"]] + ["seeds pooled"]
-    return join(md(header, rows), ctx.source(rel))
+                    + ([f"**{ci(pooled)}**, over blocks {pooled['verdict']} (Cochran's Q {pooled['cochran_q']:.2f} "
+                        f"on {pooled['q_df']} df)"] if pooled["seeds"] > 1 else [""])
+                    + [" + ".join(str(docs[s]) for s in per), rule(pooled, n, need)])
+    header = (["MoE minus"] + [f"seed {s}" for s in d["seeds"]] + ["seeds pooled", "documents",
+                                                                  "by eval's document rule"])
+    return join(md(header, rows), ctx.source(rel), ctx.source(DOCUMENTS, "documents: "))
+
+
+@table("study-documents")
+def _study_documents(ctx: Ctx) -> str:
+    """Per seed: the documents the committed studies' final held-out blocks come from, and whether the rebuild
+    reproduced each study's recorded start loss (which holds only for the studies' own blocks)."""
+    d = ctx.load(DOCUMENTS)
+    rows = []
+    for seed in sorted({s["seed"] for s in d["studies"]}):
+        studies = [s for s in d["studies"] if s["seed"] == seed]
+        counts = {json.dumps(s["blocks_per_document"], sort_keys=True) for s in studies}
+        assert len(counts) == 1, f"seed {seed}: the studies' final blocks differ"
+        per = sorted(studies[0]["blocks_per_document"].items(), key=lambda kv: (-kv[1], kv[0]))
+        same = sum(s["start_val_loss"]["same_blocks"] for s in studies)
+        rows.append([seed, len(studies), studies[0]["final_blocks"], len(per),
+                     ", ".join(f"{name} {n}" for name, n in per),
+                     f"{studies[0]['start_val_loss']['recomputed']:.4f}", f"{same} of {len(studies)}"])
+    header = ["seed", "studies", "final blocks", "documents", "blocks per file", "parent's start loss, rebuilt",
+              "studies whose recorded start loss it reproduces (4 decimals)"]
+    return join(md(header, rows, "rrrrlrr"), ctx.source(DOCUMENTS))
+
+
+PROBE12 = "archive/study/unrecorded-probe12-expert-lr05-control.json"
+PROBE12_RERUN = "study/xeon-avx512-probe12-expert-lr05-control-rerun.json"
+
+
+@table("study-probe12-documents")
+def _study_probe12_documents(ctx: Ctx) -> str:
+    """The seed-1 12-step probe and its rerun: held-out losses, and the paired difference over blocks and over
+    documents, on the committed blocks and on blocks spread over documents."""
+    need = ctx.load(DOCUMENTS)["min_documents"]
+    committed, rerun = ctx.load(PROBE12), ctx.load(PROBE12_RERUN)
+    c_entry, r_entry = _study_entry(ctx, PROBE12), _study_entry(ctx, PROBE12_RERUN)
+    c_pair = _paired(committed, "same_tokens")
+    r_cmp = r_entry["comparisons"]["same_tokens"]
+    on_committed, spread = r_cmp.get("rescored_on_committed_blocks"), r_cmp["recomputed"]
+
+    def losses(d):
+        return [f4(d["summary"]["moe_final"]["val_loss"]), f4(d["summary"]["dense_same_tokens"]["val_loss"])]
+
+    def by_docs(r):
+        n = r["documents"]["documents"]
+        return f"{ci(r['documents'])}: {rule(r['documents'], n, need)}"
+
+    rows = [["committed run, its blocks", *losses(committed), c_pair["blocks"], c_entry["documents"], ci(c_pair),
+             "not recorded"]]
+    if on_committed:
+        rows.append(["rerun, the committed blocks rescored", *losses(rerun), on_committed["blocks"]["n"],
+                     on_committed["documents"]["documents"], ci(on_committed["blocks"]), by_docs(on_committed)])
+    rows.append(["rerun, blocks spread over documents (eval's selection)", "", "", spread["blocks"]["n"],
+                 spread["documents"]["documents"], ci(spread["blocks"]), f"**{by_docs(spread)}**"])
+    header = ["seed 1, 12 steps: MoE (experts x 0.5) minus dense (MLP x 0.5)",
+              "MoE held-out loss at step 12 (training's 24 blocks)", "dense held-out loss at step 12",
+              "final blocks", "documents", "over blocks", "over documents"]
+    return join(md(header, rows, "lrrrrll"), ctx.source(PROBE12, "committed: "), ctx.source(PROBE12_RERUN, "rerun: "),
+                ctx.source(DOCUMENTS, "documents and rescoring: "))
+
+
+@table("study-defaults")
+def _study_defaults(ctx: Ctx) -> str:
+    """The comparisons behind --mlp-lr-mult and --router-init: intervals over blocks as committed, the documents
+    behind them, and what eval's document rule makes of them."""
+    d = ctx.load(DEFAULTS)
+    rows = []
+    for block, (first, second) in (("mlp_lr_mult", ("MoE", "dense")), ("router_init", ("random", "k-means"))):
+        for r in d[block]["paired"]:
+            c = {"mean": r["mean"], "ci95": r["ci95_over_blocks"]}
+            v = verdict(c, f"{first} better", f"{second} better")
+            rows.append([r["what"], f"{ci(c)}" + (f", {v}" if v != "no significant difference" else ""),
+                         r["blocks"], r["documents"], rule(c, r["documents"], d["min_documents"])])
+    header = ["comparison (final held-out loss, paired, nats)", "over blocks, as committed", "blocks", "documents",
+              "by eval's document rule"]
+    return join(md(header, rows, "llrrl"), ctx.source(DEFAULTS))
+
+
+@table("study-defaults-own-loss")
+def _study_defaults_own_loss(ctx: Ctx) -> str:
+    """Each side's own held-out loss at the end of 96 steps (24 blocks, not paired), MLP at x1.0 against x0.5."""
+    d = ctx.load(DEFAULTS)
+    rows = [[r["side"], r["seed"], f4(r["x1.0"]), f4(r["x0.5"]), signed(r["x0.5"] - r["x1.0"])]
+            for r in d["mlp_lr_mult"]["final_val_loss_96_steps"]]
+    header = ["side", "seed", "held-out loss, MLP x 1.0", "held-out loss, MLP x 0.5", "x 0.5 minus x 1.0"]
+    return join(md(header, rows, "lrrrr"), ctx.source(DEFAULTS))
 
 
 @table("study-lr05-96")
