@@ -78,12 +78,49 @@ def converter() -> Path:
     return source_dir() / "convert_hf_to_gguf.py"
 
 
+# The converter imports sentencepiece before it looks for a tokenizer.model, even for BPE tokenizers like
+# SmolLM2's; installed with pip --target beside the build (the range is the converter's own requirements file).
+CONVERTER_DEPS = ("sentencepiece>=0.1.98,<0.3.0",)
+
+
+def pydeps_dir() -> Path:
+    return cache_root() / "pydeps"
+
+
 def converter_env() -> dict[str, str]:
-    """Environment that makes the converter import the gguf-py of its own tree, not whatever gguf is installed."""
+    """Environment that makes the converter import the gguf-py of its own tree (not whatever gguf is installed)
+    and its extra dependencies from the cache."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(source_dir() / "gguf-py"), str(source_dir())])
-    env.setdefault("NO_LOCAL_GGUF", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(source_dir() / "gguf-py"), str(source_dir()), str(pydeps_dir())])
     return env
+
+
+def converter_ready() -> Path:
+    """The converter script, with its extra dependencies installed (once) under the cache."""
+    if not (source_dir() / "CMakeLists.txt").is_file():
+        raise SystemExit(f"no llama.cpp sources under {source_dir()}; run: python benchmarks/llama_cpp.py build")
+    if not (pydeps_dir() / ".ok").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=cache_root(), prefix="pydeps."))
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
+                            *CONVERTER_DEPS], check=True)
+            (tmp / ".ok").write_text("\n".join(CONVERTER_DEPS) + "\n")
+            shutil.rmtree(pydeps_dir(), ignore_errors=True)
+            os.replace(tmp, pydeps_dir())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return converter()
+
+
+def convert_hf(folder: Path, out: Path, outtype: str = "f32") -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py on a Hugging Face folder."""
+    script = converter_ready()
+    res = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(out), "--outtype", outtype],
+                         capture_output=True, text=True, env=converter_env(), timeout=1800)
+    if res.returncode != 0:
+        tail = [line for line in (res.stderr or res.stdout).strip().splitlines() if line.strip()][-1:]
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {folder}: {tail[0] if tail else res.returncode}")
+    return out
 
 
 def ready() -> bool:
@@ -186,12 +223,13 @@ def last_logits(model: Path, prompt: str, *, threads: int = 2, ubatch: int | Non
         cmd = [str(bin_dir() / "llama-debug"), "-m", str(model), "-f", str(tmp / "prompt.txt"), "--save-logits",
                "--logits-output-dir", str(tmp / "out"), "-t", str(threads), "-c", "2048", "--no-warmup"]
         if ubatch:
-            cmd += ["-ub", str(ubatch), "-b", str(ubatch)]
+            cmd += ["-ub", str(ubatch)]
         _run(cmd)
         return np.fromfile(tmp / "out" / f"llamacpp-{model.stem}.bin", dtype=np.float32)
 
 
-def greedy(model: Path, prompt: str, n_tokens: int = 32, *, threads: int = 2, work: Path | None = None) -> str:
+def greedy(model: Path, prompt: str, n_tokens: int = 32, *, threads: int = 2, ubatch: int | None = None,
+           work: Path | None = None) -> str:
     """The text llama.cpp generates after `prompt` at temperature 0 (llama-completion, no chat template)."""
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         path = Path(tmp) / "prompt.txt"
@@ -199,13 +237,16 @@ def greedy(model: Path, prompt: str, n_tokens: int = 32, *, threads: int = 2, wo
         cmd = [str(bin_dir() / "llama-completion"), "-m", str(model), "-f", str(path), "-n", str(n_tokens),
                "--temp", "0", "-no-cnv", "--no-display-prompt", "-t", str(threads), "-c", "2048", "--no-warmup",
                "--seed", "0"]
+        if ubatch:
+            cmd += ["-ub", str(ubatch)]
         return _run(cmd).stdout
 
 
 def kl_divergence(base: Path, model: Path, text: Path, *, ctx: int = 128, chunks: int = 8, threads: int = 2,
-                  work: Path | None = None) -> dict:
+                  model_ubatch: int | None = None, work: Path | None = None) -> dict:
     """llama-perplexity's comparison of `model` with `base` over every position of `text`: the base's log-probs
-    are saved first (--kl-divergence-base), then the model is scored against them (--kl-divergence)."""
+    are saved first (--kl-divergence-base), then the model is scored against them (--kl-divergence), optionally
+    with another micro-batch size (the base against itself so gives llama.cpp's own noise)."""
     import re
 
     with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -214,7 +255,7 @@ def kl_divergence(base: Path, model: Path, text: Path, *, ctx: int = 128, chunks
         base_out = _run([str(bin_dir() / "llama-perplexity"), "-m", str(base), *common,
                          "--kl-divergence-base", str(saved)])
         res = _run([str(bin_dir() / "llama-perplexity"), "-m", str(model), *common, "--kl-divergence-base",
-                    str(saved), "--kl-divergence"])
+                    str(saved), "--kl-divergence", *(["-ub", str(model_ubatch)] if model_ubatch else [])])
     text_out = res.stdout + res.stderr
     stats = {}
     for key, pattern in {"ppl_base": r"Mean PPL\(base\)\s*:\s*([0-9.eE+-]+)",
@@ -234,8 +275,8 @@ def version_line() -> str:
     import re
 
     res = subprocess.run([str(bin_dir() / "llama-completion"), "--version"], capture_output=True, text=True)
-    m = re.search(r"version: (\S+) \((\w+)\)", res.stdout + res.stderr)
-    build = f"llama.cpp build {m.group(1)} ({m.group(2)})" if m else "llama.cpp build unknown"
+    m = re.search(r"version: (\S+) \(build (\d+), commit (\w+)\)", res.stdout + res.stderr)
+    build = f"llama.cpp {m.group(1)}, commit {m.group(3)}" if m else "llama.cpp version unknown"
     return f"llama-cpp-python {VERSION} sdist, {build}"
 
 

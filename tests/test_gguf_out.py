@@ -205,3 +205,22 @@ def test_down_blocks_accepts_only_whole_aligned_runs():
     assert _down_blocks(np.arange(16, 48), 32) is None  # a run of 32 that straddles two blocks
     assert _down_blocks(np.arange(48), 32) is None  # not a whole number of blocks
     assert _down_blocks(np.r_[np.arange(32, 64), np.arange(32)], 32).tolist() == [1, 0]
+
+
+@pytest.mark.slow
+def test_eval_reads_the_verdict_on_the_gguf_moe(smollm2_gguf, moe8, tmp_path):
+    """`upcycle eval MOE.gguf --parent PARENT.gguf`: the file a user ships, scored against its parent."""
+    import json
+
+    from upcycle.core.assets import stdlib_split
+
+    _, heldout = stdlib_split()
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["eval", str(moe8[0]), "--parent", str(smollm2_gguf),
+                              *[a for f in heldout[:3] for a in ("--data", str(f))], "--split", "all", "--seq-len", "128",
+                              "--max-blocks", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["comparison"]["verdict"] == "same" and r["comparison"]["max_abs_block_diff"] < 1e-4
+    assert len(r["routing"]["layers"]) == 30
+    assert all(min(lay["drift"]["cos"]) > 0.999999 for lay in r["routing"]["layers"])
