@@ -396,6 +396,10 @@ def convert_gguf(parent: str | Path, out: str | Path, recipe, *, gguf_type: str 
                         for t in plan.tensors if t.kind == "router"})
     finally:
         ckpt.close()
+    from upcycle.convert.writer import check_space
+
+    # metadata (the tokenizer) is a few MB at most; the tensors are padded to the file's alignment
+    check_space(out, sum(t.nbytes + 64 for t in tensors) + (64 << 20))
     note(f"writing {out.name}")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
