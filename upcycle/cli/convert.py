@@ -55,7 +55,7 @@ def convert_command(
     Drop-Upcycling (not exact, on purpose):
       upcycle convert ./parent out --expert-init drop:0.5
 
-    A partition, cheaper than its parent (LLaMA-MoE / MoEfication; not exact, on purpose):
+    A partition, cheaper than its parent (not exact, on purpose):
       upcycle convert ./parent out -e 8 -g 8 -k 2 --slice-order coactivation
 
     See the plan first:
