@@ -38,14 +38,20 @@ DEFAULT_FILES = 8  # standard library files sampled for the default text
 CENTRED = True
 
 
-def default_texts() -> list[str]:
-    """A fixed sample of real text that exists on every machine: the first part of a few standard library files."""
+def default_files() -> list[Path]:
+    """The standard library files the built-in sample is taken from (evenly spread over the training side of
+    upcycle.core.assets.stdlib_split)."""
     from upcycle.core.assets import stdlib_split
 
     train, _ = stdlib_split()
     step = max(1, len(train) // DEFAULT_FILES)
+    return train[::step][:DEFAULT_FILES]
+
+
+def default_texts() -> list[str]:
+    """A fixed sample of real text that exists on every machine: the first part of a few standard library files."""
     per_file = 4 * MAX_TOKENS * 4 // DEFAULT_FILES  # characters: ~4 per token, with room to spare
-    return [f.read_text(errors="replace")[:per_file] for f in train[::step][:DEFAULT_FILES]]
+    return [f.read_text(errors="replace")[:per_file] for f in default_files()]
 
 
 def describe(text: Path | None) -> str:
