@@ -25,10 +25,10 @@ def convert_command(
     shared_experts: Annotated[int, typer.Option("--shared-experts", rich_help_panel=EXPERTS, help="Always-on shared experts, each 1/G of the dense MLP.")] = 0,
     moe_layers: Annotated[str, typer.Option("--moe-layers", rich_help_panel=EXPERTS, help="Layers that become MoE: all, every:N, or a list like 0,2,4-7 (others stay dense where the format allows).")] = "all",
     expert_init: Annotated[str, typer.Option("--expert-init", rich_help_panel=EXPERTS, help="copy (exact), drop:R (Drop-Upcycling, re-initialise ratio R) or noise:STD (Gaussian noise).")] = "copy",
-    slice_order: Annotated[str, typer.Option("--slice-order", rich_help_panel=EXPERTS, help="How fine-grained experts split the MLP neurons: contiguous or random (seeded permutation).")] = "contiguous",
+    slice_order: Annotated[str, typer.Option("--slice-order", rich_help_panel=EXPERTS, help="How fine-grained experts split the MLP neurons: contiguous, random (seeded permutation), cluster (balanced k-means of the neurons' gate_proj rows) or coactivation (balanced k-means of their activations on sample text: the --router-init fit:TEXT text, else a built-in sample). A partition (--experts G --granularity G --top-k below G: one MLP copy, fewer FLOPs, not exact) loses least with cluster or coactivation.")] = "contiguous",
     expert_from: Annotated[Optional[List[str]], typer.Option("--expert-from", rich_help_panel=SOURCES, help="A dense checkpoint (folder or .gguf) with the parent's architecture whose MLPs become experts; repeat for several (Branch-Train-MiX). --experts must be a multiple of (sources x G): the copies are split evenly, in order; PARENT gives everything else.")] = None,
     average_shared: Annotated[bool, typer.Option("--average-shared", rich_help_panel=SOURCES, help="With --expert-from: attention, norms, embeddings, dense MLPs and shared experts are the mean over PARENT and the sources instead of PARENT's.")] = False,
-    router_init: Annotated[str, typer.Option("--router-init", rich_help_panel=ROUTER, help="auto (kmeans for --routing renorm, random otherwise), random (--router-std), kmeans (centroids of the parent's hidden states on a built-in sample of standard library text: runs the parent over 2,048 tokens, seconds for a 135M parent, even with --no-verify; random skips that) or kmeans:TEXT (on your files); with --expert-from also prompts:FILE (JSON/YAML {source: [texts]}: each source's row from the hidden states of its texts).")] = "auto",
+    router_init: Annotated[str, typer.Option("--router-init", rich_help_panel=ROUTER, help="auto (kmeans for --routing renorm, random otherwise), random (--router-std), kmeans (centroids of the parent's hidden states on a built-in sample of standard library text: runs the parent over 2,048 tokens, seconds for a 135M parent, even with --no-verify; random skips that) or kmeans:TEXT (on your files); with --expert-from also prompts:FILE (JSON/YAML {source: [texts]}: each source's row from the hidden states of its texts); for a partition fit (its default) or fit:TEXT: rows fitted so that top-k picks the experts carrying most of each token's MLP output.")] = "auto",
     router_std: Annotated[float, typer.Option("--router-std", rich_help_panel=ROUTER, help="Standard deviation of the random router weights; 0: a zero router (softmax/sigmoid routing: an exact start, every token ties).")] = 0.02,
     routing: Annotated[str, typer.Option("--routing", rich_help_panel=ROUTER, help=f"Routing weights: {', '.join(ROUTINGS)}. renorm: top-k renormalised (exact with any router); softmax (qwen*/flex_olmo) and sigmoid (glm4_moe/dots1): not renormalised, so the router learns from step 0, exact only with --router-std 0.")] = "renorm",
     format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly.")] = "auto",
@@ -55,6 +55,9 @@ def convert_command(
 
     Drop-Upcycling (not exact, on purpose):
       upcycle convert ./parent out --expert-init drop:0.5
+
+    A partition, cheaper than its parent (not exact, on purpose):
+      upcycle convert ./parent out -e 8 -g 8 -k 2 --slice-order coactivation
 
     See the plan first:
       upcycle convert ./parent out --moe-layers every:2 --dry-run

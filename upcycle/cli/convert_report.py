@@ -25,6 +25,8 @@ def print_plan(result: ConvertResult, console: Console) -> None:
     t.add_column("block")
     t.add_column("experts")
     width = p.intermediate_size // r.granularity
+    layout = (f"a partition of one MLP copy, slice order {r.slice_order}" if r.partition
+              else f"virtual groups of {r.group_size}, {r.copies} copies")
     for lay in plan.layouts:
         if lay.moe:
             shared = f" + shared {r.shared_experts}x{width}" if r.shared_experts else ""
@@ -36,9 +38,10 @@ def print_plan(result: ConvertResult, console: Console) -> None:
     lines = [
         f"format        {plan.fmt.model_type} ({plan.fmt.architecture})",
         f"experts       {r.experts} routed of {width} neurons (1/{r.granularity} of {p.intermediate_size}), top-{r.top_k}, "
-        f"{r.shared_experts} shared; virtual groups of {r.group_size}, {r.copies} copies",
+        f"{r.shared_experts} shared; {layout}",
         f"parameters    {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token "
         f"(parent {human_count(plan.parent_params)})",
+        f"per token     {per_token(plan)}",
         f"output        {human_bytes(plan.output_bytes)} in {shards} shard(s), {NAME_OF[plan.out_dtype]}" + (f" -> {out}" if out else ""),
         *(_source_lines(plan) if plan.sources is not None else []),
         f"routing       {r.routing}: {ROUTINGS[r.routing]}",
@@ -50,6 +53,16 @@ def print_plan(result: ConvertResult, console: Console) -> None:
     for note in portability_notes(plan.fmt, plan.parent, plan.recipe):
         lines.append(f"note          {note}")
     console.print("\n".join(lines))
+
+
+def per_token(plan) -> str:
+    """The MLP share and forward FLOPs a token costs, against the parent's."""
+    share = plan.mlp_share
+    mlp = f"{share:.3g} of the parent's MLP" if share != 1 else "the parent's whole MLP"
+    layers = len(plan.moe_layers)
+    return (f"{mlp} in {layers} MoE layer(s); {human_count(plan.flops_per_token)} FLOPs forward "
+            f"({plan.flops_per_token / plan.parent_flops_per_token:.2f} of the parent's "
+            f"{human_count(plan.parent_flops_per_token)}, attention over the context not counted)")
 
 
 def _source_lines(plan) -> list[str]:
@@ -72,6 +85,9 @@ def print_summary(result: ConvertResult, console: Console) -> None:
             (result.beside or {}).get("router init", 0.0)
         console.print(f"router: k-means of the parent's hidden states ({spent:.1f}s of the parent run; "
                       "--router-init random skips it, docs/study.md says why k-means is the default)", soft_wrap=True)
+    console.print(f"per token: {per_token(plan)}", soft_wrap=True)
+    if plan.grouping is not None and plan.grouping.layers:
+        console.print(f"grouping: {grouping_line(plan)}", soft_wrap=True)
     if v is not None:
         from upcycle.convert.verify import summary
 
@@ -85,6 +101,13 @@ def print_summary(result: ConvertResult, console: Console) -> None:
     elif not exact_claim(plan):
         console.print("[yellow]warning:[/] this recipe is not exact; run with --verify to measure how far it is "
                       "from the parent", soft_wrap=True)
+
+
+def grouping_line(plan) -> str:
+    """How the neurons were grouped and, for a fitted router, how well it predicts the experts that matter."""
+    from upcycle.convert.card import grouping_text
+
+    return grouping_text(plan)
 
 
 def _phases(phases: dict, beside: dict | None = None) -> str:

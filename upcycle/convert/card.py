@@ -52,6 +52,12 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
         # why the start is not the parent's function (None: it is, to float32 noise); verification has the measure
         "not_exact_because": plan.inexact_reason,
         "parameters": {"total": plan.total_params, "active_per_token": plan.active_params, "parent": plan.parent_params},
+        # 2 per weight a token multiplies (embedding lookups and attention over the context left out)
+        "per_token": {"mlp_share": plan.mlp_share, "forward_flops": plan.flops_per_token,
+                      "parent_forward_flops": plan.parent_flops_per_token},
+        "partition": r.partition,
+        # how the neurons were grouped (upcycle.convert.partition): the sample and, per layer, the router fit
+        **({"grouping": plan.grouping.summary()} if plan.grouping is not None else {}),
         "verification": verification,
         # --expert-from: every source as given (an expert's "source" is its position here) and its tensor digest
         **({"sources": fp.get("sources"), "shared_from": plan.sources.shared_from} if plan.sources is not None else {}),
@@ -59,7 +65,27 @@ def manifest_dict(plan, parent_label: str, command: list[str] | None, verificati
     }
 
 
+def grouping_text(plan) -> str:
+    """The neurons' grouping in words, with what the fitted router measured on its sample (summary, model card)."""
+    r, g = plan.recipe, plan.grouping
+    how = {"contiguous": "contiguous slices", "random": "a seeded random permutation",
+           "cluster": "balanced k-means of the neurons' gate_proj rows",
+           "coactivation": "balanced k-means of the neurons' activations"}[r.slice_order]
+    text = how + (f" on {g.sample}" if r.slice_order == "coactivation" and g is not None and g.sample else "")
+    if r.partition and r.shared_experts and g is not None and g.sample:
+        text += f"; the shared expert holds the {r.shared_experts * plan.parent.intermediate_size // r.granularity} most used neurons"
+    s = g.summary() if g is not None else {}
+    if s.get("mean_agreement") is not None:
+        text += (f"; the fitted router's top-{r.top_k} holds {s['mean_agreement']:.0%} of each token's top-{r.top_k} "
+                 f"experts by output on its {g.tokens}-token sample (chance {r.top_k / r.experts:.0%}); the MoE blocks "
+                 f"are off the parent's MLP by {s['mean_rel_error']:.3f} relative there (the true top-{r.top_k}: "
+                 f"{s['mean_oracle_rel_error']:.3f}), mean over layers")
+    return text
+
+
 def _why_close(r) -> str:
+    if r.partition:
+        return f"a partition: each token runs {r.top_k} of {r.experts} routed slices of the MLP"
     if r.expert_init_mode[0] != "copy":
         return "the recipe perturbs the experts on purpose"
     return r.inexact_reason
@@ -125,9 +151,15 @@ def model_card(plan, parent_label: str, command: list[str] | None, verification:
         f"| shared experts | {r.shared_experts} |",
         f"| MoE layers | {len(plan.moe_layers)} of {p.num_layers}" + (f" (dense: {dense})" if dense else "") + " |",
         f"| expert init | {init} |",
-        f"| router init | {r.router_description} (virtual groups of {r.group_size} tied) |",
+        *([f"| partition | one MLP copy cut into {r.experts} experts, top-{r.top_k}: not exact by design |",
+           f"| grouping | {grouping_text(plan)} |"] if r.partition or plan.grouping is not None else []),
+        f"| router init | {r.router_description}"
+        + (" (one row per expert) |" if r.partition else f" (virtual groups of {r.group_size} tied) |"),
         f"| routing | {r.routing}: {ROUTINGS[r.routing]} |",
         f"| parameters | {human_count(plan.total_params)} total, {human_count(plan.active_params)} active per token (parent: {human_count(plan.parent_params)}) |",
+        f"| per token | {plan.mlp_share:.3g} of the parent's MLP per MoE layer; {human_count(plan.flops_per_token)} "
+        f"forward FLOPs ({plan.flops_per_token / plan.parent_flops_per_token:.2f} of the parent's "
+        f"{human_count(plan.parent_flops_per_token)}; attention over the context not counted) |",
         f"| dtype, size | {NAME_OF[plan.out_dtype]}, {human_bytes(plan.output_bytes)} |",
         *(_source_rows(plan, fingerprints) if plan.sources is not None else []),
         f"| check against the parent | {check} |",

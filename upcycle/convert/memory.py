@@ -49,6 +49,15 @@ def _convert_parts(plan) -> dict[str, int]:
         # end to end, after the parent run (verify_mix): the MoE one layer at a time with every routed expert read
         # back in float64, and logits of the prompts
         parts["mixed"] = layer64 + r.experts * mlp // r.granularity * 8 + 256 * p.vocab_size * 8 * 4
+    if r.partition:
+        # the held-out loss (verify_heldout): the parent's, then the MoE's float32 layers over its tokens, every
+        # routed expert of a layer in float64, both runs' final hidden states and one sweep of the head's rows
+        from upcycle.convert.verify_heldout import BLOCK, HEAD_ROWS, HELDOUT_TOKENS
+
+        acts = HELDOUT_TOKENS * (p.hidden_size * 8 + p.intermediate_size * 3) * 4
+        attention = (HELDOUT_TOKENS // BLOCK) * p.num_heads * BLOCK ** 2 * 4 * 3
+        head = 2 * HELDOUT_TOKENS * HEAD_ROWS * 4 * 2 + HEAD_ROWS * p.hidden_size * 4
+        parts["heldout"] = _layer_params(p) * 4 + acts + attention + mlp * 8 + head + emb * 4
     return parts
 
 
@@ -85,8 +94,8 @@ def convert_estimate(plan, *, verify: bool, overlap: bool | None = None, router_
             need = max(c["stream"], c["moe"], c["copied"]) + c["layer64"]
         else:
             need = max(c["layer64"], c["moe"], c["copied"], c["stream"])
-        # experts from other checkpoints: the end-to-end run comes after the parent's (its thread has ended)
-        need = max(need, c.get("mixed", 0))
+        # experts from other checkpoints, a partition's held-out loss: after the parent's run (its thread has ended)
+        need = max(need, c.get("mixed", 0), c.get("heldout", 0))
         parts = [("runtime", TORCH_RUNTIME), ("verification", need + c["states"])]
     sources = len(r.expert_from)
     if r.router_init_mode[0] == "prompts":  # one float64 layer, and eager attention over a batch of the sources
@@ -112,6 +121,19 @@ def convert_estimate(plan, *, verify: bool, overlap: bool | None = None, router_
                                                    max(size, writing))]
         else:  # router init runs before writing: the larger of the two phases counts
             parts = [("runtime", TORCH_RUNTIME), (f"{label} or router init", max(size, init))]
+    if r.sample_pass:  # grouping neurons / fitting a partition's router: before writing, like the k-means pass
+        from upcycle.convert.partition import SCALE_TOKENS
+        from upcycle.convert.router_init import BLOCK, MAX_TOKENS
+
+        attention = (MAX_TOKENS // BLOCK) * p.num_heads * BLOCK ** 2 * 4 * 3
+        activations = MAX_TOKENS * (p.hidden_size * 6 + p.intermediate_size * 3) * 4
+        # the layer's MLP in float32 and its activations twice (their absolute values as k-means features), the
+        # experts' outputs and the scale search's stack of them
+        fit = 3 * p.hidden_size * p.intermediate_size * 4 + MAX_TOKENS * p.intermediate_size * 4 * 2
+        fit += MAX_TOKENS * p.hidden_size * 4 * 2 + r.experts * SCALE_TOKENS * p.hidden_size * 4 * 2
+        init = TOKENIZER_RUNTIME + _layer_params(p) * 4 + attention + activations + fit + emb * 4
+        (label, size) = parts[-1]
+        parts = [("runtime", TORCH_RUNTIME), (f"{label} or grouping", max(size, init))]
     return Estimate("convert", tuple(parts), ("--no-verify skips the checks (the writer alone streams)",
                                               "--router-init random skips the parent run of the k-means router"))
 

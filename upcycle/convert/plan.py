@@ -50,6 +50,7 @@ class Plan:
     layouts: list[LayerLayout]
     tensors: list[OutTensor] = field(default_factory=list)
     sources: object = None  # upcycle.convert.mix.ExpertSources with --expert-from, else None
+    grouping: object = None  # upcycle.convert.partition.Grouping where the neurons were grouped there, else None
 
     @property
     def output_bytes(self) -> int:
@@ -65,6 +66,34 @@ class Plan:
         per_expert = 3 * self.parent.hidden_size * (self.parent.intermediate_size // self.recipe.granularity)
         idle = (self.recipe.experts - self.recipe.top_k) * per_expert * len(self.moe_layers)
         return self.total_params - idle
+
+    @property
+    def parent_mlp_params(self) -> int:
+        return 3 * self.parent.hidden_size * self.parent.intermediate_size
+
+    @property
+    def mlp_share(self) -> float:
+        """The fraction of the parent's MLP a token runs in an MoE layer: k routed and S shared slices of G (whole
+        copies count once each: an exact recipe runs at least the whole MLP)."""
+        r = self.recipe
+        return (r.top_k + r.shared_experts) / r.granularity
+
+    @property
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token of the weights a token multiplies, 2 per weight: the active parameters less the
+        embedding lookup (the output head counts, tied or not). Attention over the context is left out: it grows with
+        the context and is the same in the parent and the MoE."""
+        return 2 * (self.active_params - self._lookup_params)
+
+    @property
+    def parent_flops_per_token(self) -> int:
+        return 2 * (self.parent_params - self._lookup_params)
+
+    @property
+    def _lookup_params(self) -> int:
+        """Embedding rows that are looked up, never multiplied: the input table, unless it is also the head."""
+        p = self.parent
+        return 0 if p.tie_word_embeddings else p.vocab_size * p.hidden_size
 
     @property
     def inexact_reason(self) -> str | None:
@@ -102,16 +131,18 @@ def _one(f: Callable[[], np.ndarray]) -> Callable[[], Iterator[np.ndarray]]:
 
 
 def make_plan(parent: ParentSpec, reader: ParentReader, recipe: Recipe, fmt: MoEType, moe_layers: list[int],
-              out_dtype: str, router_bases: dict | None = None, sources=None) -> Plan:
-    """sources: the ExpertSources of --expert-from (reader then reads their shared tensors: BASE or the mean)."""
+              out_dtype: str, router_bases: dict | None = None, sources=None, grouping=None) -> Plan:
+    """sources: the ExpertSources of --expert-from (reader then reads their shared tensors: BASE or the mean).
+    grouping: upcycle.convert.partition.Grouping, where the recipe groups the neurons by their weights or use."""
     p = parent
     from upcycle.core.tensors import NAME_OF
 
     config = fmt.build_config(p, recipe, moe_layers, NAME_OF[out_dtype])
     moe = set(moe_layers)
-    layouts = [layer_layout(p, recipe, i, i in moe, fmt.shared_gate_factor, fmt.routed_scale_in_config)
+    layouts = [layer_layout(p, recipe, i, i in moe, fmt.shared_gate_factor, fmt.routed_scale_in_config,
+                            grouping.order(i) if grouping is not None else None)
                for i in range(p.num_layers)]
-    plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts, sources=sources)
+    plan = Plan(p, recipe, fmt, moe_layers, out_dtype, config, layouts, sources=sources, grouping=grouping)
     expert_readers = None
     if sources is not None:
         # one small cache per source: an expert's three projections are read one after another

@@ -101,6 +101,9 @@ def _exact_alternative(plan: Plan) -> str:
     recipe = plan.recipe
     if plan.sources is not None and plan.sources.inexact_reason:
         return "experts from other checkpoints never compute the parent's function: drop --expert-from"
+    if recipe.partition:
+        return (f"a partition runs part of the MLP by design; for an exact fine-grained MoE use --top-k "
+                f"{recipe.experts} (every slice) or more copies (--experts {2 * recipe.experts} --top-k {recipe.experts})")
     if recipe.expert_init_mode[0] != "copy":
         return "use --expert-init copy"
     if recipe.routing != "renorm" and not recipe.zero_router:
@@ -122,8 +125,9 @@ def _check_parent_tensors(reader: ParentReader, plan: Plan) -> None:
 
 
 def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None = None,
-               sources: ExpertSources | None = None) -> tuple[Plan, ParentReader]:
-    """sources: the opened --expert-from checkpoints (their experts; the shared tensors from BASE or the mean)."""
+               sources: ExpertSources | None = None, grouping=None) -> tuple[Plan, ParentReader]:
+    """sources: the opened --expert-from checkpoints (their experts; the shared tensors from BASE or the mean).
+    grouping: the neurons' grouping (upcycle.convert.partition.Grouping) where the recipe computes one."""
     p = ckpt.spec
     if p.intermediate_size % recipe.granularity:
         raise UsageError(
@@ -135,7 +139,7 @@ def build_plan(ckpt: ParentCheckpoint, recipe: Recipe, router_bases: dict | None
     reader = ParentReader(sources.shared_source if sources is not None else ckpt.source, p)
     out_dtype = ckpt.source.float_dtype() if recipe.dtype == "auto" else CODE_OF[recipe.dtype]
     try:
-        plan = make_plan(p, reader, recipe, fmt, moe_layers, out_dtype, router_bases, sources)
+        plan = make_plan(p, reader, recipe, fmt, moe_layers, out_dtype, router_bases, sources, grouping)
     except KeyError as exc:
         raise InputError(f"the parent checkpoint lacks tensor {exc.args[0]}") from None
     _check_parent_tensors(reader, plan)
@@ -177,8 +181,8 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
     if not dry_run:
         check_output(out, overwrite)
     mode, init_file = recipe.router_init_mode
-    if mode == "kmeans" and init_file is not None and not init_file.exists():
-        raise InputError(f"--router-init kmeans: no such file or folder {init_file}")
+    if mode in ("kmeans", "fit") and init_file is not None and not init_file.exists():
+        raise InputError(f"--router-init {mode}: no such file or folder {init_file}")
     # the prompts file is read (texts only) before any model is opened: a missing source fails in a second
     prompts = load_prompts(init_file, recipe.expert_from) if mode == "prompts" else None
     with ev.status(f"reading {parent}" + (" (GGUF metadata is slow to parse)" if str(parent).endswith(".gguf") else "")):
@@ -210,8 +214,15 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         phase("plan")
         # one thread runs convert's torch work beside the writer, in order (the k-means pass, then verification's
         # parent layers), so that the imports of the two never race each other
-        executor = background = None
+        executor = background = grouping = None
         sample = None  # the k-means sample's identity, for upcycle.json
+        if recipe.grouping:
+            # which neurons each expert holds decides every expert tensor, so this comes before anything is written
+            from upcycle.convert.partition import grouping_job
+
+            grouping = grouping_job(ckpt, plan, events=ev)()
+            plan, _ = build_plan(ckpt, recipe, grouping.router_bases() or None, sources, grouping)
+            phase("grouping")
         if beside or overlap:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -225,15 +236,15 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
                 sample = getattr(job, "sample", None)  # the identity of the text the job clusters
                 if beside:
                     background = BackgroundBases(executor.submit(job), stop)
-                    plan, _ = build_plan(ckpt, recipe, background, sources)
+                    plan, _ = build_plan(ckpt, recipe, background, sources, grouping)
                 else:
-                    plan, _ = build_plan(ckpt, recipe, job(), sources)
+                    plan, _ = build_plan(ckpt, recipe, job(), sources, grouping)
                     phase("router init")
             elif mode == "prompts":
                 from upcycle.convert.router_init import prompt_router_bases
 
                 bases = prompt_router_bases(ckpt, sources.shared_source, prompts, plan, events=ev)
-                plan, _ = build_plan(ckpt, recipe, bases, sources)
+                plan, _ = build_plan(ckpt, recipe, bases, sources, grouping)
                 phase("router init")
             verification = _write_and_verify(ckpt, plan, out, options, command, ev, whole, whole_note, phase,
                                              executor if overlap else None, background, sample)

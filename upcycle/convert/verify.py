@@ -85,7 +85,10 @@ class _Checker:
                                    mapped=True)
         self.expert_readers = ([ParentReader(sources.source(j), plan.parent, cache_size=1, mapped=True)
                                 for j in range(len(sources.specs))] if sources else [])
-        self.strict_experts = exact or (sources is not None and plan.layout_inexact_reason is None)
+        # experts copied from their neurons must hold exactly those, whether or not the function is the parent's (a
+        # partition, a router that is not exact): only Drop-Upcycling and noise change them on purpose
+        self.strict_experts = (exact or (sources is not None and plan.layout_inexact_reason is None)
+                               or (sources is None and plan.recipe.expert_init_mode[0] == "copy"))
         self.written = SafetensorsSource(self.out)
         self.cfg = json.loads((self.out / "config.json").read_text())
         self.code = plan.out_dtype
@@ -136,7 +139,7 @@ class _Checker:
             if not _same_bytes(got, want):
                 self._fail(f"layer {layer}: {t.name} is not what the plan draws for it "
                            f"(max relative difference {_rel(got, want, t.dtype):.3g})")
-            if t.kind == "router":
+            if t.kind == "router" and not self.plan.recipe.partition:  # a partition's experts each have their row
                 v = self.plan.recipe.group_size
                 rows = got.reshape(t.shape[0] // v, v, -1)
                 if not all(_same_bytes(rows[g, j], rows[g, 0]) for g in range(rows.shape[0]) for j in range(v)):
@@ -431,6 +434,10 @@ def verify_layers(ckpt, plan, out: Path, *, exact: bool, on_layer: Callable[[int
                 chk.report["mixed"] = measure_mixed(chk, ckpt, plan, parent.ids, parent.round_code, hidden)
             finally:
                 torch.set_num_threads(threads)
+        if plan.recipe.partition:  # what the partition costs in next-token loss, on text it was not fitted on
+            from upcycle.convert.verify_heldout import measure_heldout
+
+            chk.report["heldout"] = measure_heldout(chk, ckpt, plan)
         return chk.finish()
     finally:
         if own:
@@ -514,11 +521,18 @@ def summary(v: dict) -> str:
                    + ("" if not v["expert_max_rel_diff"] else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
     else:
         experts = (f"{v['expert_tensors']} expert tensors hold their parent neurons"
-                   + ("" if exact else f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
+                   + ("" if exact or not v["expert_max_rel_diff"] else
+                      f" up to a relative difference of {v['expert_max_rel_diff']:.3g}"))
     text = (f"layer by layer in float64 on {v['tokens']} tokens of text: {len(v['layers'])} MoE block(s) against the "
             f"parent's MLP, max relative difference {v['max_rel_diff']:.3g} "
             + (f"(bound {bound:.3g})" if exact else "(not exact by design: measured, not bounded)")
             + f"; {experts}; {v['copied_tensors']} copied tensors are byte-identical")
+    held = v.get("heldout")
+    if held is not None:
+        text += (f". Next-token loss on {held['tokens']} tokens of held-out text ({held['text']}): parent "
+                 f"{held['parent_loss']:.4f}, MoE {held['moe_loss']:.4f} ({held['diff']:+.4f} nats, 95% interval "
+                 f"{held['ci95'][0]:+.4f} to {held['ci95'][1]:+.4f}); same top-1 token at {held['top1_agree']}/"
+                 f"{held['tokens']} positions")
     if mixed is not None:
         text += (f". NOT the parent's function (experts from other checkpoints); end to end on the same "
                  f"{mixed['tokens']} tokens: max |logit difference| {mixed['max_abs_logit_diff']:.3g} "

@@ -131,17 +131,24 @@ class LayerLayout:
 
 
 def layer_layout(spec: ParentSpec, recipe: Recipe, layer: int, moe: bool, shared_gate_factor: float,
-                 routed_scale_in_config: bool = False) -> LayerLayout:
+                 routed_scale_in_config: bool = False, order: np.ndarray | None = None) -> LayerLayout:
     """Which neurons and scale each expert of `layer` gets (no weights touched).
 
     With routed_scale_in_config the format multiplies routed outputs itself (routed_scaling_factor), so the
     experts keep the parent's weights unscaled: exact in bf16 even when the group scale is not a power of two.
+    order: the neurons in slice order where upcycle.convert.partition grouped them (clustered, or a partition's
+    shared neurons first); else the slice order gives it (contiguous, or a seeded permutation).
     """
     if not moe:
         return LayerLayout(layer, False)
     inter, g, s = spec.intermediate_size, recipe.granularity, recipe.shared_experts
     width = inter // g
-    perm = np.arange(inter) if recipe.slice_order == "contiguous" else rng(recipe.seed, layer, _PERM).permutation(inter)
+    if order is not None:
+        perm = np.asarray(order)
+    elif recipe.slice_order == "contiguous":
+        perm = np.arange(inter)
+    else:
+        perm = rng(recipe.seed, layer, _PERM).permutation(inter)
     slices = perm.reshape(g, width)
     v = recipe.group_size
     first_routed = s if 0 < s < g else 0
@@ -279,9 +286,14 @@ class WeightFactory:
         return out
 
     def router(self, layer: int, hidden: int) -> np.ndarray:
-        """(E, H): one base row per copy, repeated over its virtual group so that groups are picked whole."""
+        """(E, H): one base row per copy, repeated over its virtual group so that groups are picked whole; a
+        partition's experts differ, so each has its own row (fitted, or drawn)."""
         r = self.recipe
         base = self.router_bases.get(layer)
+        if r.partition:
+            if base is None:
+                base = rng(r.seed, layer, _ROUTER).normal(0.0, r.router_std, size=(r.experts, hidden)).astype(np.float32)
+            return from_f32(np.asarray(base, dtype=np.float32), self.out)
         if base is None and r.zero_router:
             base = np.zeros((r.copies, hidden), np.float32)
         elif base is None:

@@ -7,6 +7,10 @@ S shared experts, E routed experts, top-k K. The MLP's neurons are cut into G sl
 router rows of a group are tied, so a token always picks whole groups and the sum of what it picks is exactly
 the parent's MLP (times the group's scale, undone on down_proj).
 
+A partition (`partition`) is the other way to build an MoE from one MLP: one copy cut into E = v experts of which a
+token takes k < E (LLaMA-MoE, MoEfication). It runs k/G of the MLP per token instead of at least the whole MLP, and
+is not the parent's function by design: what the experts it skips would have added is lost until training.
+
 The routing rule (`ROUTINGS`) decides what weight each chosen expert gets at the start, and so the factor that
 makes the start reproduce the parent (`routed_scale`): renormalised weights are exact with any router; softmax and
 sigmoid weights without renormalisation are exact only with a zero router (every expert then gets exactly 1/E,
@@ -66,12 +70,21 @@ class MoEShape:
                 f"--shared-experts {self.shared_experts} with --granularity {self.granularity}: shared experts must be "
                 f"fewer than G (they take whole slices) or a multiple of G (they take whole copies) for an exact init"
             )
+        if self.partition:
+            if self.shared_experts >= self.granularity:
+                raise UsageError(
+                    f"--experts {self.experts} --top-k {self.top_k} cuts one MLP copy into {v} experts (a partition), "
+                    f"whose shared experts are slices of that copy: --shared-experts must be below --granularity "
+                    f"{self.granularity}")
+            return
         if self.experts % v or self.top_k % v:
             why = f"granularity {self.granularity}" + (f" minus {self.shared_experts} shared" if 0 < self.shared_experts < self.granularity else "")
             raise UsageError(
                 f"--experts {self.experts} and --top-k {self.top_k} must be multiples of the virtual-group size {v} ({why}): "
                 f"a token must pick whole groups of slices for the MoE to stay exact; "
-                f"e.g. --experts {max(v, self.experts // v * v)} --top-k {max(v, self.top_k // v * v)}"
+                f"e.g. --experts {max(v, self.experts // v * v)} --top-k {max(v, self.top_k // v * v)}; "
+                f"or, for an MoE cheaper than its parent that is not exact by design, a partition of one MLP copy: "
+                f"--experts {v} with --top-k below {v} (see --slice-order cluster or coactivation)"
             )
 
     @property
@@ -88,12 +101,19 @@ class MoEShape:
         return g - s if 0 < s < g else g
 
     @property
+    def partition(self) -> bool:
+        """One MLP copy cut into E = v experts of which a token takes fewer than all: cheaper than the parent, and
+        not its function (the skipped experts' share is missing at the start)."""
+        return self.experts == self.group_size and self.top_k < self.experts
+
+    @property
     def copies(self) -> int:
         return self.experts // self.group_size
 
     @property
     def groups_per_token(self) -> int:
-        return self.top_k // self.group_size
+        """Whole virtual groups a token picks (a partition's token takes part of its one group: 1)."""
+        return 1 if self.partition else self.top_k // self.group_size
 
     @property
     def shared_full_copies(self) -> int:
@@ -115,11 +135,22 @@ class MoEShape:
         softmax with a zero router: 1/E, sigmoid: 1/2), so the routed part is (k/v) * w0 * scale * (routed MLP
         share); that must equal the routed share 1/(c+1): scale = routed_down_scale / (k * w0).
         """
+        if self.partition:
+            # a partition cannot add up to the parent; the closest start counts every chosen slice once, as the
+            # parent's sum does: the chosen expert's weight when the k chosen tie (w0) times 1/w0
+            return float(1 / self._tied_weight)
         if self.routing == "renorm":
             return self.routed_down_scale
-        per_expert = {"softmax": Fraction(1, self.experts), "sigmoid": Fraction(1, 2)}[self.routing]
+        per_expert = self._tied_weight
         c = self.shared_full_copies
         return float(Fraction(self.group_size, c + 1) / (self.top_k * per_expert))
+
+    @property
+    def _tied_weight(self) -> Fraction:
+        """w0: one chosen expert's routing weight when the router's logits tie (renorm over the k chosen: 1/k; softmax
+        over all E: 1/E; sigmoid of 0: 1/2)."""
+        return {"renorm": Fraction(1, self.top_k), "softmax": Fraction(1, self.experts),
+                "sigmoid": Fraction(1, 2)}[self.routing]
 
     @property
     def shared_down_scale(self) -> float:
