@@ -162,11 +162,13 @@ def train_arm(model_dir: Path, out: Path, args) -> dict:
     from upcycle.train import TrainConfig, train
 
     if not (out / "final").is_dir():
-        shutil.rmtree(out, ignore_errors=True)
+        resume = any(out.glob("checkpoint-*"))  # a run stopped by a signal saved one: it continues exactly
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)
         cfg = TrainConfig(model=str(model_dir), data=study_data(), out=out, steps=args.steps, seq_len=args.seq_len,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                           save_every=0, eval_every=0, heldout_fraction=args.heldout_fraction,
-                          precision=args.precision)
+                          precision=args.precision, resume=resume)
         train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r and "step" in r]

@@ -767,6 +767,81 @@ def pages(root: Path) -> list[Path]:
     return [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
 
 
+PARTITION = "partition_study/epyc-avx512bf16.json"
+
+
+def _partition_rows(d: dict) -> list[list]:
+    vs = {(v["order"], v["top_k"]): v for v in d["versus"]}
+    rows = []
+    for a in sorted(d["arms"], key=lambda a: (a["top_k"], ORDERS_P.index(a["order"]))):
+        g, c = a["grouping"], a["converted"]
+        agree = (f"{g['mean_agreement']:.2f} ({a['top_k'] / d['experts']:.2f})"
+                 if g.get("mean_agreement") is not None else "-")
+        err = (f"{g['mean_rel_error']:.3f} / {g['mean_oracle_rel_error']:.3f}"
+               if g.get("mean_rel_error") is not None else "-")
+        rows.append([f"top-{a['top_k']}", a["order"], f"{a['mlp_share']:.3g}",
+                     f"{a['flops_per_token'] / a['parent_flops_per_token']:.2f}", agree, err, f"{c['loss']:.3f}",
+                     ci(c["vs_parent"]), ci(vs.get((a["order"], a["top_k"]))) if a["order"] != "contiguous" else "-"])
+    return rows
+
+
+ORDERS_P = ("contiguous", "random", "cluster", "coactivation")
+
+
+@table("partition-convert")
+def _partition_convert(ctx: Ctx) -> str:
+    d = ctx.load(PARTITION)
+    e = d["eval"]
+    header = ["top-k", "--slice-order", "MLP share", "FLOPs / parent's", "router agreement (chance)",
+              "block error: router / true top-k", "held-out loss", "- parent's loss [95%]", "- contiguous [95%]"]
+    note = (f"Parent: held-out loss {e['parent_loss']:.3f} on the same {e['tokens']} tokens ({e['eval_blocks']} "
+            f"blocks of {e['eval_seq']}; intervals over chunks of {e['chunk']} tokens). Router agreement and block "
+            "error: convert's fit on its own sample, mean over the 30 layers.")
+    return join(md(header, _partition_rows(d), "llrrllrll"), note, ctx.source(PARTITION))
+
+
+@table("partition-train")
+def _partition_train(ctx: Ctx) -> str:
+    d = ctx.load(PARTITION)
+    t = d["train"]
+    s = t["settings"]
+    start = {f"{a['order']}-k{a['top_k']}": a["converted"]["loss"] for a in d["arms"]}
+    rows = []
+    for r in t["rows"]:
+        before = d["eval"]["parent_loss"] if r["arm"] == "parent" else start[r["arm"]]
+        rows.append([r["arm"], f"{before:.3f}", f"{r['loss']:.3f}", ci(r.get("recovered")) if r["arm"] != "parent"
+                     else ci(r["vs_parent_start"]), ci(r["vs_parent_trained"]) if r["arm"] != "parent" else "-",
+                     f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"])
+    header = ["model", "held-out loss, converted", "after training", "training's change [95%]",
+              "- trained parent [95%]", "training tokens/s"]
+    note = (f"`upcycle train`, {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']:g} "
+            f"(warmup {s['warmup']}, cosine), precision {s['precision']}, its default routing losses; the parent "
+            "trained the same way. Same held-out tokens as above.")
+    return join(md(header, rows, "lrrllr"), note, ctx.source(PARTITION))
+
+
+@table("partition-speed")
+def _partition_speed(ctx: Ctx) -> str:
+    d = ctx.load(PARTITION)
+    sp = d["speed"]
+    batches = sorted({r["batch"] for r in sp["rows"]})
+    models = list(dict.fromkeys(r["model"] for r in sp["rows"]))
+    by = {(r["model"], r["batch"]): r for r in sp["rows"]}
+    rows = [[m, *(f"{by[(m, b)]['tokens_per_s']:.0f} ({by[(m, b)]['x_parent']:.2f}x)" for b in batches)]
+            for m in models]
+    header = ["model (experts implementation)", *(f"batch {b} x {sp['seq']}: tokens/s (x parent)" for b in batches)]
+    bd = sp["breakdown"]
+    parts = [[m, f"{x['forward_s']:.2f}", f"{x['mlp_s']:.2f}", f"{x['experts_s']:.2f}" if x["experts_s"] else "-",
+              f"{x['router_and_dispatch_s']:.2f}" if x["experts_s"] else "-", f"{x['rest_s']:.2f}"]
+             for m, x in bd.items()]
+    header2 = [f"model, batch {sp['breakdown_batch']} x {sp['seq']}", "forward s", "MLP / MoE blocks s",
+               "experts modules s", "router, top-k, dispatch s", "attention, norms, head s"]
+    note = (f"Forward passes without a cache in transformers, float32, {sp['threads']} threads, median of "
+            f"{sp['reps']} rounds with the models interleaved; the partitions are --slice-order {sp['order']} "
+            "(the grouping does not change the cost).")
+    return join(md(header, rows, "l" + "r" * len(batches)), md(header2, parts, "lrrrrr"), note, ctx.source(PARTITION))
+
+
 def render(root: Path, page: Path, text: str) -> tuple[str, list[str], list[str]]:
     """The page with every table regenerated, the names of the tables that changed, and unknown names."""
     changed, unknown = [], []
