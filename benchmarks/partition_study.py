@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-batches", default="1,4,16")
     ap.add_argument("--speed-seq", type=int, default=128)
     ap.add_argument("--speed-reps", type=int, default=5)
-    ap.add_argument("--breakdown-batch", type=int, default=4)
+    ap.add_argument("--breakdown-batch", type=int, default=None, help="one of --speed-batches (default: the largest)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="one grouping, top-2, 2 steps, 1 block: a smoke run")
     add_arguments(ap)
@@ -295,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     run = Run("partition_study", argv=None if argv is None else [sys.argv[0], *argv])
     if args.quick:
         args.orders, args.ks, args.eval_blocks, args.steps, args.train = "cluster", "2", 1, 2, "cluster:2"
-        args.speed_batches, args.speed_reps, args.breakdown_batch = "1", 1, 1
+        args.speed_batches, args.speed_reps, args.breakdown_batch = "1", 1, None
     orders = [o for o in args.orders.split(",") if o]
     ks = [int(k) for k in args.ks.split(",") if k]
     args.speed_batches = [int(b) for b in str(args.speed_batches).split(",") if b]
+    if args.breakdown_batch is None:
+        args.breakdown_batch = max(args.speed_batches)
+    if args.breakdown_batch not in args.speed_batches:
+        ap.error(f"--breakdown-batch {args.breakdown_batch} is not one of --speed-batches {args.speed_batches}")
     trained = [(o, int(k)) for o, k in (t.split(":") for t in args.train.split(",") if t)]
     work = args.work
     for sub in ("nll", "moe", "train"):

@@ -767,7 +767,7 @@ def pages(root: Path) -> list[Path]:
     return [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
 
 
-PARTITION = "partition_study/epyc-avx512bf16.json"
+PARTITION = "partition_study/xeon-avx512.json"
 
 
 def _partition_rows(d: dict) -> list[list]:
