@@ -820,6 +820,54 @@ def _partition_train(ctx: Ctx) -> str:
     return join(md(header, rows, "lrrllr"), note, ctx.source(PARTITION))
 
 
+def _interval(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return f"{c['mean']:+.2f} nats [{lo:+.2f}, {hi:+.2f}]"
+
+
+@table("partition-findings")
+def _partition_findings(ctx: Ctx) -> str:
+    """The study's conclusions as sentences whose numbers come from the results file."""
+    d = ctx.load(PARTITION)
+    out = []
+    by = {(a["order"], a["top_k"]): a for a in d["arms"]}
+    for k in sorted({a["top_k"] for a in d["arms"]}):
+        vs = [v for v in d["versus"] if v["top_k"] == k]
+        lower = [v for v in vs if v["ci95"][1] < 0]
+        parts = [f"{v['order']} {_interval(v)}" for v in vs]
+        best = min((a for a in d["arms"] if a["top_k"] == k), key=lambda a: a["converted"]["loss"])
+        out.append(f"- **Top-{k}** (MLP share {by[('contiguous', k)]['mlp_share']:.3g}): against contiguous, "
+                   + "; ".join(parts) + f". Measurably lower: {', '.join(v['order'] for v in lower) or 'none'}. "
+                   f"The best grouping, {best['order']}, is still {_interval(best['converted']['vs_parent'])} above "
+                   "the parent.")
+    rows = {r["arm"]: r for r in d["train"]["rows"]}
+    if rows:
+        parent = rows.get("parent")
+        arms = [r for name, r in rows.items() if name != "parent"]
+        text = "; ".join(f"{r['arm']} {_interval(r['recovered'])} by training, then {_interval(r['vs_parent_trained'])} "
+                         "above the trained parent" for r in arms)
+        out.append(f"- **After {d['train']['settings']['steps']} training steps**: {text}. The parent itself moved "
+                   f"{_interval(parent['vs_parent_start'])}." if parent else f"- **After training**: {text}.")
+    sp = d["speed"]
+    if sp.get("rows"):
+        by_batch: dict = {}
+        for r in sp["rows"]:
+            if r["model"] != "parent":
+                by_batch.setdefault(r["batch"], []).append(f"{r['model']} {r['x_parent']:.2f}x")
+        out.append("- **Forward speed against the parent** (tokens/s ratio, above 1 is faster): "
+                   + "; ".join(f"batch {b}: " + ", ".join(v) for b, v in sorted(by_batch.items())) + ".")
+        bd = sp["breakdown"]
+        parent = bd.get("parent")
+        moe = [(m, x) for m, x in bd.items() if m != "parent"]
+        if parent and moe:
+            out.append(f"- **Where the time goes** (batch {sp['breakdown_batch']}): the parent's MLPs take "
+                       f"{parent['mlp_s']:.2f} s of a {parent['forward_s']:.2f} s forward; "
+                       + "; ".join(f"{m}: MoE blocks {x['mlp_s']:.2f} s, of which the experts modules "
+                                   f"{x['experts_s']:.2f} s and router, top-k and dispatch around them "
+                                   f"{x['router_and_dispatch_s']:.2f} s" for m, x in moe) + ".")
+    return join("\n".join(out), ctx.source(PARTITION))
+
+
 @table("partition-speed")
 def _partition_speed(ctx: Ctx) -> str:
     d = ctx.load(PARTITION)
