@@ -840,6 +840,13 @@ def _partition_findings(ctx: Ctx) -> str:
                    + "; ".join(parts) + f". Measurably lower: {', '.join(v['order'] for v in lower) or 'none'}. "
                    f"The best grouping, {best['order']}, is still {_interval(best['converted']['vs_parent'])} above "
                    "the parent.")
+    scales = [layer["logit_scale"] for a in d["arms"] if a["top_k"] > 1 for layer in a.get("grouping_layers") or []]
+    if scales:
+        smallest = min(scales)
+        out.append(f"- **Router logit scale** (top-k above 1; at top-1 the one chosen expert's weight is 1 whatever the "
+                   f"scale): the smallest factor, {smallest:g} of the least-squares logits, is the closest start in "
+                   f"{sum(x == smallest for x in scales)} of {len(scales)} layers; the full scale in "
+                   f"{sum(x == 1.0 for x in scales)}.")
     rows = {r["arm"]: r for r in d["train"]["rows"]}
     if rows:
         parent = rows.get("parent")
@@ -875,18 +882,21 @@ def _partition_speed(ctx: Ctx) -> str:
     batches = sorted({r["batch"] for r in sp["rows"]})
     models = list(dict.fromkeys(r["model"] for r in sp["rows"]))
     by = {(r["model"], r["batch"]): r for r in sp["rows"]}
-    rows = [[m, *(f"{by[(m, b)]['tokens_per_s']:.0f} ({by[(m, b)]['x_parent']:.2f}x)" for b in batches)]
-            for m in models]
-    header = ["model (experts implementation)", *(f"batch {b} x {sp['seq']}: tokens/s (x parent)" for b in batches)]
+    rows = [[m, *(f"{by[(m, b)]['tokens_per_s']:.0f} ({by[(m, b)]['x_parent']:.2f}x; median "
+                  f"{by[(m, b)]['x_parent_median']:.2f}x)" for b in batches)] for m in models]
+    header = ["model (experts implementation)",
+              *(f"batch {b} x {sp['seq']}: tokens/s (x parent; median round x parent)" for b in batches)]
     bd = sp["breakdown"]
     parts = [[m, f"{x['forward_s']:.2f}", f"{x['mlp_s']:.2f}", f"{x['experts_s']:.2f}" if x["experts_s"] else "-",
               f"{x['router_and_dispatch_s']:.2f}" if x["experts_s"] else "-", f"{x['rest_s']:.2f}"]
              for m, x in bd.items()]
-    header2 = [f"model, batch {sp['breakdown_batch']} x {sp['seq']}", "forward s", "MLP / MoE blocks s",
+    header2 = [f"model, batch {sp['breakdown_batch']} x {sp['seq']}, fastest of {sp['breakdown_reps']} forwards",
+               "forward s", "MLP / MoE blocks s",
                "experts modules s", "router, top-k, dispatch s", "attention, norms, head s"]
-    note = (f"Forward passes without a cache in transformers, float32, {sp['threads']} threads, median of "
-            f"{sp['reps']} rounds with the models interleaved; the partitions are --slice-order {sp['order']} "
-            "(the grouping does not change the cost).")
+    note = (f"Forward passes without a cache in transformers, float32, {sp['threads']} thread(s), the fastest of "
+            f"{sp['reps']} rounds with the models interleaved (on a machine shared with other jobs the fastest round "
+            f"is the least disturbed; the median round's ratio beside it); the partitions are --slice-order "
+            f"{sp['order']} (the grouping does not change the cost).")
     return join(md(header, rows, "l" + "r" * len(batches)), md(header2, parts, "lrrrrr"), note, ctx.source(PARTITION))
 
 
