@@ -890,6 +890,139 @@ def pages(root: Path) -> list[Path]:
     return [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
 
 
+PARTITION = "partition_study/xeon-avx512.json"
+
+
+def _partition_rows(d: dict) -> list[list]:
+    vs = {(v["order"], v["top_k"]): v for v in d["versus"]}
+    rows = []
+    for a in sorted(d["arms"], key=lambda a: (a["top_k"], ORDERS_P.index(a["order"]))):
+        g, c = a["grouping"], a["converted"]
+        agree = (f"{g['mean_agreement']:.2f} ({a['top_k'] / d['experts']:.2f})"
+                 if g.get("mean_agreement") is not None else "-")
+        err = (f"{g['mean_rel_error']:.3f} / {g['mean_oracle_rel_error']:.3f}"
+               if g.get("mean_rel_error") is not None else "-")
+        rows.append([f"top-{a['top_k']}", a["order"], f"{a['mlp_share']:.3g}",
+                     f"{a['flops_per_token'] / a['parent_flops_per_token']:.2f}", agree, err, f"{c['loss']:.3f}",
+                     ci(c["vs_parent"]), ci(vs.get((a["order"], a["top_k"]))) if a["order"] != "contiguous" else "-"])
+    return rows
+
+
+ORDERS_P = ("contiguous", "random", "cluster", "coactivation")
+
+
+@table("partition-convert")
+def _partition_convert(ctx: Ctx) -> str:
+    d = ctx.load(PARTITION)
+    e = d["eval"]
+    header = ["top-k", "--slice-order", "MLP share", "FLOPs / parent's", "router agreement (chance)",
+              "block error: router / true top-k", "held-out loss", "- parent's loss [95%]", "- contiguous [95%]"]
+    note = (f"Parent: held-out loss {e['parent_loss']:.3f} on the same {e['tokens']} tokens ({e['eval_blocks']} "
+            f"blocks of {e['eval_seq']}; intervals over chunks of {e['chunk']} tokens). Router agreement and block "
+            "error: convert's fit on its own sample, mean over the 30 layers.")
+    return join(md(header, _partition_rows(d), "llrrllrll"), note, ctx.source(PARTITION))
+
+
+@table("partition-train")
+def _partition_train(ctx: Ctx) -> str:
+    d = ctx.load(PARTITION)
+    t = d["train"]
+    s = t["settings"]
+    start = {f"{a['order']}-k{a['top_k']}": a["converted"]["loss"] for a in d["arms"]}
+    rows = []
+    for r in t["rows"]:
+        before = d["eval"]["parent_loss"] if r["arm"] == "parent" else start[r["arm"]]
+        rows.append([r["arm"], f"{before:.3f}", f"{r['loss']:.3f}", ci(r.get("recovered")) if r["arm"] != "parent"
+                     else ci(r["vs_parent_start"]), ci(r["vs_parent_trained"]) if r["arm"] != "parent" else "-",
+                     f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"])
+    header = ["model", "held-out loss, converted", "after training", "training's change [95%]",
+              "- trained parent [95%]", "training tokens/s"]
+    note = (f"`upcycle train`, {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']:g} "
+            f"(warmup {s['warmup']}, cosine), precision {s['precision']}, its default routing losses; the parent "
+            "trained the same way. Same held-out tokens as above.")
+    return join(md(header, rows, "lrrllr"), note, ctx.source(PARTITION))
+
+
+def _interval(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return f"{c['mean']:+.2f} nats [{lo:+.2f}, {hi:+.2f}]"
+
+
+@table("partition-findings")
+def _partition_findings(ctx: Ctx) -> str:
+    """The study's conclusions as sentences whose numbers come from the results file."""
+    d = ctx.load(PARTITION)
+    out = []
+    by = {(a["order"], a["top_k"]): a for a in d["arms"]}
+    for k in sorted({a["top_k"] for a in d["arms"]}):
+        vs = [v for v in d["versus"] if v["top_k"] == k]
+        lower = [v for v in vs if v["ci95"][1] < 0]
+        parts = [f"{v['order']} {_interval(v)}" for v in vs]
+        best = min((a for a in d["arms"] if a["top_k"] == k), key=lambda a: a["converted"]["loss"])
+        out.append(f"- **Top-{k}** (MLP share {by[('contiguous', k)]['mlp_share']:.3g}): against contiguous, "
+                   + "; ".join(parts) + f". Measurably lower: {', '.join(v['order'] for v in lower) or 'none'}. "
+                   f"The best grouping, {best['order']}, is still {_interval(best['converted']['vs_parent'])} above "
+                   "the parent.")
+    scales = [layer["logit_scale"] for a in d["arms"] if a["top_k"] > 1 for layer in a.get("grouping_layers") or []]
+    if scales:
+        smallest = min(scales)
+        out.append(f"- **Router logit scale** (top-k above 1; at top-1 the one chosen expert's weight is 1 whatever the "
+                   f"scale): the smallest factor, {smallest:g} of the least-squares logits, is the closest start in "
+                   f"{sum(x == smallest for x in scales)} of {len(scales)} layers; the full scale in "
+                   f"{sum(x == 1.0 for x in scales)}.")
+    rows = {r["arm"]: r for r in d["train"]["rows"]}
+    if rows:
+        parent = rows.get("parent")
+        arms = [r for name, r in rows.items() if name != "parent"]
+        text = "; ".join(f"{r['arm']} {_interval(r['recovered'])} by training, then {_interval(r['vs_parent_trained'])} "
+                         "above the trained parent" for r in arms)
+        out.append(f"- **After {d['train']['settings']['steps']} training steps**: {text}. The parent itself moved "
+                   f"{_interval(parent['vs_parent_start'])}." if parent else f"- **After training**: {text}.")
+    sp = d["speed"]
+    if sp.get("rows"):
+        by_batch: dict = {}
+        for r in sp["rows"]:
+            if r["model"] != "parent":
+                by_batch.setdefault(r["batch"], []).append(f"{r['model']} {r['x_parent']:.2f}x")
+        out.append("- **Forward speed against the parent** (tokens/s ratio, above 1 is faster): "
+                   + "; ".join(f"batch {b}: " + ", ".join(v) for b, v in sorted(by_batch.items())) + ".")
+        bd = sp["breakdown"]
+        parent = bd.get("parent")
+        moe = [(m, x) for m, x in bd.items() if m != "parent"]
+        if parent and moe:
+            out.append(f"- **Where the time goes** (batch {sp['breakdown_batch']}): the parent's MLPs take "
+                       f"{parent['mlp_s']:.2f} s of a {parent['forward_s']:.2f} s forward; "
+                       + "; ".join(f"{m}: MoE blocks {x['mlp_s']:.2f} s, of which the experts modules "
+                                   f"{x['experts_s']:.2f} s and router, top-k and dispatch around them "
+                                   f"{x['router_and_dispatch_s']:.2f} s" for m, x in moe) + ".")
+    return join("\n".join(out), ctx.source(PARTITION))
+
+
+@table("partition-speed")
+def _partition_speed(ctx: Ctx) -> str:
+    d = ctx.load(PARTITION)
+    sp = d["speed"]
+    batches = sorted({r["batch"] for r in sp["rows"]})
+    models = list(dict.fromkeys(r["model"] for r in sp["rows"]))
+    by = {(r["model"], r["batch"]): r for r in sp["rows"]}
+    rows = [[m, *(f"{by[(m, b)]['tokens_per_s']:.0f} ({by[(m, b)]['x_parent']:.2f}x; median "
+                  f"{by[(m, b)]['x_parent_median']:.2f}x)" for b in batches)] for m in models]
+    header = ["model (experts implementation)",
+              *(f"batch {b} x {sp['seq']}: tokens/s (x parent; median round x parent)" for b in batches)]
+    bd = sp["breakdown"]
+    parts = [[m, f"{x['forward_s']:.2f}", f"{x['mlp_s']:.2f}", f"{x['experts_s']:.2f}" if x["experts_s"] else "-",
+              f"{x['router_and_dispatch_s']:.2f}" if x["experts_s"] else "-", f"{x['rest_s']:.2f}"]
+             for m, x in bd.items()]
+    header2 = [f"model, batch {sp['breakdown_batch']} x {sp['seq']}, fastest of {sp['breakdown_reps']} forwards",
+               "forward s", "MLP / MoE blocks s",
+               "experts modules s", "router, top-k, dispatch s", "attention, norms, head s"]
+    note = (f"Forward passes without a cache in transformers, float32, {sp['threads']} thread(s), the fastest of "
+            f"{sp['reps']} rounds with the models interleaved (on a machine shared with other jobs the fastest round "
+            f"is the least disturbed; the median round's ratio beside it); the partitions are --slice-order "
+            f"{sp['order']} (the grouping does not change the cost).")
+    return join(md(header, rows, "l" + "r" * len(batches)), md(header2, parts, "lrrrrr"), note, ctx.source(PARTITION))
+
+
 def render(root: Path, page: Path, text: str) -> tuple[str, list[str], list[str]]:
     """The page with every table regenerated, the names of the tables that changed, and unknown names."""
     changed, unknown = [], []

@@ -311,3 +311,28 @@ def test_smollm2_partition(smollm2_gguf, tmp_path):
     assert plan.grouping.summary()["mean_agreement"] > 2 * 2 / 8
     held = v["heldout"]
     assert held["tokens"] >= 1000 and held["moe_loss"] > held["parent_loss"]
+
+
+def test_the_study_replays_one_parent_pass_to_every_arm(tiny_parent, tmp_path):
+    """benchmarks/partition_study.py runs convert's sample pass once and replays it: the arms it writes are the
+    ones a plain convert writes, byte for byte."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from partition_study import ReplayPass, paired
+
+    from upcycle.storage.manifest import folder_digest
+
+    parent = tiny_parent("llama")
+    kw = dict(experts=4, granularity=4, slice_order="coactivation", verify=False, quiet=True)
+    with ReplayPass() as replay:
+        for k in (1, 2):
+            convert(parent, tmp_path / f"replayed-{k}", top_k=k, **kw)
+    assert replay.runs == 1
+    for k in (1, 2):
+        convert(parent, tmp_path / f"plain-{k}", top_k=k, **kw)
+        assert folder_digest(tmp_path / f"replayed-{k}") == folder_digest(tmp_path / f"plain-{k}")
+    a, b = np.zeros(640), np.r_[np.ones(320), np.zeros(320)]
+    d = paired(a, b)
+    assert d["mean"] == 0.5 and d["chunks"] == 10 and d["ci95"][0] < 0.5 < d["ci95"][1]

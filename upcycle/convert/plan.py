@@ -68,10 +68,6 @@ class Plan:
         return self.total_params - idle
 
     @property
-    def parent_mlp_params(self) -> int:
-        return 3 * self.parent.hidden_size * self.parent.intermediate_size
-
-    @property
     def mlp_share(self) -> float:
         """The fraction of the parent's MLP a token runs in an MoE layer: k routed and S shared slices of G (whole
         copies count once each: an exact recipe runs at least the whole MLP)."""
