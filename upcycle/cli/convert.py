@@ -18,7 +18,7 @@ VERIFICATION = "Verification"
 
 def convert_command(
     parent: Annotated[str, typer.Argument(help="Dense parent: a Hugging Face folder, a .gguf file, or a hub id (online only).")],
-    out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint (must not exist or be empty, unless --overwrite).")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint (must not exist or be empty, unless --overwrite), or a .gguf file (from a GGUF parent: llama.cpp's MoE, the parent's quant blocks kept).")],
     experts: Experts = 8,
     top_k: TopK = 2,
     granularity: Annotated[int, typer.Option("--granularity", "-g", rich_help_panel=EXPERTS, help="Each expert is 1/G of the dense MLP (fine-grained experts).")] = 1,
@@ -32,6 +32,7 @@ def convert_command(
     router_std: Annotated[float, typer.Option("--router-std", rich_help_panel=ROUTER, help="Standard deviation of the random router weights; 0: a zero router (softmax/sigmoid routing: an exact start, every token ties).")] = 0.02,
     routing: Annotated[str, typer.Option("--routing", rich_help_panel=ROUTER, help=f"Routing weights: {', '.join(ROUTINGS)}. renorm: top-k renormalised (exact with any router); softmax (qwen*/flex_olmo) and sigmoid (glm4_moe/dots1): not renormalised, so the router learns from step 0, exact only with --router-std 0.")] = "renorm",
     format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help=f"Output model type: {FORMATS}. auto picks the most widely supported type that holds the parent exactly.")] = "auto",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", rich_help_panel=OUTPUT, help="For a .gguf OUT: auto (the parent's own types, quant blocks copied byte for byte), f32, f16, bf16 or q8_0 (re-typed from the dequantized parent).")] = "auto",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", rich_help_panel=OUTPUT, help="Largest output shard, e.g. 500MB, 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", rich_help_panel=OUTPUT, help="Print the plan (layout, sizes, parameters) and write nothing.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", rich_help_panel=VERIFICATION, help="Check the written folder against the parent: copied tensors by bytes, experts against their parent neurons, every MoE block against the parent's MLP layer by layer in float64 (about one layer of memory); fail if an exact recipe is not exact.")] = True,
@@ -63,9 +64,17 @@ def convert_command(
 
     Branch-Train-MiX: experts from fine-tunes of the parent:
       upcycle convert ./base out -e 2 -k 2 --expert-from ./a --expert-from ./b
+
+    A GGUF MoE for llama.cpp, the Q4_1 parent's blocks kept:
+      upcycle convert SmolLM2-135M-Instruct.Q4_1.gguf smol-moe.gguf -e 8 -k 2
     """
     options = {name: value for name, value in locals().items() if name != "parent"}
     from upcycle.cli.show import events, show
     from upcycle.convert import ConvertOptions, convert
 
+    if out.suffix.lower() == ".gguf":
+        from upcycle.cli.convert_gguf import run_gguf
+
+        run_gguf(parent, ConvertOptions.from_fields(**options))
+        return
     show(convert(parent, ConvertOptions.from_fields(**options), events=events()))

@@ -46,6 +46,7 @@ class ConvertOptions:
     full_check: str = "auto"  # also the whole-model check through transformers: auto (when it fits), always, never
     require_exact: bool = False  # refuse a recipe that does not reproduce the parent
     allow_pickle: bool = False
+    gguf_type: str = "auto"  # a .gguf OUT only (upcycle.convert.gguf_out): auto, f32, f16, bf16 or q8_0
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out).expanduser())
@@ -169,6 +170,11 @@ def convert(parent: str | Path, options: ConvertOptions | str | Path, *, quiet: 
         phases[name] = phases.get(name, 0.0) + now - mark[0]
         mark[0] = now
 
+    if options.out.suffix.lower() == ".gguf":
+        raise UsageError(f"{options.out} is a .gguf file: write it with upcycle.convert.gguf_out.convert_gguf "
+                         "(the CLI does this for a .gguf OUT)")
+    if options.gguf_type != "auto":
+        raise UsageError("--gguf-type applies to a .gguf OUT only")
     recipe, out, allow_pickle = options.recipe, options.out, options.allow_pickle
     dry_run, overwrite = options.dry_run, options.overwrite
     verify, full_check = options.verify, options.full_check

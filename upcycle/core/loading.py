@@ -86,6 +86,14 @@ def load_causal_lm(
     # transformers' per-tensor "Loading weights" bars drown our own progress display
     hf_logging.disable_progress_bar()
     folder, gguf = split_gguf(spec)
+    if gguf:
+        from upcycle.core.gguf_moe import load_gguf_moe, moe_reader
+
+        # transformers reads llama.cpp's llama-with-experts as a dense llama: an MoE GGUF is loaded here instead
+        reader = moe_reader(spec)
+        if reader is not None:
+            model = load_gguf_moe(spec, reader).to(torch_dtype(dtype))
+            return model.to(device) if device else model
     if not gguf and not is_hub_id(spec):
         check_local_model_dir(Path(folder), allow_pickle=allow_pickle)
     kwargs: dict = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
