@@ -369,7 +369,7 @@ def convert_gguf(parent: str | Path, out: str | Path, recipe, *, gguf_type: str 
     parent_arch = _field(reader, "general.architecture")
     moe_type, arch_name = _check_recipe(recipe, parent_arch, gguf_type)
 
-    from upcycle.convert.parent import open_parent
+    from upcycle.storage.parent import open_parent
     from upcycle.convert.run import build_plan
 
     note(f"reading {parent} (GGUF metadata is slow to parse)")
