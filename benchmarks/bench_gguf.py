@@ -26,6 +26,7 @@ loads it), and a negative control (16 x top-4 with its per-expert scale removed)
 a plain copy of the output bytes.
 
     python benchmarks/bench_gguf.py [--json docs/bench_gguf.json] [--quick] [--work DIR]
+    python benchmarks/bench_gguf.py --table docs/bench_gguf.json      # the docs' table from a results file
 """
 
 from __future__ import annotations
@@ -149,7 +150,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="convert and copy runs for the timing rows")
     ap.add_argument("--quick", action="store_true", help="only the Q4_1 GGUF cases (no re-typed, no converter rows)")
+    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and stop")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
 
     from bench_convert import load_average
     from bench_experts import cpu_name
@@ -276,6 +281,31 @@ def main() -> None:
         else:
             print(f"{r['case']}: {r['llama_cpp_load']}")
     save(done=True)
+
+def markdown(results: dict) -> str:
+    """The docs' table, from a results file (python benchmarks/bench_gguf.py --table FILE)."""
+    lines = ["| case (MoE vs dense file) | logits: max rel diff (llama.cpp's own) | greedy text same | parts at margin "
+             "(own noise) | mean KLD (own) | same top token (own) | PPL MoE / dense |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if "kld" not in r:
+            lines.append(f"| {r['case']} | {r['llama_cpp_load']} | | | | | |")
+            continue
+        k, n = r["kld"], r["kld_noise"]
+        ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
+        lines.append(
+            f"| {r['case']} | {max(r['logits_max_rel_diff']):.3g} ({min(r['noise_max_rel_diff']):.3g}-"
+            f"{max(r['noise_max_rel_diff']):.3g}) | {sum(r['greedy_same'])}/{len(r['greedy_same'])} | "
+            f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f}) | {k['mean_kld']:.4f} ({n['mean_kld']:.4f}) | "
+            f"{k['same_top_pct']:.1f}% ({n['same_top_pct']:.1f}%) | {k['ppl_model']:.3f} / {k['ppl_base']:.3f} |")
+    s = results.get("size_and_time") or {}
+    if s:
+        lines.append("")
+        lines.append(f"Size and time: the MoE file is {s['moe_bytes'] / 1e6:.0f} MB (parent {s['parent_bytes'] / 1e6:.0f} "
+                     f"MB); `upcycle convert` {s['convert_s']:.1f} s against {s['cp_s']:.2f} s for a cp of the same "
+                     f"bytes ({s['vs_cp']:.0f}x), medians of {len(s['runs']) // 2}.")
+    return "\n".join(lines)
+
 
 def drop_scales(path: Path) -> None:
     """Set every ffn_down_exps.scale of a GGUF file to 1, in place (the negative control)."""
