@@ -289,14 +289,15 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if "kld" not in r:
-            lines.append(f"| {r['case']} | {r['llama_cpp_load']} | | | | | |")
+            load = r["llama_cpp_load"].split("error loading model: ")[-1]
+            lines.append(f"| {r['case']} | llama.cpp refuses it: {load} | | | | | |")
             continue
         k, n = r["kld"], r["kld_noise"]
         ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
         lines.append(
             f"| {r['case']} | {max(r['logits_max_rel_diff']):.3g} ({min(r['noise_max_rel_diff']):.3g}-"
             f"{max(r['noise_max_rel_diff']):.3g}) | {sum(r['greedy_same'])}/{len(r['greedy_same'])} | "
-            f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f}) | {k['mean_kld']:.4f} ({n['mean_kld']:.4f}) | "
+            f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f}) | {k['mean_kld']:.2g} ({n['mean_kld']:.2g}) | "
             f"{k['same_top_pct']:.1f}% ({n['same_top_pct']:.1f}%) | {k['ppl_model']:.3f} / {k['ppl_base']:.3f} |")
     s = results.get("size_and_time") or {}
     if s:
