@@ -26,6 +26,7 @@ loads it), and a negative control (16 x top-4 with its per-expert scale removed)
 a plain copy of the output bytes.
 
     python benchmarks/bench_gguf.py [--json docs/bench_gguf.json] [--quick] [--work DIR]
+    python benchmarks/bench_gguf.py --table docs/bench_gguf.json      # the docs' table from a results file
 """
 
 from __future__ import annotations
@@ -149,7 +150,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="convert and copy runs for the timing rows")
     ap.add_argument("--quick", action="store_true", help="only the Q4_1 GGUF cases (no re-typed, no converter rows)")
+    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and stop")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
 
     from bench_convert import load_average
     from bench_experts import cpu_name
@@ -167,6 +172,29 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-", dir=args.work))
     start_load = load_average()
     rows, timing, commands = [], [], []
+    size: dict = {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+
+    def save(done: bool = False) -> None:
+        """The results so far (a run cut short still leaves every finished row), then the whole run."""
+        if not args.json:
+            return
+        import platform
+
+        args.json.write_text(json.dumps({
+            "command": " ".join(["python", "benchmarks/bench_gguf.py", *sys.argv[1:]]), "complete": done,
+            "commit": commit, "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+            "llama_cpp": llama_cpp.version_line(), "cold_build_s": llama_cpp.build_seconds(),
+            "text": text_label, "prompts": texts, "threads": args.threads, "ubatches_for_noise": list(UBATCHES),
+            "load_average": [start_load, load_average()], "size_and_time": size, "seconds": round(
+                time.perf_counter() - t_build), "commands": commands, "rows": rows}, indent=2) + "\n")
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(f"{row['case']} done", file=sys.stderr)
+        save()
+
     try:
         # ---------------------------------------------------------------- convert time and size against cp
         moe8 = work / "moe8.gguf"
@@ -178,25 +206,25 @@ def main() -> None:
             (work / "copy.gguf").unlink()
         conv = statistics.median(w for k, w in timing if k == "convert")
         cp = statistics.median(w for k, w in timing if k == "cp")
-        size = {"parent_bytes": parent.stat().st_size, "moe_bytes": moe8.stat().st_size,
+        size.update({"parent_bytes": parent.stat().st_size, "moe_bytes": moe8.stat().st_size,
                 "convert_s": round(conv, 2), "cp_s": round(cp, 3), "vs_cp": round(conv / cp, 1),
-                "runs": [round(w, 2) for _, w in timing]}
+                "runs": [round(w, 2) for _, w in timing]})
+        save()
         print(f"convert {conv:.1f} s, cp {cp:.2f} s, {moe8.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
 
         # ---------------------------------------------------------------- Q4_1 kept
         dense_q = Dense(parent, texts, text, work, args.threads)
-        rows.append({"case": "GGUF out, Q4_1 kept: mixtral 8 x top-2 (k-means router)", "dense": "parent Q4_1 GGUF",
+        add({"case": "GGUF out, Q4_1 kept: mixtral 8 x top-2 (k-means router)", "dense": "parent Q4_1 GGUF",
                      **dense_q.compare(moe8)})
         moe16 = work / "moe16.gguf"
         upcycle(parent, moe16, "-e", 16, "-k", 4, "-g", 2, "--router-init", "random", log=commands)
-        rows.append({"case": "GGUF out, Q4_1 kept: 16 x top-4, G=2 (per-expert scale 2)", "dense": "parent Q4_1 GGUF",
+        add({"case": "GGUF out, Q4_1 kept: 16 x top-4, G=2 (per-expert scale 2)", "dense": "parent Q4_1 GGUF",
                      **dense_q.compare(moe16)})
         bad = work / "moe16-no-scale.gguf"
         shutil.copyfile(moe16, bad)
         drop_scales(bad)
-        rows.append({"case": "negative control: 16 x top-4 with the per-expert scale set to 1", "dense": "parent Q4_1 GGUF",
+        add({"case": "negative control: 16 x top-4 with the per-expert scale set to 1", "dense": "parent Q4_1 GGUF",
                      **dense_q.compare(bad)})
-        print("Q4_1 rows done", file=sys.stderr)
 
         if not args.quick:
             # ------------------------------------------------------------ re-typed
@@ -205,11 +233,10 @@ def main() -> None:
                 moe_t = work / f"moe8-{t}.gguf"
                 upcycle(parent, moe_t, "-e", 8, "-k", 2, "--router-init", "random", "--gguf-type", t, log=commands)
                 d = Dense(dense_t, texts, text, work, args.threads)
-                rows.append({"case": f"GGUF out --gguf-type {t}: 8 x top-2", "dense": f"parent re-typed to {t}",
+                add({"case": f"GGUF out --gguf-type {t}: 8 x top-2", "dense": f"parent re-typed to {t}",
                              **d.compare(moe_t)})
                 for f in (dense_t, moe_t):
                     f.unlink()
-                print(f"{t} done", file=sys.stderr)
             # ------------------------------------------------------------ Hugging Face folders + llama.cpp's converter
             folder = cache_dir() / "smollm2-hf-fp32"
             if not (folder / "config.json").is_file():
@@ -223,7 +250,7 @@ def main() -> None:
                 out = work / "hf-moe"
                 upcycle(parent, out, *extra, "--router-init", "random", "--no-verify", log=commands)
                 moe_hf = llama_cpp.convert_hf(out, work / "hf-moe.gguf")
-                rows.append({"case": f"HF folder -> convert_hf_to_gguf.py (f32): {label}",
+                add({"case": f"HF folder -> convert_hf_to_gguf.py (f32): {label}",
                              "dense": "parent folder (f32) -> convert_hf_to_gguf.py", **d.compare(moe_hf)})
                 shutil.rmtree(out)
                 moe_hf.unlink()
@@ -237,7 +264,7 @@ def main() -> None:
             except RuntimeError as exc:
                 loads = "refused: " + next((line.strip() for line in str(exc).splitlines()
                                             if "missing tensor" in line or "error" in line.lower()), str(exc)[-200:])
-            rows.append({"case": "HF folder -> convert_hf_to_gguf.py (f32): qwen2_moe 8 x top-2",
+            add({"case": "HF folder -> convert_hf_to_gguf.py (f32): qwen2_moe 8 x top-2",
                          "llama_cpp_load": loads})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -253,18 +280,32 @@ def main() -> None:
                   f"{k['ppl_model']} vs {k['ppl_base']}")
         else:
             print(f"{r['case']}: {r['llama_cpp_load']}")
-    if args.json:
-        import platform
+    save(done=True)
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-        args.json.write_text(json.dumps({
-            "command": " ".join(["python", "benchmarks/bench_gguf.py", *sys.argv[1:]]),
-            "commit": commit, "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
-            "llama_cpp": llama_cpp.version_line(), "cold_build_s": llama_cpp.build_seconds(),
-            "text": text_label, "prompts": texts, "threads": args.threads, "ubatches_for_noise": list(UBATCHES),
-            "load_average": [start_load, load_average()], "size_and_time": size, "seconds": round(
-                time.perf_counter() - t_build), "commands": commands, "rows": rows}, indent=2) + "\n")
+def markdown(results: dict) -> str:
+    """The docs' table, from a results file (python benchmarks/bench_gguf.py --table FILE)."""
+    lines = ["| case (MoE vs dense file) | logits: max rel diff (llama.cpp's own) | greedy text same | parts at margin "
+             "(own noise) | mean KLD (own) | same top token (own) | PPL MoE / dense |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if "kld" not in r:
+            load = r["llama_cpp_load"].split("error loading model: ")[-1]
+            lines.append(f"| {r['case']} | llama.cpp refuses it: {load} | | | | | |")
+            continue
+        k, n = r["kld"], r["kld_noise"]
+        ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
+        lines.append(
+            f"| {r['case']} | {max(r['logits_max_rel_diff']):.3g} ({min(r['noise_max_rel_diff']):.3g}-"
+            f"{max(r['noise_max_rel_diff']):.3g}) | {sum(r['greedy_same'])}/{len(r['greedy_same'])} | "
+            f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f}) | {k['mean_kld']:.2g} ({n['mean_kld']:.2g}) | "
+            f"{k['same_top_pct']:.1f}% ({n['same_top_pct']:.1f}%) | {k['ppl_model']:.3f} / {k['ppl_base']:.3f} |")
+    s = results.get("size_and_time") or {}
+    if s:
+        lines.append("")
+        lines.append(f"Size and time: the MoE file is {s['moe_bytes'] / 1e6:.0f} MB (parent {s['parent_bytes'] / 1e6:.0f} "
+                     f"MB); `upcycle convert` {s['convert_s']:.1f} s against {s['cp_s']:.2f} s for a cp of the same "
+                     f"bytes ({s['vs_cp']:.0f}x), medians of {len(s['runs']) // 2}.")
+    return "\n".join(lines)
 
 
 def drop_scales(path: Path) -> None:

@@ -64,9 +64,21 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dense_q4(llama, smollm2_gguf, text, work):
-    path, prompts = text
-    return bench_gguf.Dense(smollm2_gguf, prompts, path, work, threads=2)
+def dense_of(llama, text, work):
+    """dense_of(file) -> its measurements (logits, noise, greedy text, KLD noise), made once per file."""
+    cache: dict = {}
+
+    def get(path: Path) -> bench_gguf.Dense:
+        if path not in cache:
+            cache[path] = bench_gguf.Dense(path, text[1], text[0], work, threads=2)
+        return cache[path]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def dense_q4(dense_of, smollm2_gguf):
+    return dense_of(smollm2_gguf)
 
 
 def convert(*args):
@@ -112,12 +124,10 @@ def test_fine_grained_q4_1_moe_needs_and_gets_its_scale(smollm2_gguf, dense_q4, 
 
 
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
-def test_retyped_moe_is_the_retyped_parent(llama, smollm2_gguf, text, work, gguf_type):
+def test_retyped_moe_is_the_retyped_parent(dense_of, smollm2_gguf, work, gguf_type):
     from upcycle.convert.gguf_out import retype_dense
 
-    path, prompts = text
-    dense = bench_gguf.Dense(retype_dense(smollm2_gguf, work / f"dense-{gguf_type}.gguf", gguf_type), prompts, path,
-                             work, threads=2)
+    dense = dense_of(retype_dense(smollm2_gguf, work / f"dense-{gguf_type}.gguf", gguf_type))
     out = work / f"moe-{gguf_type}.gguf"
     convert(smollm2_gguf, out, "-e", 8, "-k", 2, "--router-init", "random", "--gguf-type", gguf_type)
     assert_parent_function(dense.compare(out), f"8 x top-2 {gguf_type}")
@@ -131,13 +141,12 @@ def parent_folder(smollm2_gguf, work):
 
 
 @pytest.mark.parametrize("extra", [("-e", 8, "-k", 2), ("-e", 16, "-k", 4, "-g", 2)], ids=["8x2", "16x4-g2"])
-def test_mixtral_folder_through_llama_cpps_converter(llama, smollm2_gguf, parent_folder, text, work, extra):
+def test_mixtral_folder_through_llama_cpps_converter(dense_of, smollm2_gguf, parent_folder, work, extra):
     """Users who write a folder and convert it with llama.cpp's own convert_hf_to_gguf.py are covered too."""
-    path, prompts = text
     dense_file = work / "parent-hf.gguf"
     if not dense_file.exists():
         llama_cpp.convert_hf(parent_folder, dense_file)
-    dense = bench_gguf.Dense(dense_file, prompts, path, work, threads=2)
+    dense = dense_of(dense_file)
     folder = work / f"moe-hf-{len(extra)}"
     convert(smollm2_gguf, folder, *extra, "--router-init", "random", "--no-verify")
     moe = llama_cpp.convert_hf(folder, work / f"moe-hf-{len(extra)}.gguf")
