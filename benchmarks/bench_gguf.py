@@ -25,14 +25,15 @@ convert_hf_to_gguf.py (against the parent folder converted the same way), the qw
 loads it), and a negative control (16 x top-4 with its per-expert scale removed). Plus convert time and size against
 a plain copy of the output bytes.
 
-    python benchmarks/bench_gguf.py [--json docs/bench_gguf.json] [--quick] [--work DIR]
-    python benchmarks/bench_gguf.py --table docs/bench_gguf.json      # the docs' table from a results file
+    python benchmarks/bench_gguf.py [--quick] [--work DIR] [--json FILE]
+
+The results go to docs/results/bench_gguf/<machine>.json (benchmarks/_results.py); docs/compatibility.md and the
+README's tables are generated from it by benchmarks/tables.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -45,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results  # noqa: E402
 import llama_cpp  # noqa: E402
 
 UBATCHES = (7, 16, 64)
@@ -145,19 +147,16 @@ def timed_copy(src: Path, dst: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temp folder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="convert and copy runs for the timing rows")
     ap.add_argument("--quick", action="store_true", help="only the Q4_1 GGUF cases (no re-typed, no converter rows)")
-    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and stop")
+    _results.add_arguments(ap)
     args = ap.parse_args()
-    if args.table:
-        print(markdown(json.loads(args.table.read_text())))
-        return
+    run = _results.Run("bench_gguf")
+    out = run.path(args.json, args.variant, default=not args.quick)
 
     from bench_convert import load_average
-    from bench_experts import cpu_name
 
     from upcycle.convert.gguf_out import retype_dense
     from upcycle.core.assets import cache_dir, smollm2_gguf
@@ -173,22 +172,14 @@ def main() -> None:
     start_load = load_average()
     rows, timing, commands = [], [], []
     size: dict = {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
 
     def save(done: bool = False) -> None:
         """The results so far (a run cut short still leaves every finished row), then the whole run."""
-        if not args.json:
-            return
-        import platform
-
-        args.json.write_text(json.dumps({
-            "command": " ".join(["python", "benchmarks/bench_gguf.py", *sys.argv[1:]]), "complete": done,
-            "commit": commit, "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
-            "llama_cpp": llama_cpp.version_line(), "cold_build_s": llama_cpp.build_seconds(),
+        run.write({
+            "complete": done, "llama_cpp": llama_cpp.version_line(), "cold_build_s": llama_cpp.build_seconds(),
             "text": text_label, "prompts": texts, "threads": args.threads, "ubatches_for_noise": list(UBATCHES),
             "load_average": [start_load, load_average()], "size_and_time": size, "seconds": round(
-                time.perf_counter() - t_build), "commands": commands, "rows": rows}, indent=2) + "\n")
+                time.perf_counter() - t_build), "commands": commands, "rows": rows}, out, indent=2)
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -281,32 +272,6 @@ def main() -> None:
         else:
             print(f"{r['case']}: {r['llama_cpp_load']}")
     save(done=True)
-
-def markdown(results: dict) -> str:
-    """The docs' table, from a results file (python benchmarks/bench_gguf.py --table FILE)."""
-    lines = ["| case (MoE vs dense file) | logits: max rel diff (llama.cpp's own) | greedy text same | parts at margin "
-             "(own noise) | mean KLD (own) | same top token (own) | PPL MoE / dense |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        if "kld" not in r:
-            load = r["llama_cpp_load"].split("error loading model: ")[-1]
-            lines.append(f"| {r['case']} | llama.cpp refuses it: {load} | | | | | |")
-            continue
-        k, n = r["kld"], r["kld_noise"]
-        ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
-        lines.append(
-            f"| {r['case']} | {max(r['logits_max_rel_diff']):.3g} ({min(r['noise_max_rel_diff']):.3g}-"
-            f"{max(r['noise_max_rel_diff']):.3g}) | {sum(r['greedy_same'])}/{len(r['greedy_same'])} | "
-            f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f}) | {k['mean_kld']:.2g} ({n['mean_kld']:.2g}) | "
-            f"{k['same_top_pct']:.1f}% ({n['same_top_pct']:.1f}%) | {k['ppl_model']:.3f} / {k['ppl_base']:.3f} |")
-    s = results.get("size_and_time") or {}
-    if s:
-        lines.append("")
-        lines.append(f"Size and time: the MoE file is {s['moe_bytes'] / 1e6:.0f} MB (parent {s['parent_bytes'] / 1e6:.0f} "
-                     f"MB); `upcycle convert` {s['convert_s']:.1f} s against {s['cp_s']:.2f} s for a cp of the same "
-                     f"bytes ({s['vs_cp']:.0f}x), medians of {len(s['runs']) // 2}.")
-    return "\n".join(lines)
-
 
 def drop_scales(path: Path) -> None:
     """Set every ffn_down_exps.scale of a GGUF file to 1, in place (the negative control)."""

@@ -477,6 +477,53 @@ def _optimizer(ctx: Ctx) -> str:
                 ctx.source(rel))
 
 
+# ---------------------------------------------------------------------------------------------- GGUF in llama.cpp
+
+GGUF = "bench_gguf/xeon-avx512.json"
+
+
+def _gguf_row(r: dict) -> list:
+    """One case: the MoE file against the dense file stored the same way, llama.cpp's own noise in brackets."""
+    if "kld" not in r:
+        return [r["case"], "llama.cpp refuses it: " + r["llama_cpp_load"].split("error loading model: ")[-1],
+                "", "", "", "", ""]
+    k, n = r["kld"], r["kld_noise"]
+    ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
+    return [r["case"],
+            f"{max(r['logits_max_rel_diff']):.3g} ({min(r['noise_max_rel_diff']):.3g}-{max(r['noise_max_rel_diff']):.3g})",
+            f"{sum(r['greedy_same'])}/{len(r['greedy_same'])}", f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f})",
+            f"{k['mean_kld']:.2g} ({n['mean_kld']:.2g})", f"{k['same_top_pct']:.1f}% ({n['same_top_pct']:.1f}%)",
+            f"{k['ppl_model']:.3f} / {k['ppl_base']:.3f}"]
+
+
+GGUF_HEADER = ["case (MoE vs dense file)", "logits: max rel diff (llama.cpp's own)", "greedy text same",
+               "parts at margin (own noise)", "mean KLD (own)", "same top token (own)", "PPL MoE / dense"]
+
+
+def _gguf_size(d: dict) -> str:
+    s = d["size_and_time"]
+    return (f"Size and time: the 8 x top-2 MoE file is {s['moe_bytes'] / 1e6:,.0f} MB (parent "
+            f"{s['parent_bytes'] / 1e6:,.0f} MB); `upcycle convert` takes {s['convert_s']:.1f} s against "
+            f"{s['cp_s']:.2f} s for a cp of the same bytes ({s['vs_cp']:,.0f}x), medians of {len(s['runs']) // 2} "
+            f"runs each. llama.cpp: {d['llama_cpp']}, built from cold on the machine below in {d['cold_build_s']:,.0f} s. "
+            f"Text: {d['text']}; {len(d['prompts'])} paragraphs as prompts, llama.cpp on {d['threads']} threads, "
+            f"its own noise from micro-batch sizes {', '.join(map(str, d['ubatches_for_noise']))}.")
+
+
+@table("gguf-llama-cpp")
+def _gguf_llama_cpp(ctx: Ctx) -> str:
+    d = ctx.load(GGUF)
+    return join(md(GGUF_HEADER, [_gguf_row(r) for r in d["rows"]], "lllllll"), _gguf_size(d), ctx.source(GGUF))
+
+
+@table("gguf-summary")
+def _gguf_summary(ctx: Ctx) -> str:
+    """The README's rows: the parent's Q4_1 blocks kept, coarse and fine-grained, and the negative control."""
+    d = ctx.load(GGUF)
+    rows = [_gguf_row(r) for r in d["rows"] if "Q4_1 kept" in r["case"] or r["case"].startswith("negative")]
+    return join(md(GGUF_HEADER, rows, "lllllll"), _gguf_size(d), ctx.source(GGUF))
+
+
 # ---------------------------------------------------------------------------------------------- studies
 
 def _paired(d: dict, key: str) -> dict | None:
