@@ -38,8 +38,9 @@ def leftovers(folder):
 
 @pytest.fixture(scope="module")
 def moe8(smollm2_gguf, tmp_path_factory):
+    """The README's command, with the default (k-means) router: its parent pass runs on the GGUF parent too."""
     out = tmp_path_factory.mktemp("gguf") / "moe8.gguf"
-    r = convert(smollm2_gguf, out, "--experts", 8, "--top-k", 2, "--router-init", "random")
+    r = convert(smollm2_gguf, out, "--experts", 8, "--top-k", 2)
     assert r.exit_code == 0, r.output
     return out, one_line(r.output)
 

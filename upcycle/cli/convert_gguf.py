@@ -8,6 +8,7 @@ from upcycle.core.errors import UsageError
 def run_gguf(parent: str, options) -> None:
     from upcycle.convert.gguf_out import convert_gguf
     from upcycle.cli import ui
+    from upcycle.cli.show import events
     from upcycle.core.tensors import human_bytes
 
     if options.dry_run:
@@ -19,7 +20,7 @@ def run_gguf(parent: str, options) -> None:
 
     command = ["upcycle", *sys.argv[1:]]
     res = convert_gguf(parent, options.out, options.recipe, gguf_type=options.gguf_type,
-                       overwrite=options.overwrite, verify=options.verify, command=command, on_event=ui.info)
+                       overwrite=options.overwrite, verify=options.verify, command=command, events=events())
     types = ", ".join(f"{n} x {q}" for q, n in sorted(res.expert_types.items()))
     lines = [
         f"wrote {res.out} ({human_bytes(res.output_bytes)}; parent {human_bytes(res.parent_bytes)})",

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from upcycle.core.errors import InputError, OutputError, UnsupportedError, UsageError, VerificationError
+from upcycle.core.events import SILENT, Events
 
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 
@@ -343,13 +344,11 @@ def check_gguf_output(out: Path, overwrite: bool) -> None:
 
 
 def convert_gguf(parent: str | Path, out: str | Path, recipe, *, gguf_type: str = "auto", overwrite: bool = False,
-                 verify: bool = True, command: list[str] | None = None,
-                 on_event: Callable[[str], None] | None = None) -> GGUFResult:
+                 verify: bool = True, command: list[str] | None = None, events: Events = SILENT) -> GGUFResult:
     """Write the MoE of `recipe` for the GGUF `parent` as the GGUF file `out`; return what was written.
 
-    Prints nothing: `on_event` receives one-line progress notes. Nothing is left at `out` (or beside it) when this
-    raises."""
-    note = on_event or (lambda _msg: None)
+    Prints nothing: progress goes to `events`. Nothing is left at `out` (or beside it) when this raises."""
+    note = events.info
     start = time.perf_counter()
     phases: dict[str, float] = {}
     mark = [start]
@@ -387,8 +386,7 @@ def convert_gguf(parent: str | Path, out: str | Path, recipe, *, gguf_type: str 
         if mode == "kmeans":
             from upcycle.convert.router_init import kmeans_job
 
-            note("router init: k-means of the parent's hidden states")
-            plan, _ = build_plan(ckpt, recipe, kmeans_job(ckpt, init_file, plan, quiet=True)())
+            plan, _ = build_plan(ckpt, recipe, kmeans_job(ckpt, init_file, plan, events=events)())
             phase("router init")
         elif mode != "random":
             raise UnsupportedError(f"--router-init {recipe.router_init} is not supported for a .gguf OUT")
