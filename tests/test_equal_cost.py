@@ -235,6 +235,20 @@ def test_no_verdict_at_equal_cost_with_too_few_documents(world, tmp_path):
     assert "Worse at equal inference cost" not in said
 
 
+def test_a_parent_that_is_not_the_recorded_one_gets_no_reference(world, tmp_path, monkeypatch):
+    from upcycle.evaluate import equal_cost as eqc
+
+    def refuse(*a, **k):
+        raise AssertionError("a wrong parent must not be pruned into a reference")
+
+    monkeypatch.setattr(eqc, "sample_use", refuse)
+    said, r = _eval(tmp_path, world["k2"], world["paired"], world["eval"])
+    assert r["verdict"]["kind"] == "wrong_parent"
+    e = r["equal_cost"]
+    assert e["pruned_parent"] is None and e["verdict"]["kind"] == "not_built"
+    assert "--parent is not the model this MoE was converted from, so pruning it gives no reference of its cost" in said
+
+
 def test_no_equal_cost_skips_the_reference(world, tmp_path, monkeypatch):
     from upcycle.evaluate import equal_cost as eqc
 

@@ -104,8 +104,11 @@ def sample_use(model, ids: np.ndarray, layers, *, batch_size: int) -> dict[int, 
     finally:
         for h in handles:
             h.remove()
-    return {i: neuron_use((sums[i] / tokens[0]).numpy(), mlps[i].down_proj.weight.detach().double().cpu().numpy())
-            for i in layers}
+    def down(i):  # one layer at a time on the CPU, float32 unless the parent is float64
+        w = mlps[i].down_proj.weight.detach()
+        return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32).cpu().numpy()
+
+    return {i: neuron_use((sums[i] / tokens[0]).numpy(), down(i)) for i in layers}
 
 
 def chosen_neurons(use: dict[int, np.ndarray], keep: dict[int, int]) -> dict[int, np.ndarray]:
