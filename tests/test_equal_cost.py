@@ -122,17 +122,25 @@ def _eval(tmp_path, model, parent, data, *args, code=0):
     return said, json.loads((out / "report.json").read_text()) if code == 0 else None
 
 
-def test_the_pruned_reference_keeps_exactly_the_chosen_neurons(tiny_parent):
+def _mlp_weights(mlp) -> dict:
+    if hasattr(mlp, "gate_up_proj"):  # phi3: gate rows, then up rows
+        gate, up = mlp.gate_up_proj.weight.detach().clone().chunk(2, dim=0)
+    else:
+        gate, up = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+    return {"gate": gate, "up": up, "down": mlp.down_proj.weight.detach().clone()}
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_the_pruned_reference_keeps_exactly_the_chosen_neurons(tiny_parent, family):
     from transformers import AutoModelForCausalLM
 
     from upcycle.core.loading import load_tokenizer
     from upcycle.evaluate import equal_cost as eqc
 
-    folder = tiny_parent("llama")
+    folder = tiny_parent(family)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     mlps = {i: layer.mlp for i, layer in enumerate(model.model.layers)}
-    weights = {i: {n: getattr(m, f"{n}_proj").weight.detach().clone() for n in ("gate", "up", "down")}
-               for i, m in mlps.items()}
+    weights = {i: _mlp_weights(m) for i, m in mlps.items()}
     plan = eqc.EqualCostPlan(0.375, (0, 1), 1.0, 2.0)
     keep = eqc.widths(model, plan)
     assert keep == {0: 48, 1: 48}
@@ -276,3 +284,12 @@ def test_the_memory_estimate_adds_the_pruned_parent(world):
     mlp = sum(n for name, n in counts.items() if ".mlp." in name)
     # the parent, its float32 MLP copies for drift and the pruned projections at once
     assert dict(more.parts)["weights"] == parent * 4 + mlp * 4 + int(0.5 * mlp * 4)
+
+
+def test_scoring_the_sample_files_is_noted(world, tmp_path):
+    from upcycle.core.sample import default_files
+
+    first = default_files()[0]
+    said, r = _eval(tmp_path, world["k2"], world["parent"], first)
+    assert any("ranked the parent's neurons on text that --data also holds" in n and str(first) in n
+               for n in r["notes"])

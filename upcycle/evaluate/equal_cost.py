@@ -155,5 +155,15 @@ def prune_mlps(model, neurons: dict[int, np.ndarray]) -> None:
         model.config.intermediate_size = sizes.pop()
 
 
+def sample_files_in(files) -> list[str]:
+    """The built-in sample's files among `files` (the text eval scores)."""
+    from pathlib import Path
+
+    from upcycle.core.sample import default_files
+
+    sample = {f.resolve() for f in default_files()}
+    return [str(f) for f in files if Path(f).resolve() in sample]
+
+
 def describe_sample(ids: np.ndarray) -> str:
     return f"{describe_default()} ({ids.size} tokens)"

@@ -383,6 +383,10 @@ def _equal_cost(pm, inp: _Inputs, opt: EvalOptions, ev: Events, plan, parent_moe
         return out
     ids = eqc.sample_ids(inp.ptok, getattr(pm.config, "max_position_embeddings", None))
     out.sample = eqc.describe_sample(ids)
+    both = eqc.sample_files_in(inp.data_info["files"])
+    if both:
+        inp.notes.append(f"the equal-cost reference ranked the parent's neurons on text that --data also holds "
+                         f"({', '.join(both)}): scored blocks from those files are not unseen by the ranking")
     ev.info(f"equal-cost reference: ranking the parent's neurons on {out.sample}")
     use = eqc.sample_use(pm, ids, keep, batch_size=opt.batch_size)
     eqc.prune_mlps(pm, eqc.chosen_neurons(use, keep))
