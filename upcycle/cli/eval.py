@@ -41,6 +41,7 @@ def eval_command(
     # comparison
     parent: Annotated[Optional[str], _opt("--parent", "-p", panel=COMPARISON, help="Dense parent to compare with, scored on the same tokens (folder, .gguf file or hub id). Must share MODEL's tokenizer.")] = None,
     baseline: Annotated[Optional[str], _opt("--baseline", panel=COMPARISON, help="The dense baseline trained the same way: the run folder of `upcycle train PARENT` with the MoE's data and budget (or its final/ folder). Only against it may the verdict credit upcycling.")] = None,
+    equal_cost: Annotated[bool, _opt("--equal-cost/--no-equal-cost", panel=COMPARISON, help="For an MoE that runs less than its parent per token (a partition, see upcycle.json's per_token): also score the parent pruned to the same active MLP width (its most used neurons on a built-in sample), and give the verdict at equal inference cost. --no-equal-cost skips it and the extra parent pass it needs.")] = True,
     run: Annotated[Optional[Path], _opt("--run", panel=COMPARISON, help="A training run folder (with metrics.jsonl): adds its training curves to the report.")] = None,
     tasks: Annotated[Optional[str], _opt("--tasks", panel=COMPARISON, help="lm-eval-harness tasks to run on both models, comma-separated (needs `pip install lm-eval` and its datasets).")] = None,
     tasks_limit: Annotated[Optional[int], _opt("--tasks-limit", panel=COMPARISON, help="Examples per lm-eval task (default: all).")] = None,
@@ -70,7 +71,9 @@ def eval_command(
     capacity drops, co-selection, expert drift) and what each expert receives.
     Tells whether the model beats its parent, whether the routers learned, and,
     against a dense baseline trained on the same tokens (--baseline), whether
-    upcycling paid off.
+    upcycling paid off. An MoE cheaper per token than its parent (a partition)
+    is also judged at equal inference cost, against the parent pruned to the
+    same active MLP width (--no-equal-cost skips it).
 
     Examples:
 

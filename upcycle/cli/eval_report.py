@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from upcycle.evaluate.report import REPORT, ROUTING_HEADER, SUMMARY, Report, others, routing_rows, router_verdict, \
-    side_rows, verdict_sentence
+from upcycle.evaluate.report import REPORT, ROUTING_HEADER, SUMMARY, Report, equal_cost_verdict, others, \
+    routing_rows, router_verdict, side_rows, verdict_sentence
 
 
 def _quote(token: str) -> str:
@@ -26,6 +26,9 @@ def print_report(r: Report, console) -> None:
         t.add_row(*row)
     console.print(t)
     console.print(verdict_sentence(r))
+    ec = equal_cost_verdict(r)
+    if ec:
+        console.print(ec["text"])
     rv = router_verdict(r)
     if rv:
         console.print(rv["text"])

@@ -38,6 +38,7 @@ import numpy as np
 
 from upcycle.core.errors import InputError
 from upcycle.core.events import SILENT, Events
+from upcycle.core.neurons import most_used, neuron_use
 
 ITERATIONS = 30  # balanced k-means rounds (it stops earlier when no neuron changes group)
 # Factors on the least-squares logits tried for the router's scale, largest first; see the module docstring
@@ -171,8 +172,8 @@ class _LayerMaths:
             acts = act(x @ torch.from_numpy(self.gate).T) * (x @ torch.from_numpy(self.up).T)  # (T, I)
         shared = np.zeros(0, dtype=np.int64)
         if r.partition and r.shared_experts:
-            use = acts.abs().mean(0).numpy() * np.linalg.norm(self.down, axis=0)
-            shared = np.sort(np.argsort(-use, kind="stable")[: r.shared_experts * self.width])
+            use = neuron_use(acts.abs().mean(0).numpy(), self.down)
+            shared = most_used(use, r.shared_experts * self.width)
         rest = np.setdiff1d(np.arange(self.inter), shared)
         count = r.group_size if r.partition else r.granularity
         groups = self._group(rest, count, acts)

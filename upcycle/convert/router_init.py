@@ -26,32 +26,16 @@ import numpy as np
 
 from upcycle.core.events import SILENT, Events
 from upcycle.core.errors import InputError
+# the built-in sample lives in core so that eval ranks neurons on the same text; re-exported for convert's modules
+from upcycle.core.sample import BLOCK, DEFAULT_FILES, MAX_TOKENS, default_files, default_texts, \
+    describe_default  # noqa: F401
 
-MAX_TOKENS = 2048
-BLOCK = 512  # tokens per sequence: the parent's attention runs on blocks, never on one long sequence
 ITERATIONS = 25
-DEFAULT_FILES = 8  # standard library files sampled for the default text
 # The centroids share a large common part (the mean direction of the hidden states), so every token's logits share a
 # large offset: the softmax ignores it, the router z-loss does not (logsumexp^2 ~ 44 on SmolLM2 against ~4.3 for a
 # near-uniform router), and its gradient pushes every MoE layer's input against that direction. Subtracting the
 # mean row removes the offset from every token's logits and leaves every softmax, and so every routing, unchanged.
 CENTRED = True
-
-
-def default_files() -> list[Path]:
-    """The standard library files the default sample reads. Which files (and their text) depend on this Python's
-    version: upcycle.json records them (sample_identity), and --router-init kmeans:TEXT pins a sample instead."""
-    from upcycle.core.assets import stdlib_split
-
-    train, _ = stdlib_split()
-    step = max(1, len(train) // DEFAULT_FILES)
-    return train[::step][:DEFAULT_FILES]
-
-
-def default_texts() -> list[str]:
-    """A fixed sample of real text that exists on every machine: the first part of a few standard library files."""
-    per_file = 4 * MAX_TOKENS * 4 // DEFAULT_FILES  # characters: ~4 per token, with room to spare
-    return [f.read_text(errors="replace")[:per_file] for f in default_files()]
 
 
 def sample_identity(text: Path | None, joined: str, tokens: int) -> dict:
@@ -71,7 +55,7 @@ def sample_identity(text: Path | None, joined: str, tokens: int) -> dict:
 
 
 def describe(text: Path | None) -> str:
-    return str(text) if text is not None else f"{DEFAULT_FILES} standard library sources"
+    return str(text) if text is not None else describe_default()
 
 
 def _texts(path: Path | None) -> list[str]:

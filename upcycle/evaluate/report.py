@@ -42,6 +42,45 @@ class Side:
 
 
 @dataclass
+class EqualCost:
+    """The dense reference of the same inference cost as a cheaper MoE (upcycle.evaluate.equal_cost): the parent
+    pruned to the MoE's active MLP width, scored on the same blocks; or why it was not built."""
+
+    mlp_share: float  # upcycle.json's per_token.mlp_share: the share of each MoE layer's MLP a token runs
+    reference: Side | None = None  # the pruned parent (None: not built, see skipped)
+    comparison: Comparison | None = None  # model minus the pruned parent, paired
+    widths: dict | None = None  # {decoder layer: neurons kept}
+    sample: str | None = None  # the text the neurons were ranked on
+    skipped: str | None = None  # why no reference was built
+
+    def to_json(self, parent: Side | None) -> dict:
+        ref = self.reference
+        return {"reference": None if ref is None else equal_cost_name(self, parent),
+                "mlp_share": self.mlp_share, "skipped": self.skipped, "sample": self.sample,
+                "neurons_kept": None if self.widths is None else {str(k): v for k, v in self.widths.items()},
+                "flops_share": flops_share(self, parent),
+                "pruned_parent": None if ref is None else ref.to_json(),
+                "comparison": None if self.comparison is None else self.comparison.to_json()}
+
+
+def flops_share(e: EqualCost, parent: Side | None) -> float | None:
+    """The pruned parent's forward FLOPs per token over the parent's (eval's own count, upcycle.evaluate.cost)."""
+    if e.reference is None or parent is None:
+        return None
+    return e.reference.cost.flops_per_token / parent.cost.flops_per_token
+
+
+def equal_cost_name(e: EqualCost, parent: Side | None, model: Side | None = None) -> str:
+    """The reference as the verdict names it, with its FLOPs per token as a share of the parent's (and the
+    model's, which adds its routers)."""
+    share = flops_share(e, parent)
+    if share is None:
+        return "the parent pruned to the same active MLP width"
+    theirs = f"; the model: {model.cost.flops_per_token / parent.cost.flops_per_token:.0%}" if model else ""
+    return f"the parent pruned to the same active MLP width ({share:.0%} of its FLOPs per token{theirs})"
+
+
+@dataclass
 class Report:
     model: Side
     parent: Side | None
@@ -63,6 +102,7 @@ class Report:
     baseline_comparison: Comparison | None = None  # model minus baseline, paired
     provenance: Provenance | None = None
     routing_change: object | None = None  # upcycle.evaluate.learned.RoutingChange: routing against the start
+    equal_cost: EqualCost | None = None  # an MoE cheaper per token than its parent: the dense reference of its cost
 
     @property
     def drift_reference(self) -> str | None:
@@ -101,6 +141,8 @@ class Report:
             "provenance": None if self.provenance is None else self.provenance.to_json(),
             "verdict": dict(zip(("kind", "text"), verdict(self))),
             "routers": router_verdict(self),
+            "equal_cost": None if self.equal_cost is None else {**self.equal_cost.to_json(self.parent),
+                                                                "verdict": equal_cost_verdict(self)},
             "routing_change": None if self.routing_change is None else self.routing_change.to_json(),
             "data": self.data,
             "routing": self.routing_json(),
@@ -255,6 +297,37 @@ def verdict(r: Report) -> tuple[str, str]:
     return kind or "no_reference", " ".join(out)
 
 
+def equal_cost_verdict(r: Report) -> dict | None:
+    """{"kind", "text"} at equal inference cost, for an MoE that runs less than its parent per token; None for any
+    other model. Better or worse is said only when the interval over at least MIN_DOCUMENTS documents excludes 0.
+
+    kinds: better_at_equal_cost, worse_at_equal_cost, no_difference_at_equal_cost, same_at_equal_cost,
+    too_few_documents, not_built (the reason is in the text)."""
+    e = r.equal_cost
+    if e is None:
+        return None
+    if e.reference is None:
+        return {"kind": "not_built", "text": f"No verdict at equal inference cost (the model runs {e.mlp_share:.0%} "
+                                             f"of the parent's MLP per token): {e.skipped}."}
+    name = equal_cost_name(e, r.parent, r.model)
+    c = e.comparison
+    nums = _numbers(r.model.scores.loss.mean, e.reference.scores.loss.mean, c, "the pruned parent")
+    if c.verdict == "better":
+        return {"kind": "better_at_equal_cost", "text": f"Better at equal inference cost than {name}: {nums}."}
+    if c.verdict == "worse":
+        return {"kind": "worse_at_equal_cost", "text": f"Worse at equal inference cost than {name}: {nums}."}
+    if c.verdict == "same":
+        return {"kind": "same_at_equal_cost",
+                "text": f"No verdict at equal inference cost: the model computes the same loss as {name} (largest "
+                        f"per-block difference {c.max_abs_diff:.2g} nats, below the {c.tolerance:g} tolerance)."}
+    if c.verdict == "too few documents":
+        return {"kind": "too_few_documents",
+                "text": f"No verdict at equal inference cost against {name}: {nums}; {too_few_documents(c)}."}
+    return {"kind": "no_difference_at_equal_cost",
+            "text": f"No verdict at equal inference cost: against {name}, {nums}; the interval includes 0 (more "
+                    "held-out blocks, --max-blocks, would narrow it)."}
+
+
 # A sign of collapse beside any verdict on the routers (docs/eval.md)
 SKEWED_CV = 1.0  # load CV above this, or dead experts: routing collapses onto few experts
 
@@ -318,6 +391,8 @@ def others(r: Report) -> list[tuple[str, Side, Comparison | None]]:
         out.append(("parent", r.parent, r.comparison))
     if r.baseline is not None:
         out.append(("baseline", r.baseline, r.baseline_comparison))
+    if r.equal_cost is not None and r.equal_cost.reference is not None:
+        out.append(("pruned parent", r.equal_cost.reference, r.equal_cost.comparison))
     return out
 
 
@@ -364,7 +439,7 @@ def side_rows(r: Report, compact: bool = False) -> list[tuple[str, ...]]:
             return f"{n:,}" if n is not None else "?"
 
         add("training tokens", tok(prov.model_tokens),
-            lambda o, c: ("not trained here" if o is r.parent else tok(prov.baseline_tokens), ""))
+            lambda o, c: (tok(prov.baseline_tokens) if o is r.baseline else "not trained here", ""))
     if m.domain_scores is not None:
         dc = r.domain_comparison
         add("domain loss", _pm(m.domain_scores.loss, "{:.4f}", compact),
@@ -400,11 +475,16 @@ ROUTING_HEADER = ("layer", "load CV", "max/min", "dead", "entropy", "drop@1.0", 
 def summary_markdown(r: Report) -> str:
     lines = [f"# upcycle eval: `{r.model.path}`", ""]
     lines += [verdict_sentence(r), ""]
+    ec = equal_cost_verdict(r)
+    if ec:
+        lines += [ec["text"], ""]
     d = r.data
     lines += [f"Data: {d.get('blocks')} blocks of {d.get('seq_len')} tokens ({d.get('tokens_scored'):,} scored tokens, "
               f"split `{d.get('split')}`) from {len(d.get('files', []))} file(s)."
               + (f" Parent: `{r.parent.path}`." if r.parent else "")
-              + (f" Dense baseline: `{r.baseline.path}`." if r.baseline else ""), ""]
+              + (f" Dense baseline: `{r.baseline.path}`." if r.baseline else "")
+              + (f" Equal-cost reference: {equal_cost_name(r.equal_cost, r.parent)}, its neurons ranked on "
+                 f"{r.equal_cost.sample}." if r.equal_cost and r.equal_cost.reference else ""), ""]
     header = ["metric", "model"] + [x for name, _, _ in others(r) for x in (name, f"model vs {name}")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in side_rows(r)]

@@ -16,7 +16,7 @@ from upcycle.core.events import Events, events_or_silent
 from upcycle.core.errors import InputError, UsageError
 from upcycle.core.layers import parse_layers
 from upcycle.core.paths import check_output_folder
-from upcycle.evaluate.report import EXPERTS, REPORT, Report, Side
+from upcycle.evaluate.report import EXPERTS, REPORT, EqualCost, Report, Side
 
 # Below this largest per-block loss difference two models count as the same model: fp32 reordering noise on an
 # exact conversion is ~1e-6; 16-bit rounding of the experts' separate matmuls is ~1e-3.
@@ -58,6 +58,8 @@ class EvalOptions:
     tasks: tuple[str, ...] = ()
     tasks_limit: int | None = None
     baseline: str | None = None  # the dense baseline trained the same way: a run of `upcycle train PARENT`, or a model
+    # an MoE that runs less than its parent per token (a partition): also score the parent pruned to the same cost
+    equal_cost: bool = True
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -211,20 +213,25 @@ def evaluate(model: str | Path, options: EvalOptions, *, quiet: bool = False, ev
     ev = events_or_silent(events, quiet)
     opt = options
     inp = _prepare(model, opt, ev)
+    from upcycle.evaluate.equal_cost import equal_cost_plan
+
+    # an MoE cheaper per token than its parent: the dense reference of the same cost is built from the parent
+    plan = equal_cost_plan(inp.manifest) if opt.parent is not None else None
     if inp.device.type == "cpu":  # on an accelerator the weights live in device memory
         from upcycle.core import memory
         from upcycle.evaluate.memory import eval_estimate
 
         memory.require(eval_estimate(inp.model_spec, str(opt.parent) if opt.parent is not None else None,
                                      dtype=opt.dtype, batch_tokens=opt.batch_size * opt.seq_len,
-                                     allow_pickle=opt.allow_pickle))
+                                     allow_pickle=opt.allow_pickle,
+                                     equal_cost_share=plan.mlp_share if plan and opt.equal_cost else None))
     tasks: dict = {}
-    parent_side, parent_mlp = _score_parent(inp, opt, ev, tasks)
+    parent_side, parent_mlp, equal = _score_parent(inp, opt, ev, tasks, plan)
     baseline_side = _score_baseline(inp, opt, ev)
     # the converted checkpoint the MoE run started from: routing now is measured against routing then
     change, start_choices = _start_routing(inp.manifest, inp.prov, inp.run_dir, inp.blocks, opt, inp.device, ev)
     m = _score_model(inp, opt, ev, parent_mlp, change, start_choices, tasks)
-    return _report(inp, opt, ev, m, parent_side, baseline_side, change, tasks)
+    return _report(inp, opt, ev, m, parent_side, baseline_side, change, tasks, equal)
 
 
 def _prepare(model: str | Path, opt: EvalOptions, ev: Events) -> _Inputs:
@@ -317,8 +324,9 @@ def _prepare(model: str | Path, opt: EvalOptions, ev: Events) -> _Inputs:
                    block_docs, domain_blocks, domain_docs, data_info, device)
 
 
-def _score_parent(inp: _Inputs, opt: EvalOptions, ev: Events, tasks: dict):
-    """(the parent's Side, its MLP weights for drift or None); the parent is freed before the next model loads."""
+def _score_parent(inp: _Inputs, opt: EvalOptions, ev: Events, tasks: dict, plan=None):
+    """(the parent's Side, its MLP weights for drift or None, the EqualCost of a cheaper MoE or None); the parent
+    is freed before the next model loads."""
     from upcycle.core.loading import load_causal_lm
     from upcycle.evaluate import collect
     from upcycle.evaluate.cost import model_cost
@@ -327,7 +335,7 @@ def _score_parent(inp: _Inputs, opt: EvalOptions, ev: Events, tasks: dict):
 
     parent = opt.parent
     if parent is None:
-        return None, None
+        return None, None, None
     ev.info(f"loading the parent {parent}")
     pm = load_causal_lm(str(parent), dtype=opt.dtype, allow_pickle=opt.allow_pickle, device=str(inp.device))
     pscores = score(pm, inp.blocks, batch_size=opt.batch_size, events=ev, description="scoring the parent")
@@ -345,9 +353,48 @@ def _score_parent(inp: _Inputs, opt: EvalOptions, ev: Events, tasks: dict):
         parent_mlp = parent_mlps(pm)
     if opt.tasks:
         tasks["parent"] = collect.run_tasks(pm, inp.ptok, list(opt.tasks), opt.tasks_limit, opt.batch_size)
+    equal = _equal_cost(pm, inp, opt, ev, plan, bool(pmoe)) if plan is not None else None  # prunes pm: last
     del pm
     _release_memory()
-    return side, parent_mlp
+    return side, parent_mlp, equal
+
+
+def _equal_cost(pm, inp: _Inputs, opt: EvalOptions, ev: Events, plan, parent_moe: bool) -> EqualCost:
+    """The parent cut to the MoE's active MLP width (upcycle.evaluate.equal_cost) and scored on the held-out
+    blocks, or the reason it was not built. Prunes `pm` in place: call it when nothing else needs the parent."""
+    from upcycle.core.errors import UnsupportedError
+    from upcycle.evaluate import equal_cost as eqc
+    from upcycle.evaluate.cost import model_cost
+    from upcycle.evaluate.lm import score
+
+    out = EqualCost(plan.mlp_share)
+    if not opt.equal_cost:
+        out.skipped = "not built (--no-equal-cost)"
+    elif parent_moe:
+        out.skipped = "the --parent is itself an MoE, so pruning it gives no dense reference"
+    elif inp.prov.parent_match is False:
+        out.skipped = "--parent is not the model this MoE was converted from, so pruning it gives no reference of its cost"
+    if out.skipped:
+        return out
+    try:
+        keep = eqc.widths(pm, plan)
+    except UnsupportedError as exc:
+        out.skipped = str(exc)
+        return out
+    ids = eqc.sample_ids(inp.ptok, getattr(pm.config, "max_position_embeddings", None))
+    out.sample = eqc.describe_sample(ids)
+    both = eqc.sample_files_in(inp.data_info["files"])
+    if both:
+        inp.notes.append(f"the equal-cost reference ranked the parent's neurons on text that --data also holds "
+                         f"({', '.join(both)}): scored blocks from those files are not unseen by the ranking")
+    ev.info(f"equal-cost reference: ranking the parent's neurons on {out.sample}")
+    use = eqc.sample_use(pm, ids, keep, batch_size=opt.batch_size)
+    eqc.prune_mlps(pm, eqc.chosen_neurons(use, keep))
+    out.widths = keep
+    scores = score(pm, inp.blocks, batch_size=opt.batch_size, events=ev, description="scoring the pruned parent")
+    out.reference = Side(f"{opt.parent} pruned to {plan.mlp_share:.3g} of each MoE layer's MLP", _model_type(pm),
+                         False, scores, model_cost(pm, [], opt.seq_len))
+    return out
 
 
 def _score_baseline(inp: _Inputs, opt: EvalOptions, ev: Events) -> Side | None:
@@ -429,7 +476,7 @@ def _score_model(inp: _Inputs, opt: EvalOptions, ev: Events, parent_mlp, change,
 
 
 def _report(inp: _Inputs, opt: EvalOptions, ev: Events, m: _ModelSide, parent_side: Side | None,
-            baseline_side: Side | None, change, tasks: dict) -> Report:
+            baseline_side: Side | None, change, tasks: dict, equal: EqualCost | None = None) -> Report:
     """The paired comparisons over documents, the Report, and the report folder written."""
     from upcycle.evaluate.stats import paired_comparison
 
@@ -446,6 +493,9 @@ def _report(inp: _Inputs, opt: EvalOptions, ev: Events, m: _ModelSide, parent_si
                 side.domain_scores.documents = domain_docs
     comparison = (paired_comparison(mscores.block_loss, parent_side.scores.block_loss, tol, block_docs)
                   if parent_side is not None else None)
+    if equal is not None and equal.reference is not None:
+        equal.reference.scores.documents = block_docs
+        equal.comparison = paired_comparison(mscores.block_loss, equal.reference.scores.block_loss, tol, block_docs)
     domain_comparison = (paired_comparison(mdomain.block_loss, parent_side.domain_scores.block_loss, tol, domain_docs)
                          if parent_side is not None and mdomain is not None else None)
     manifest = inp.manifest
@@ -459,7 +509,7 @@ def _report(inp: _Inputs, opt: EvalOptions, ev: Events, m: _ModelSide, parent_si
                     tasks=tasks or None, notes=inp.notes, out=inp.out_dir, baseline=baseline_side,
                     baseline_comparison=(paired_comparison(mscores.block_loss, baseline_side.scores.block_loss, tol,
                                                            block_docs) if baseline_side is not None else None),
-                    provenance=inp.prov, routing_change=change if m.has_moe else None)
+                    provenance=inp.prov, routing_change=change if m.has_moe else None, equal_cost=equal)
     write_report_folder(report, inp.out_dir, inp.runlog, with_plots=opt.plots, events=ev)
     return report
 
