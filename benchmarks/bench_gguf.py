@@ -237,7 +237,10 @@ def main() -> None:
             hf_dense = llama_cpp.convert_hf(folder, work / "hf-dense.gguf")
             d = Dense(hf_dense, texts, text, work, args.threads)
             for label, extra in (("mixtral 8 x top-2", ["-e", 8, "-k", 2]),
-                                 ("mixtral 16 x top-4, G=2", ["-e", 16, "-k", 4, "-g", 2])):
+                                 ("mixtral 16 x top-4, G=2", ["-e", 16, "-k", 4, "-g", 2]),
+                                 ("granitemoe 4 x top-2", ["--format", "granitemoe", "-e", 4, "-k", 2]),
+                                 ("granitemoeshared 3 x top-2 + 1 shared",
+                                  ["--format", "granitemoeshared", "-e", 3, "-k", 2, "--shared-experts", 1])):
                 out = work / "hf-moe"
                 upcycle(parent, out, *extra, "--router-init", "random", "--no-verify", log=commands)
                 moe_hf = llama_cpp.convert_hf(out, work / "hf-moe.gguf")
@@ -245,6 +248,19 @@ def main() -> None:
                              "dense": "parent folder (f32) -> convert_hf_to_gguf.py", **d.compare(moe_hf)})
                 shutil.rmtree(out)
                 moe_hf.unlink()
+            for label, extra in (("glm4_moe 4 x top-2", ["--format", "glm4_moe", "-e", 4, "-k", 2]),
+                                 ("granitemoeshared 4 x top-2, no shared expert",
+                                  ["--format", "granitemoeshared", "-e", 4, "-k", 2])):
+                out = work / "hf-refused"
+                upcycle(parent, out, *extra, "--router-init", "random", "--no-verify", log=commands)
+                try:
+                    llama_cpp.convert_hf(out, work / "hf-refused.gguf")
+                    verdict = "converts"
+                except RuntimeError as exc:
+                    verdict = "convert_hf_to_gguf.py refuses it: " + str(exc).split(": ", 1)[-1]
+                add({"case": f"HF folder -> convert_hf_to_gguf.py (f32): {label}", "llama_cpp_load": verdict})
+                shutil.rmtree(out)
+                (work / "hf-refused.gguf").unlink(missing_ok=True)
             out = work / "hf-qwen"
             upcycle(parent, out, "--format", "qwen2_moe", "-e", 8, "-k", 2, "--routing", "softmax", "--router-std", 0,
                     "--no-verify", log=commands)

@@ -85,11 +85,14 @@ def eval_blocks(parent: Path, args):
 
 def token_nll(model_dir: Path, blocks) -> np.ndarray:
     """Next-token loss of every scored position ([n * (seq - 1)], float64), transformers, float32."""
-    import torch
-
     from upcycle.core.loading import load_causal_lm
 
-    model = load_causal_lm(str(model_dir), dtype="float32")
+    return model_nll(load_causal_lm(str(model_dir), dtype="float32"), blocks)
+
+
+def model_nll(model, blocks) -> np.ndarray:
+    import torch
+
     out = []
     with torch.no_grad():
         for block in blocks.split(1):
@@ -97,6 +100,28 @@ def token_nll(model_dir: Path, blocks) -> np.ndarray:
             out.append(torch.nn.functional.cross_entropy(logits[0, :-1], block[0, 1:], reduction="none").double())
     del model
     return torch.cat(out).numpy()
+
+
+def pruned_nll(parent: Path, blocks, shares: list[float], batch_size: int = 4) -> dict[float, np.ndarray]:
+    """The equal-cost dense reference `upcycle eval` compares a partition with: the parent with every MLP cut to
+    `share` of its neurons, its most used ones on convert's built-in sample (upcycle.evaluate.equal_cost), scored on
+    the same blocks. One parent pass over the sample ranks the neurons for every share."""
+    from upcycle.core.loading import load_causal_lm, load_tokenizer
+    from upcycle.evaluate.equal_cost import (EqualCostPlan, chosen_neurons, prune_mlps, sample_ids, sample_use,
+                                             widths)
+
+    model = load_causal_lm(str(parent), dtype="float32")
+    layers = tuple(range(model.config.num_hidden_layers))
+    ids = sample_ids(load_tokenizer(str(parent)), model.config.max_position_embeddings)
+    use = sample_use(model, ids, layers, batch_size=batch_size)
+    del model
+    out = {}
+    for share in shares:
+        model = load_causal_lm(str(parent), dtype="float32")
+        plan = EqualCostPlan(share, layers, 0.0, 0.0)
+        prune_mlps(model, chosen_neurons(use, widths(model, plan)))
+        out[share] = model_nll(model, blocks)
+    return out
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
@@ -369,6 +394,23 @@ def main(argv: list[str] | None = None) -> int:
                            **paired(np.load(work / "nll" / f"contiguous-k{k}-{tag}.npy"),
                                     np.load(work / "nll" / f"{order}-k{k}-{tag}.npy"))})
 
+    # at equal inference cost: each arm against the parent pruned to the arm's MLP share (what upcycle eval uses)
+    shares = sorted({a["mlp_share"] for a in arms})
+    todo = [sh for sh in shares if not (work / "nll" / f"pruned-{sh:g}-{tag}.npy").is_file()]
+    if todo:
+        print(f"scoring the parent pruned to {todo} of its MLP", file=sys.stderr)
+        for sh, scores in pruned_nll(parent, blocks, todo).items():
+            np.save(work / "nll" / f"pruned-{sh:g}-{tag}.npy", scores)
+    equal_cost = []
+    for sh in shares:
+        ref = np.load(work / "nll" / f"pruned-{sh:g}-{tag}.npy")
+        row = {"mlp_share": sh, "loss": float(ref.mean()), "vs_parent": paired(base, ref), "arms": []}
+        for a in arms:
+            if a["mlp_share"] == sh:
+                name = f"{a['order']}-k{a['top_k']}"
+                row["arms"].append({"arm": name, **paired(ref, np.load(work / "nll" / f"{name}-{tag}.npy"))})
+        equal_cost.append(row)
+
     train_settings = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "warmup", "precision",
                                                      "heldout_fraction", "seed")}
     ttag = _hash(train_settings)
@@ -399,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": {**settings, "tokens": int(base.size), "parent_loss": float(base.mean()), "chunk": CHUNK,
                  "files": "upcycle train's held-out documents of the standard library, less convert's sample files"},
         "parent_passes": parent_passes,
-        "arms": arms, "versus": versus,
+        "arms": arms, "versus": versus, "equal_cost": equal_cost,
         "train": {"settings": train_settings, "rows": trained_rows},
         "speed": {**timing, "order": args.speed_order, "seq": args.speed_seq, "reps": args.speed_reps,
                   "breakdown_reps": args.breakdown_reps},

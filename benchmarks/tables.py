@@ -485,8 +485,10 @@ GGUF = "bench_gguf/xeon-avx512.json"
 def _gguf_row(r: dict) -> list:
     """One case: the MoE file against the dense file stored the same way, llama.cpp's own noise in brackets."""
     if "kld" not in r:
-        return [r["case"], "llama.cpp refuses it: " + r["llama_cpp_load"].split("error loading model: ")[-1],
-                "", "", "", "", ""]
+        verdict = r["llama_cpp_load"]
+        if not verdict.startswith("convert_hf_to_gguf.py"):
+            verdict = "llama.cpp refuses it: " + verdict.split("error loading model: ")[-1]
+        return [r["case"], verdict, "", "", "", "", ""]
     k, n = r["kld"], r["kld_noise"]
     ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
     return [r["case"],
@@ -988,6 +990,28 @@ def _partition_train(ctx: Ctx) -> str:
             f"(warmup {s['warmup']}, cosine), precision {s['precision']}, its default routing losses; the parent "
             "trained the same way. Same held-out tokens as above.")
     return join(md(header, rows, "lrrllr"), note, ctx.source(PARTITION))
+
+
+@table("partition-equal-cost")
+def _partition_equal_cost(ctx: Ctx) -> str:
+    """Each partition against the dense model of the same inference cost: the parent pruned to the same MLP share
+    (its most used neurons on convert's sample), as upcycle eval compares them."""
+    d = ctx.load(PARTITION)
+    rows = []
+    for r in d.get("equal_cost") or []:
+        rows.append([f"{r['mlp_share']:.3g}", "parent pruned to this share", f"{r['loss']:.3f}", ci(r["vs_parent"]),
+                     "-"])
+        arms = {a["arm"]: a for a in r["arms"]}
+        for a in sorted(d["arms"], key=lambda a: ORDERS_P.index(a["order"])):
+            name = f"{a['order']}-k{a['top_k']}"
+            if name in arms:
+                rows.append(["", f"partition {name}", f"{a['converted']['loss']:.3f}", ci(a["converted"]["vs_parent"]),
+                             f"{ci(arms[name])} {'lower' if arms[name]['ci95'][1] < 0 else 'higher' if arms[name]['ci95'][0] > 0 else 'no difference'}"])
+    header = ["MLP share per token", "model", "held-out loss", "- parent's loss [95%]", "- pruned parent [95%]"]
+    note = ("At conversion, before any training; the same held-out tokens as above. The pruned parent keeps each "
+            "layer's most used neurons (mean |activation| on convert's built-in sample times the norm of the "
+            "neuron's down_proj column).")
+    return join(md(header, rows, "llrll"), note, ctx.source(PARTITION))
 
 
 def _interval(c: dict) -> str:

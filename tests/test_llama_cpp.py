@@ -140,17 +140,47 @@ def parent_folder(smollm2_gguf, work):
     return export_dense(smollm2_gguf, work / "parent-hf", dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [("-e", 8, "-k", 2), ("-e", 16, "-k", 4, "-g", 2)], ids=["8x2", "16x4-g2"])
-def test_mixtral_folder_through_llama_cpps_converter(dense_of, smollm2_gguf, parent_folder, work, extra):
-    """Users who write a folder and convert it with llama.cpp's own convert_hf_to_gguf.py are covered too."""
+def parent_through_converter(dense_of, parent_folder, work) -> bench_gguf.Dense:
     dense_file = work / "parent-hf.gguf"
     if not dense_file.exists():
         llama_cpp.convert_hf(parent_folder, dense_file)
-    dense = dense_of(dense_file)
-    folder = work / f"moe-hf-{len(extra)}"
+    return dense_of(dense_file)
+
+
+@pytest.mark.parametrize("extra", [
+    ("-e", 8, "-k", 2),
+    ("-e", 16, "-k", 4, "-g", 2),
+    ("--format", "granitemoe", "-e", 4, "-k", 2),
+    ("--format", "granitemoeshared", "-e", 3, "-k", 2, "--shared-experts", 1),
+], ids=["mixtral-8x2", "mixtral-16x4-g2", "granitemoe-4x2", "granitemoeshared-3x2-s1"])
+def test_folder_through_llama_cpps_converter(dense_of, smollm2_gguf, parent_folder, work, extra):
+    """Users who write a folder and convert it with llama.cpp's own convert_hf_to_gguf.py are covered too: every
+    folder type of a llama parent that llama.cpp's converter and loader take computes the parent's function there."""
+    dense = parent_through_converter(dense_of, parent_folder, work)
+    folder = work / "moe-hf"
+    shutil.rmtree(folder, ignore_errors=True)
     convert(smollm2_gguf, folder, *extra, "--router-init", "random", "--no-verify")
-    moe = llama_cpp.convert_hf(folder, work / f"moe-hf-{len(extra)}.gguf")
-    assert_parent_function(dense.compare(moe), f"mixtral folder {extra} via convert_hf_to_gguf.py")
+    moe = llama_cpp.convert_hf(folder, work / "moe-hf.gguf")
+    try:
+        assert_parent_function(dense.compare(moe), f"folder {extra} via convert_hf_to_gguf.py")
+    finally:
+        moe.unlink()
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("extra, error", [
+    (("--format", "glm4_moe", "-e", 4, "-k", 2), "gMASK"),
+    (("--format", "granitemoeshared", "-e", 4, "-k", 2), "not enough values to unpack"),
+], ids=["glm4_moe", "granitemoeshared-no-shared"])
+def test_folders_llama_cpps_converter_refuses(llama, smollm2_gguf, work, extra, error):
+    """What docs/compatibility.md says of these: transformers loads them, llama.cpp's converter does not (glm4_moe:
+    it expects GLM's own tokenizer; granitemoeshared: it needs a shared expert)."""
+    folder = work / "refused"
+    shutil.rmtree(folder, ignore_errors=True)
+    convert(smollm2_gguf, folder, *extra, "--router-init", "random", "--no-verify")
+    with pytest.raises(RuntimeError, match=error):
+        llama_cpp.convert_hf(folder, work / "refused.gguf")
+    shutil.rmtree(folder)
 
 
 def test_qwen2_moe_folder_converts_but_llama_cpp_refuses_it(llama, smollm2_gguf, text, work):
