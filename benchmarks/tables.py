@@ -1014,6 +1014,30 @@ def _partition_equal_cost(ctx: Ctx) -> str:
     return join(md(header, rows, "llrll"), note, ctx.source(PARTITION))
 
 
+@table("partition-summary")
+def _partition_summary(ctx: Ctx) -> str:
+    """The README's rows: the clustered partitions at each top-k, what they cost and save."""
+    d = ctx.load(PARTITION)
+    order = d["speed"].get("order", "cluster")
+    pruned = {(a["arm"], r["mlp_share"]): a for r in d.get("equal_cost") or [] for a in r["arms"]}
+    speed = {(r["model"], r["batch"]): r for r in d["speed"]["rows"]}
+    batch = max(r["batch"] for r in d["speed"]["rows"])
+    trained = {r["arm"]: r for r in d["train"]["rows"]}
+    rows = []
+    for a in sorted((a for a in d["arms"] if a["order"] == order), key=lambda a: a["top_k"]):
+        name = f"{order}-k{a['top_k']}"
+        sp = speed.get((f"{name} (upcycle)", batch))
+        t = trained.get(name)
+        rows.append([f"8 experts, top-{a['top_k']}", f"{a['flops_per_token'] / a['parent_flops_per_token']:.2f}",
+                     ci(a["converted"]["vs_parent"]), ci(pruned.get((name, a["mlp_share"]))),
+                     ci(t["vs_parent_trained"]) if t else "not trained",
+                     f"{sp['x_parent']:.2f}x" if sp else "-"])
+    header = [f"--slice-order {order}", "FLOPs / parent's", "loss - parent [95%]", "loss - pruned parent [95%]",
+              f"after {d['train']['settings']['steps']} steps: - parent trained the same way",
+              f"forward tokens/s, batch {batch} (x parent)"]
+    return join(md(header, rows, "lrlllr"), ctx.source(PARTITION))
+
+
 def _interval(c: dict) -> str:
     lo, hi = c["ci95"]
     return f"{c['mean']:+.2f} nats [{lo:+.2f}, {hi:+.2f}]"
