@@ -167,15 +167,18 @@ class ReplayPass:
         self.pp.stream_parent = self.real
 
 
-def convert_arm(parent: Path, out: Path, order: str, k: int, args) -> dict:
+def convert_arm(parent: Path, out: Path, order: str, k: int, args, shared: int = 0) -> dict:
+    """One partition of every MLP into EXPERTS slices: k routed per token, plus `shared` slices always on (the most
+    used neurons, as a qwen2_moe shared expert)."""
     from upcycle.convert import convert
 
     start = time.perf_counter()
-    res = convert(parent, out, experts=EXPERTS, granularity=EXPERTS, top_k=k, slice_order=order, seed=args.seed,
-                  verify=False, overwrite=True, quiet=True)
+    extra = {"shared_experts": shared, "format": "qwen2_moe"} if shared else {}
+    res = convert(parent, out, experts=EXPERTS - shared, granularity=EXPERTS, top_k=k, slice_order=order,
+                  seed=args.seed, verify=False, overwrite=True, quiet=True, **extra)
     plan = res.plan
     g = plan.grouping.summary() if plan.grouping is not None else None
-    return {"order": order, "top_k": k, "format": plan.fmt.model_type, "seconds": time.perf_counter() - start,
+    return {"order": order, "top_k": k, "shared": shared, "format": plan.fmt.model_type, "seconds": time.perf_counter() - start,
             "phases": res.phases, "mlp_share": plan.mlp_share, "flops_per_token": plan.flops_per_token,
             "parent_flops_per_token": plan.parent_flops_per_token, "active_params": plan.active_params,
             "total_params": plan.total_params, "logit_scales": sorted({s["logit_scale"] for s in g["layers"]}) if g else None,
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-fraction", type=float, default=0.1)
     ap.add_argument("--train", default="contiguous:2,cluster:2,coactivation:2",
                     help="ORDER:K arms trained after conversion (the parent is trained the same way); '' for none")
+    ap.add_argument("--shared", default="cluster:1:1,coactivation:1:1,cluster:3:1",
+                    help="partitions with shared slices, ORDER:K:S each (qwen2_moe, S of the 8 slices always on)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run("partition_study", argv=None if argv is None else [sys.argv[0], *argv])
     if args.quick:
         args.orders, args.ks, args.eval_blocks, args.steps, args.train = "cluster", "2", 1, 2, "cluster:2"
+        args.shared = ""
         args.speed_batches, args.speed_reps, args.breakdown_batch, args.breakdown_reps = "1", 1, None, 1
     orders = [o for o in args.orders.split(",") if o]
     ks = [int(k) for k in args.ks.split(",") if k]
@@ -384,6 +390,20 @@ def main(argv: list[str] | None = None) -> int:
                 arms.append(info)
                 if (order, k) not in keep:  # 540 MB each: only the trained and timed arms are kept
                     shutil.rmtree(folder, ignore_errors=True)
+        shared_arms: list[dict] = []
+        for spec in [t for t in args.shared.split(",") if t]:
+            order, k, sh = spec.split(":")
+            name = f"{order}-k{k}-s{sh}"
+            folder, done = work / "moe" / name, work / "moe" / f"{name}.json"
+            info = json.loads(done.read_text()) if done.is_file() else None
+            if info is None or not (work / "nll" / f"{name}-{tag}.npy").is_file():
+                print(f"converting {name}", file=sys.stderr)
+                info = convert_arm(parent, folder, order, int(k), args, shared=int(sh))
+                done.write_text(json.dumps(info))
+            scores = nll(name, folder)
+            info["converted"] = {"loss": float(scores.mean()), "vs_parent": paired(base, scores)}
+            shared_arms.append(info)
+            shutil.rmtree(folder, ignore_errors=True)
         parent_passes = replay.runs
     by = {(a["order"], a["top_k"]): a for a in arms}
     versus = []
@@ -395,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                                     np.load(work / "nll" / f"{order}-k{k}-{tag}.npy"))})
 
     # at equal inference cost: each arm against the parent pruned to the arm's MLP share (what upcycle eval uses)
-    shares = sorted({a["mlp_share"] for a in arms})
+    shares = sorted({a["mlp_share"] for a in arms + shared_arms})
     todo = [sh for sh in shares if not (work / "nll" / f"pruned-{sh:g}-{tag}.npy").is_file()]
     if todo:
         print(f"scoring the parent pruned to {todo} of its MLP", file=sys.stderr)
@@ -405,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     for sh in shares:
         ref = np.load(work / "nll" / f"pruned-{sh:g}-{tag}.npy")
         row = {"mlp_share": sh, "loss": float(ref.mean()), "vs_parent": paired(base, ref), "arms": []}
-        for a in arms:
+        for a in arms + shared_arms:
             if a["mlp_share"] == sh:
-                name = f"{a['order']}-k{a['top_k']}"
+                name = f"{a['order']}-k{a['top_k']}" + (f"-s{a['shared']}" if a.get("shared") else "")
                 row["arms"].append({"arm": name, **paired(ref, np.load(work / "nll" / f"{name}-{tag}.npy"))})
         equal_cost.append(row)
 
@@ -441,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": {**settings, "tokens": int(base.size), "parent_loss": float(base.mean()), "chunk": CHUNK,
                  "files": "upcycle train's held-out documents of the standard library, less convert's sample files"},
         "parent_passes": parent_passes,
-        "arms": arms, "versus": versus, "equal_cost": equal_cost,
+        "arms": arms, "shared_arms": shared_arms, "versus": versus, "equal_cost": equal_cost,
         "train": {"settings": train_settings, "rows": trained_rows},
         "speed": {**timing, "order": args.speed_order, "seq": args.speed_seq, "reps": args.speed_reps,
                   "breakdown_reps": args.breakdown_reps},

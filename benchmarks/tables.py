@@ -1002,15 +1002,17 @@ def _partition_equal_cost(ctx: Ctx) -> str:
         rows.append([f"{r['mlp_share']:.3g}", "parent pruned to this share", f"{r['loss']:.3f}", ci(r["vs_parent"]),
                      "-"])
         arms = {a["arm"]: a for a in r["arms"]}
-        for a in sorted(d["arms"], key=lambda a: ORDERS_P.index(a["order"])):
-            name = f"{a['order']}-k{a['top_k']}"
+        for a in sorted(d["arms"] + d.get("shared_arms", []), key=lambda a: (a.get("shared", 0),
+                                                                            ORDERS_P.index(a["order"]))):
+            name = f"{a['order']}-k{a['top_k']}" + (f"-s{a['shared']}" if a.get("shared") else "")
             if name in arms:
                 rows.append(["", f"partition {name}", f"{a['converted']['loss']:.3f}", ci(a["converted"]["vs_parent"]),
                              f"{ci(arms[name])} {'lower' if arms[name]['ci95'][1] < 0 else 'higher' if arms[name]['ci95'][0] > 0 else 'no difference'}"])
     header = ["MLP share per token", "model", "held-out loss", "- parent's loss [95%]", "- pruned parent [95%]"]
     note = ("At conversion, before any training; the same held-out tokens as above. The pruned parent keeps each "
             "layer's most used neurons (mean |activation| on convert's built-in sample times the norm of the "
-            "neuron's down_proj column).")
+            "neuron's down_proj column). `-sS`: S of the 8 slices are a shared expert holding the most used neurons "
+            "(qwen2_moe), k routed among the other 8 - S.")
     return join(md(header, rows, "llrll"), note, ctx.source(PARTITION))
 
 
