@@ -1060,6 +1060,14 @@ def _partition_findings(ctx: Ctx) -> str:
                    + "; ".join(parts) + f". Measurably lower: {', '.join(v['order'] for v in lower) or 'none'}. "
                    f"The best grouping, {best['order']}, is still {_interval(best['converted']['vs_parent'])} above "
                    "the parent.")
+    for r in d.get("equal_cost") or []:
+        lower = [a["arm"] for a in r["arms"] if a["ci95"][1] < 0]
+        higher = [a["arm"] for a in r["arms"] if a["ci95"][0] > 0]
+        best = min(r["arms"], key=lambda a: a["mean"])
+        out.append(f"- **At equal inference cost, MLP share {r['mlp_share']:g}**: the parent pruned to that share is "
+                   f"{_interval(r['vs_parent'])} above the parent; against it, {len(lower)} of {len(r['arms'])} "
+                   f"partitions are lower ({', '.join(lower) or 'none'}), {len(higher)} higher; the closest, "
+                   f"{best['arm']}, {_interval(best)}.")
     scales = [layer["logit_scale"] for a in d["arms"] if a["top_k"] > 1 for layer in a.get("grouping_layers") or []]
     if scales:
         smallest = min(scales)
