@@ -209,3 +209,10 @@ def test_the_demo_table_waits_for_a_recorded_run_then_quotes_it(tmp_path):
     text = tables.TABLES["demo"](tables.Ctx(root, readme))
     assert "10.0 min" in text and "7.00 GiB" in text and "> Upcycling did not pay off" in text
     assert "| loss | 2.40 |" in text and "(docs/results/demo_run/x.png)" in text
+    # a run of the README's first command on a fresh clone says so, with the demo's share of the time
+    first = demo_run.readme_first_command((ROOT / "README.md").read_text())
+    assert "upcycle demo" in first and "pip install" in first
+    run.write({"wall_s": 660.0, "peak_rss_kib": 7 * 2**20, "demo": {}, "summary_md": ex, "readme_command": first,
+               "fresh_clone": True, "demo_s": 540.0}, path)
+    text = tables.TABLES["demo"](tables.Ctx(root, readme))
+    assert "fresh clone" in text and "took 11.0 min, of which the demo 9.0 min" in text

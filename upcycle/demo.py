@@ -37,7 +37,7 @@ class DemoOptions:
     experts: int = 8
     top_k: int = 4
     granularity: int = 2
-    steps: int = 20
+    steps: int = 12
     seq_len: int = 256
     batch_size: int = 4  # blocks per optimizer step, in micro-batches of at most 2
     lr: float = 5e-5

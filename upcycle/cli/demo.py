@@ -18,7 +18,7 @@ def demo_command(
     experts: Experts = 8,
     top_k: TopK = 4,
     granularity: Annotated[int, typer.Option("--granularity", "-g", rich_help_panel=EXPERTS, help="Each expert is 1/G of the MLP (2: half-MLP experts, so top-4 costs what top-2 of whole copies does).")] = 2,
-    steps: Annotated[int, typer.Option("--steps", rich_help_panel=OPTIMISATION, help="Training steps (each --batch-size x --seq-len tokens).")] = 20,
+    steps: Annotated[int, typer.Option("--steps", rich_help_panel=OPTIMISATION, help="Training steps (each --batch-size x --seq-len tokens).")] = 12,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", rich_help_panel=OPTIMISATION, help="Blocks per step.")] = 4,
     lr: Lr = 5e-5,
     seq_len: SeqLen = 256,
