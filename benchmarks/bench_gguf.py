@@ -15,6 +15,7 @@ Every comparison is MoE against the dense model stored the same way, both run by
 * greedy text: 16 tokens at temperature 0 after each prompt (llama-completion), compared with the dense file's;
   where the two part, the dense file's logit margin between its own next token and the MoE's at that point, against
   the largest logit change llama.cpp's own noise makes (a smaller margin is a near tie that noise alone can flip);
+  and whether the dense file's own greedy text changes under the other micro-batch sizes (it does, on some CPUs);
 * every position of 8 chunks of 128 tokens: llama-perplexity --kl-divergence (mean KLD, same top token), against
   the dense file's own KLD under -ub 7.
 
@@ -91,6 +92,9 @@ class Dense:
         # in logit units: how far llama.cpp moves one logit of this file by itself
         self.noise_abs = max(float(d.max()) for ds in diffs for d in ds)
         self.greedy = [llama_cpp.greedy(path, p, N_GEN, threads=threads, work=work) for p in texts]
+        # the dense file's own greedy text under the other micro-batch sizes: whether noise alone changes it
+        self.greedy_noise = [any(llama_cpp.greedy(path, p, N_GEN, threads=threads, ubatch=ub, work=work) != g
+                                 for ub in UBATCHES) for p, g in zip(texts, self.greedy)]
         self.kld_noise = llama_cpp.kl_divergence(path, path, kld_text, threads=threads, work=work, model_ubatch=7)
 
     def compare(self, moe: Path) -> dict:
@@ -108,6 +112,7 @@ class Dense:
             "noise_abs": self.noise_abs,
             "divergence_margin": ties,
             "greedy_same_or_tie": all(s or t["margin"] <= self.noise_abs for s, t in zip(same, ties)),
+            "dense_greedy_changed_by_noise": self.greedy_noise,
             "greedy": [{"dense": d, "moe": g} for d, g in zip(self.greedy, greedy)],
             "kld": kld,
             "kld_noise": self.kld_noise,

@@ -99,6 +99,7 @@ def test_fine_grained_slices_whole_blocks_and_scales_by_llama_cpp(smollm2_gguf, 
         assert np.array_equal(router[0::2], router[1::2])  # the two halves of a copy are picked together
 
 
+@pytest.mark.slow  # two loads of the real parent's GGUF through transformers' dequantizing reader (~40 s)
 def test_the_moe_gguf_loads_in_transformers_with_the_parents_function(smollm2_gguf, moe8):
     """What `upcycle eval MODEL.gguf` loads: the experts dequantized into a MixtralForCausalLM."""
     import torch
@@ -120,7 +121,7 @@ def test_the_moe_gguf_loads_in_transformers_with_the_parents_function(smollm2_gg
     assert text.startswith(" Paris")
 
 
-@pytest.mark.parametrize("gguf_type", ["q8_0", "bf16"])
+@pytest.mark.parametrize("gguf_type", ["q8_0", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_retyped_output_is_the_retyped_parent(smollm2_gguf, tmp_path, gguf_type):
     """--gguf-type: 2-D tensors re-typed from the dequantized parent, norms f32; verification compares each expert
     with the dense projection re-typed the same way."""

@@ -1,7 +1,7 @@
 """llama.cpp itself as the judge: the MoE files this tool writes compute the parent's function in llama.cpp.
 
 llama.cpp is built on CPU from the llama-cpp-python sdist on PyPI (pinned; benchmarks/llama_cpp.py), cached outside
-the repository: a cold build takes about 20 minutes on 2 cores, later runs reuse it. The text is Debian's GPL-3
+the repository: a cold build takes 5 to 20 minutes on 2 cores, by CPU; later runs reuse it. The text is Debian's GPL-3
 (Python's LICENSE.txt where that file is missing): nobody here wrote it.
 
 The bound. llama.cpp does not compute a model bit-reproducibly across batch shapes: running the very same dense
@@ -15,8 +15,11 @@ micro-batch changes, times 1.5 (a margin for other CPUs, where both numbers move
 divergence is at most 1.5 times the parent's own under -ub 7. A negative control (the fine-grained MoE without its
 per-expert scale) must fail both by far. Greedy text (16 tokens after each of 4 prompts) must be the parent's, or
 part from it only at a near tie: where the two continuations part, the parent's own logit for its next token may
-lead the MoE's next token by no more than the largest change llama.cpp's noise makes to one logit (about 0.5-0.7
-for SmolLM2 Q4_1); such ties exist in real text, and the parent under another micro-batch size flips at them too.
+lead the MoE's next token by no more than the largest change llama.cpp's noise makes to one logit (about 0.5-0.9
+for SmolLM2 Q4_1); such ties exist in real text, and the parent under another micro-batch size flips at them too
+(on one AMD EPYC the parent Q4_1 changed its own text after 1 of the 4 prompts under -ub 7, 16 and 64, and the MoE
+parted from it after 3, each time where the parent's own margin was under that noise). How many prompts keep the
+same text is therefore reported, not required.
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ def text():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("llama-cpp")
+    """One folder for the module, emptied at its end: the GGUFs here are hundreds of MB to GB each, and a CI disk
+    is not assumed to hold them all (each test also deletes its own outputs when it is done with them)."""
+    path = tmp_path_factory.mktemp("llama-cpp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +100,6 @@ def assert_parent_function(r: dict, what: str) -> None:
                                 f"noise is {n:.3g}"
     k, noise = r["kld"], r["kld_noise"]
     assert k["mean_kld"] <= MARGIN * noise["mean_kld"], f"{what}: mean KLD {k['mean_kld']} vs noise {noise['mean_kld']}"
-    assert sum(r["greedy_same"]) >= len(r["greedy_same"]) / 2, f"{what}: greedy text differs: {r['greedy']}"
     for same, tie, g in zip(r["greedy_same"], r["divergence_margin"], r["greedy"]):
         assert same or tie["margin"] <= r["noise_abs"], \
             f"{what}: greedy text parts at a margin of {tie['margin']:.3g} > noise {r['noise_abs']:.3g}: {g}"
@@ -104,6 +110,7 @@ def test_q4_1_moe_is_the_q4_1_parent_in_llama_cpp(smollm2_gguf, dense_q4, work):
     out = work / "moe8.gguf"
     convert(smollm2_gguf, out, "--experts", 8, "--top-k", 2)
     r = dense_q4.compare(out)
+    out.unlink()
     assert_parent_function(r, "8 x top-2 Q4_1")
     assert abs(r["kld"]["ppl_model"] - r["kld"]["ppl_base"]) <= 2 * MARGIN * abs(
         r["kld_noise"]["ppl_model"] - r["kld_noise"]["ppl_base"]) + 1e-3
@@ -115,9 +122,10 @@ def test_fine_grained_q4_1_moe_needs_and_gets_its_scale(smollm2_gguf, dense_q4, 
     convert(smollm2_gguf, out, "-e", 16, "-k", 4, "-g", 2, "--router-init", "random")
     assert_parent_function(dense_q4.compare(out), "16 x top-4 G=2 Q4_1")
     bad = work / "moe16-no-scale.gguf"
-    shutil.copyfile(out, bad)
+    shutil.move(out, bad)
     bench_gguf.drop_scales(bad)
     r = dense_q4.compare(bad)
+    bad.unlink()
     assert min(r["logits_max_rel_diff"]) > 5 * max(r["noise_max_rel_diff"])
     assert r["kld"]["mean_kld"] > 20 * r["kld_noise"]["mean_kld"]
     assert not r["greedy_same_or_tie"]
@@ -130,42 +138,46 @@ def test_retyped_moe_is_the_retyped_parent(dense_of, smollm2_gguf, work, gguf_ty
     dense = dense_of(retype_dense(smollm2_gguf, work / f"dense-{gguf_type}.gguf", gguf_type))
     out = work / f"moe-{gguf_type}.gguf"
     convert(smollm2_gguf, out, "-e", 8, "-k", 2, "--router-init", "random", "--gguf-type", gguf_type)
-    assert_parent_function(dense.compare(out), f"8 x top-2 {gguf_type}")
+    try:
+        assert_parent_function(dense.compare(out), f"8 x top-2 {gguf_type}")
+    finally:
+        out.unlink()
+        dense.path.unlink()
 
 
-@pytest.fixture(scope="module")
-def parent_folder(smollm2_gguf, work):
+def parent_through_converter(dense_of, smollm2_gguf, work) -> bench_gguf.Dense:
+    """The parent as a float32 folder through the same converter (the folder is deleted once converted)."""
     from upcycle.core.loading import export_dense
 
-    return export_dense(smollm2_gguf, work / "parent-hf", dtype="float32")
-
-
-def parent_through_converter(dense_of, parent_folder, work) -> bench_gguf.Dense:
     dense_file = work / "parent-hf.gguf"
     if not dense_file.exists():
-        llama_cpp.convert_hf(parent_folder, dense_file)
+        folder = export_dense(smollm2_gguf, work / "parent-hf", dtype="float32")
+        llama_cpp.convert_hf(folder, dense_file)
+        shutil.rmtree(folder)
     return dense_of(dense_file)
 
 
 @pytest.mark.parametrize("extra", [
-    ("-e", 8, "-k", 2),
-    ("-e", 16, "-k", 4, "-g", 2),
+    ("-e", 4, "-k", 2),
+    ("-e", 8, "-k", 4, "-g", 2),
     ("--format", "granitemoe", "-e", 4, "-k", 2),
     ("--format", "granitemoeshared", "-e", 3, "-k", 2, "--shared-experts", 1),
-], ids=["mixtral-8x2", "mixtral-16x4-g2", "granitemoe-4x2", "granitemoeshared-3x2-s1"])
-def test_folder_through_llama_cpps_converter(dense_of, smollm2_gguf, parent_folder, work, extra):
+], ids=["mixtral-4x2", "mixtral-8x4-g2", "granitemoe-4x2", "granitemoeshared-3x2-s1"])
+def test_folder_through_llama_cpps_converter(dense_of, smollm2_gguf, work, extra):
     """Users who write a folder and convert it with llama.cpp's own convert_hf_to_gguf.py are covered too: every
     folder type of a llama parent that llama.cpp's converter and loader take computes the parent's function there."""
-    dense = parent_through_converter(dense_of, parent_folder, work)
+    dense = parent_through_converter(dense_of, smollm2_gguf, work)
     folder = work / "moe-hf"
     shutil.rmtree(folder, ignore_errors=True)
     convert(smollm2_gguf, folder, *extra, "--router-init", "random", "--no-verify")
-    moe = llama_cpp.convert_hf(folder, work / "moe-hf.gguf")
+    try:
+        moe = llama_cpp.convert_hf(folder, work / "moe-hf.gguf")
+    finally:
+        shutil.rmtree(folder)
     try:
         assert_parent_function(dense.compare(moe), f"folder {extra} via convert_hf_to_gguf.py")
     finally:
         moe.unlink()
-        shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize("extra, error", [
@@ -177,7 +189,7 @@ def test_folders_llama_cpps_converter_refuses(llama, smollm2_gguf, work, extra, 
     it expects GLM's own tokenizer; granitemoeshared: it needs a shared expert)."""
     folder = work / "refused"
     shutil.rmtree(folder, ignore_errors=True)
-    convert(smollm2_gguf, folder, *extra, "--router-init", "random", "--no-verify")
+    convert(smollm2_gguf, folder, *extra, "--dtype", "bfloat16", "--router-init", "random", "--no-verify")
     with pytest.raises(RuntimeError, match=error):
         llama_cpp.convert_hf(folder, work / "refused.gguf")
     shutil.rmtree(folder)
@@ -187,8 +199,10 @@ def test_qwen2_moe_folder_converts_but_llama_cpp_refuses_it(llama, smollm2_gguf,
     """What docs/compatibility.md says of qwen2_moe: llama.cpp's converter takes the folder, its loader does not
     (qwen2moe wants an untied output.weight and a shared expert); .gguf output refuses qwen2_moe with that reason."""
     folder = work / "qwen"
-    convert(smollm2_gguf, folder, "--format", "qwen2_moe", "-e", 8, "-k", 2, "--routing", "softmax",
+    convert(smollm2_gguf, folder, "--format", "qwen2_moe", "-e", 4, "-k", 2, "--routing", "softmax",
             "--router-std", 0, "--no-verify")
     converted = llama_cpp.convert_hf(folder, work / "qwen.gguf")
+    shutil.rmtree(folder)
     with pytest.raises(RuntimeError, match="output.weight|shexp"):
         llama_cpp.last_logits(converted, text[1][0], work=work)
+    converted.unlink()
