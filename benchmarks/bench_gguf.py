@@ -159,7 +159,7 @@ def main() -> None:
     _results.add_arguments(ap)
     args = ap.parse_args()
     run = _results.Run("bench_gguf")
-    out = run.path(args.json, args.variant, default=not args.quick)
+    results = run.path(args.json, args.variant, default=not args.quick)
 
     from bench_convert import load_average
 
@@ -184,7 +184,7 @@ def main() -> None:
             "complete": done, "llama_cpp": llama_cpp.version_line(), "cold_build_s": llama_cpp.build_seconds(),
             "text": text_label, "prompts": texts, "threads": args.threads, "ubatches_for_noise": list(UBATCHES),
             "load_average": [start_load, load_average()], "size_and_time": size, "seconds": round(
-                time.perf_counter() - t_build), "commands": commands, "rows": rows}, out, indent=2)
+                time.perf_counter() - t_build), "commands": commands, "rows": rows}, results, indent=2)
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -246,30 +246,30 @@ def main() -> None:
                                  ("granitemoe 4 x top-2", ["--format", "granitemoe", "-e", 4, "-k", 2]),
                                  ("granitemoeshared 3 x top-2 + 1 shared",
                                   ["--format", "granitemoeshared", "-e", 3, "-k", 2, "--shared-experts", 1])):
-                out = work / "hf-moe"
-                upcycle(parent, out, *extra, "--router-init", "random", "--no-verify", log=commands)
-                moe_hf = llama_cpp.convert_hf(out, work / "hf-moe.gguf")
+                folder = work / "hf-moe"
+                upcycle(parent, folder, *extra, "--router-init", "random", "--no-verify", log=commands)
+                moe_hf = llama_cpp.convert_hf(folder, work / "hf-moe.gguf")
                 add({"case": f"HF folder -> convert_hf_to_gguf.py (f32): {label}",
                              "dense": "parent folder (f32) -> convert_hf_to_gguf.py", **d.compare(moe_hf)})
-                shutil.rmtree(out)
+                shutil.rmtree(folder)
                 moe_hf.unlink()
             for label, extra in (("glm4_moe 4 x top-2", ["--format", "glm4_moe", "-e", 4, "-k", 2]),
                                  ("granitemoeshared 4 x top-2, no shared expert",
                                   ["--format", "granitemoeshared", "-e", 4, "-k", 2])):
-                out = work / "hf-refused"
-                upcycle(parent, out, *extra, "--router-init", "random", "--no-verify", log=commands)
+                folder = work / "hf-refused"
+                upcycle(parent, folder, *extra, "--router-init", "random", "--no-verify", log=commands)
                 try:
-                    llama_cpp.convert_hf(out, work / "hf-refused.gguf")
+                    llama_cpp.convert_hf(folder, work / "hf-refused.gguf")
                     verdict = "converts"
                 except RuntimeError as exc:
                     verdict = "convert_hf_to_gguf.py refuses it: " + str(exc).split(": ", 1)[-1]
                 add({"case": f"HF folder -> convert_hf_to_gguf.py (f32): {label}", "llama_cpp_load": verdict})
-                shutil.rmtree(out)
+                shutil.rmtree(folder)
                 (work / "hf-refused.gguf").unlink(missing_ok=True)
-            out = work / "hf-qwen"
-            upcycle(parent, out, "--format", "qwen2_moe", "-e", 8, "-k", 2, "--routing", "softmax", "--router-std", 0,
+            folder = work / "hf-qwen"
+            upcycle(parent, folder, "--format", "qwen2_moe", "-e", 8, "-k", 2, "--routing", "softmax", "--router-std", 0,
                     "--no-verify", log=commands)
-            qwen = llama_cpp.convert_hf(out, work / "hf-qwen.gguf")
+            qwen = llama_cpp.convert_hf(folder, work / "hf-qwen.gguf")
             try:
                 llama_cpp.last_logits(qwen, texts[0], threads=args.threads, work=work)
                 loads = "loads"

@@ -493,12 +493,20 @@ def _gguf_row(r: dict) -> list:
     ties = [f"{t['margin']:.2f}" for t in r["divergence_margin"] if t]
     return [r["case"],
             f"{max(r['logits_max_rel_diff']):.3g} ({min(r['noise_max_rel_diff']):.3g}-{max(r['noise_max_rel_diff']):.3g})",
-            f"{sum(r['greedy_same'])}/{len(r['greedy_same'])}", f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f})",
+            _gguf_greedy(r), f"{', '.join(ties) or '-'} ({r['noise_abs']:.2f})",
             f"{k['mean_kld']:.2g} ({n['mean_kld']:.2g})", f"{k['same_top_pct']:.1f}% ({n['same_top_pct']:.1f}%)",
             f"{k['ppl_model']:.3f} / {k['ppl_base']:.3f}"]
 
 
-GGUF_HEADER = ["case (MoE vs dense file)", "logits: max rel diff (llama.cpp's own)", "greedy text same",
+def _gguf_greedy(r: dict) -> str:
+    """Prompts whose greedy text the MoE shares with the dense file; in brackets, where recorded, how many the dense
+    file itself keeps under every other micro-batch size."""
+    n, text = len(r["greedy_same"]), f"{sum(r['greedy_same'])}/{len(r['greedy_same'])}"
+    own = r.get("dense_greedy_changed_by_noise")
+    return text if own is None else f"{text} ({n - sum(own)}/{n})"
+
+
+GGUF_HEADER = ["case (MoE vs dense file)", "logits: max rel diff (llama.cpp's own)", "greedy text same (own)",
                "parts at margin (own noise)", "mean KLD (own)", "same top token (own)", "PPL MoE / dense"]
 
 
