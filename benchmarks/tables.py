@@ -479,7 +479,7 @@ def _optimizer(ctx: Ctx) -> str:
 
 # ---------------------------------------------------------------------------------------------- GGUF in llama.cpp
 
-GGUF = "bench_gguf/xeon-avx512.json"
+GGUF = "bench_gguf/epyc-avx512bf16.json"
 
 
 def _gguf_row(r: dict) -> list:
@@ -510,6 +510,15 @@ GGUF_HEADER = ["case (MoE vs dense file)", "logits: max rel diff (llama.cpp's ow
                "parts at margin (own noise)", "mean KLD (own)", "same top token (own)", "PPL MoE / dense"]
 
 
+def _gguf_other_builds(ctx: Ctx) -> str:
+    """The cold-build time recorded by every other bench_gguf results file: it varies by CPU far more than by pin."""
+    others = sorted(p.name for p in (ctx.root / "docs" / "results" / "bench_gguf").glob("*.json")
+                    if f"bench_gguf/{p.name}" != GGUF)
+    builds = [f"{ctx.load(f'bench_gguf/{n}')['cold_build_s']:,.0f} s on {ctx.load(f'bench_gguf/{n}')['machine']['cpu']} "
+              f"({ctx.link(f'bench_gguf/{n}')})" for n in others]
+    return f" The same pinned build took {', '.join(builds)}." if builds else ""
+
+
 def _gguf_size(d: dict) -> str:
     s = d["size_and_time"]
     return (f"Size and time: the 8 x top-2 MoE file is {s['moe_bytes'] / 1e6:,.0f} MB (parent "
@@ -523,7 +532,8 @@ def _gguf_size(d: dict) -> str:
 @table("gguf-llama-cpp")
 def _gguf_llama_cpp(ctx: Ctx) -> str:
     d = ctx.load(GGUF)
-    return join(md(GGUF_HEADER, [_gguf_row(r) for r in d["rows"]], "lllllll"), _gguf_size(d), ctx.source(GGUF))
+    return join(md(GGUF_HEADER, [_gguf_row(r) for r in d["rows"]], "lllllll"), _gguf_size(d) + _gguf_other_builds(ctx),
+                ctx.source(GGUF))
 
 
 @table("gguf-summary")
@@ -531,7 +541,7 @@ def _gguf_summary(ctx: Ctx) -> str:
     """The README's rows: the parent's Q4_1 blocks kept, coarse and fine-grained, and the negative control."""
     d = ctx.load(GGUF)
     rows = [_gguf_row(r) for r in d["rows"] if "Q4_1 kept" in r["case"] or r["case"].startswith("negative")]
-    return join(md(GGUF_HEADER, rows, "lllllll"), _gguf_size(d), ctx.source(GGUF))
+    return join(md(GGUF_HEADER, rows, "lllllll"), _gguf_size(d) + _gguf_other_builds(ctx), ctx.source(GGUF))
 
 
 # ---------------------------------------------------------------------------------------------- studies

@@ -1,7 +1,7 @@
 """llama.cpp itself as the judge: the MoE files this tool writes compute the parent's function in llama.cpp.
 
 llama.cpp is built on CPU from the llama-cpp-python sdist on PyPI (pinned; benchmarks/llama_cpp.py), cached outside
-the repository: a cold build takes 5 to 20 minutes on 2 cores, by CPU; later runs reuse it. The text is Debian's GPL-3
+the repository: a cold build takes 4 to 20 minutes on 2 cores, by CPU; later runs reuse it. The text is Debian's GPL-3
 (Python's LICENSE.txt where that file is missing): nobody here wrote it.
 
 The bound. llama.cpp does not compute a model bit-reproducibly across batch shapes: running the very same dense
