@@ -501,7 +501,8 @@ def _gguf_row(r: dict) -> list:
 def _gguf_greedy(r: dict) -> str:
     """Prompts whose greedy text the MoE shares with the dense file; in brackets, where recorded, how many the dense
     file itself keeps under every other micro-batch size."""
-    n, text = len(r["greedy_same"]), f"{sum(r['greedy_same'])}/{len(r['greedy_same'])}"
+    n = len(r["greedy_same"])
+    text = f"{sum(r['greedy_same'])}/{n}"
     own = r.get("dense_greedy_changed_by_noise")
     return text if own is None else f"{text} ({n - sum(own)}/{n})"
 
@@ -512,28 +513,28 @@ GGUF_HEADER = ["case (MoE vs dense file)", "logits: max rel diff (llama.cpp's ow
 
 def _gguf_other_builds(ctx: Ctx) -> str:
     """The cold-build time recorded by every other bench_gguf results file: it varies by CPU far more than by pin."""
-    others = sorted(p.name for p in (ctx.root / "docs" / "results" / "bench_gguf").glob("*.json")
-                    if f"bench_gguf/{p.name}" != GGUF)
-    builds = [f"{ctx.load(f'bench_gguf/{n}')['cold_build_s']:,.0f} s on {ctx.load(f'bench_gguf/{n}')['machine']['cpu']} "
-              f"({ctx.link(f'bench_gguf/{n}')})" for n in others]
+    others = sorted(f"bench_gguf/{p.name}" for p in (ctx.root / "docs" / "results" / "bench_gguf").glob("*.json"))
+    builds = [f"{ctx.load(rel)['cold_build_s']:,.0f} s on {ctx.load(rel)['machine']['cpu']} ({ctx.link(rel)})"
+              for rel in others if rel != GGUF]
     return f" The same pinned build took {', '.join(builds)}." if builds else ""
 
 
-def _gguf_size(d: dict) -> str:
+def _gguf_size(ctx: Ctx) -> str:
+    d = ctx.load(GGUF)
     s = d["size_and_time"]
     return (f"Size and time: the 8 x top-2 MoE file is {s['moe_bytes'] / 1e6:,.0f} MB (parent "
             f"{s['parent_bytes'] / 1e6:,.0f} MB); `upcycle convert` takes {s['convert_s']:.1f} s against "
             f"{s['cp_s']:.2f} s for a cp of the same bytes ({s['vs_cp']:,.0f}x), medians of {len(s['runs']) // 2} "
             f"runs each. llama.cpp: {d['llama_cpp']}, built from cold on the machine below in {d['cold_build_s']:,.0f} s. "
             f"Text: {d['text']}; {len(d['prompts'])} paragraphs as prompts, llama.cpp on {d['threads']} threads, "
-            f"its own noise from micro-batch sizes {', '.join(map(str, d['ubatches_for_noise']))}.")
+            f"its own noise from micro-batch sizes {', '.join(map(str, d['ubatches_for_noise']))}."
+            + _gguf_other_builds(ctx))
 
 
 @table("gguf-llama-cpp")
 def _gguf_llama_cpp(ctx: Ctx) -> str:
     d = ctx.load(GGUF)
-    return join(md(GGUF_HEADER, [_gguf_row(r) for r in d["rows"]], "lllllll"), _gguf_size(d) + _gguf_other_builds(ctx),
-                ctx.source(GGUF))
+    return join(md(GGUF_HEADER, [_gguf_row(r) for r in d["rows"]], "lllllll"), _gguf_size(ctx), ctx.source(GGUF))
 
 
 @table("gguf-summary")
@@ -541,7 +542,7 @@ def _gguf_summary(ctx: Ctx) -> str:
     """The README's rows: the parent's Q4_1 blocks kept, coarse and fine-grained, and the negative control."""
     d = ctx.load(GGUF)
     rows = [_gguf_row(r) for r in d["rows"] if "Q4_1 kept" in r["case"] or r["case"].startswith("negative")]
-    return join(md(GGUF_HEADER, rows, "lllllll"), _gguf_size(d) + _gguf_other_builds(ctx), ctx.source(GGUF))
+    return join(md(GGUF_HEADER, rows, "lllllll"), _gguf_size(ctx), ctx.source(GGUF))
 
 
 # ---------------------------------------------------------------------------------------------- studies

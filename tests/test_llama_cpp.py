@@ -189,6 +189,7 @@ def test_folders_llama_cpps_converter_refuses(llama, smollm2_gguf, work, extra, 
     it expects GLM's own tokenizer; granitemoeshared: it needs a shared expert)."""
     folder = work / "refused"
     shutil.rmtree(folder, ignore_errors=True)
+    # bfloat16 halves the disk: these refusals are about the tokenizer and the tensor layout, not the dtype
     convert(smollm2_gguf, folder, *extra, "--dtype", "bfloat16", "--router-init", "random", "--no-verify")
     with pytest.raises(RuntimeError, match=error):
         llama_cpp.convert_hf(folder, work / "refused.gguf")
